@@ -1,0 +1,208 @@
+"""The flat arena: the parameters of one (device, dtype), packed into one padded 1-D buffer, with
+their Adam states in buffers of the same layout beside it.
+
+Each parameter is a *segment*: its values are copied in once and `p.data` becomes a view into the
+arena (the Megatron-LM / DeepSpeed ZeRO approach), so a kernel can update every parameter in one
+pass and no second copy of the parameters exists. Gradients are *not* packed: autograd writes a
+fresh tensor per parameter after `zero_grad(set_to_none=True)` and packing them would cost a copy
+(or a zeroing pass plus an accumulating backward, measured in the README), so each step the arena
+collects the address of every gradient wherever it lives and the kernel reads it in place.
+"""
+import operator
+
+import numpy as np
+import torch
+
+from fused_adam.kernels import SEGMENT_ALIGNMENT
+
+_grad_of = operator.attrgetter("grad")
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+# Kernels read gradients with 128-bit loads; autograd's allocations are 64-byte aligned, a
+# user's slice of a bigger tensor may not be.
+_GRAD_ADDRESS_ALIGNMENT = 16
+
+
+def _aligned(n):
+    return -(-n // SEGMENT_ALIGNMENT) * SEGMENT_ALIGNMENT
+
+
+class Arena:
+    """Params of one (device, dtype) as segments of flat buffers, plus per-segment tables.
+
+    The buffer and table attributes are the kernel contract of `fused_adam.kernels`.
+    """
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = torch.device(device), dtype
+        self.params_in_order = []
+        self.segment_starts = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.segment_lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.segment_groups = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.steps = torch.zeros(0, dtype=torch.float32, device=self.device)
+        self.params = torch.zeros(0, dtype=dtype, device=self.device)
+        self.exp_avg = torch.zeros_like(self.params)
+        self.exp_avg_sq = torch.zeros_like(self.params)
+        self.max_exp_avg_sq = None
+        self.kernel_cache = {}
+        # How many gradients this arena had to copy because they were not readable in place.
+        self.grad_copies = 0
+        self.grads_by_segment = []
+        # Host mirrors of per-segment facts the optimizer reads every step.
+        self.host_groups = np.zeros(0, dtype=np.int64)
+        self.has_grad = np.zeros(0, dtype=bool)  # in the last step
+        self.has_state = np.zeros(0, dtype=bool)  # torch's `state[p]` exists
+        self._host_starts = np.zeros(0, dtype=np.int64)
+        self._host_lengths = np.zeros(0, dtype=np.int64)
+        self._expected_param_addresses = np.zeros(0, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.params_in_order)
+
+    @property
+    def groups(self):
+        """Indices of the param groups that have parameters here."""
+        return set(self.host_groups.tolist())
+
+    # ----------------------------------------------------------------------------------------
+    # Layout
+
+    def add(self, params, group_index):
+        """Append `params` as new segments of group `group_index`; they become arena views."""
+        lengths = [p.numel() for p in params]
+        starts, end = [], _aligned(int(self._host_starts[-1] + self._host_lengths[-1])) if len(self) else 0
+        for n in lengths:
+            starts.append(end)
+            end += _aligned(n)
+        old_size = self.params.numel()
+        # Existing segments keep their offsets, so old buffers copy over as one prefix.
+        self.params = self._grown(self.params, end, old_size)
+        self.exp_avg = self._grown(self.exp_avg, end, old_size)
+        self.exp_avg_sq = self._grown(self.exp_avg_sq, end, old_size)
+        if self.max_exp_avg_sq is not None:
+            self.max_exp_avg_sq = self._grown(self.max_exp_avg_sq, end, old_size)
+        for p, start, n in zip(params, starts, lengths):
+            self.params[start:start + n].copy_(p.detach().reshape(-1))
+
+        self.params_in_order += list(params)
+        self._host_starts = np.concatenate([self._host_starts, np.asarray(starts, dtype=np.int64)])
+        self._host_lengths = np.concatenate([self._host_lengths, np.asarray(lengths, dtype=np.int64)])
+        new = dict(dtype=torch.int64, device=self.device)
+        self.segment_starts = torch.as_tensor(self._host_starts).to(**new)
+        self.segment_lengths = torch.as_tensor(self._host_lengths).to(**new)
+        self.host_groups = np.concatenate([self.host_groups, np.full(len(params), group_index)])
+        self.segment_groups = torch.as_tensor(self.host_groups).to(**new)
+        self.has_grad = np.concatenate([self.has_grad, np.zeros(len(params), dtype=bool)])
+        self.has_state = np.concatenate([self.has_state, np.zeros(len(params), dtype=bool)])
+        self.steps = torch.cat([self.steps, self.steps.new_zeros(len(params))])
+        self._relayout()
+
+    def _grown(self, buffer, size, old_size):
+        grown = torch.zeros(size, dtype=self.dtype, device=self.device)
+        grown[:old_size].copy_(buffer)
+        return grown
+
+    def _relayout(self):
+        """Point every parameter at its segment of the current buffers."""
+        for index, p in enumerate(self.params_in_order):
+            p.data = self.segment_view(self.params, index)
+        self._expected_param_addresses = np.fromiter(
+            map(_data_ptr, self.params_in_order), np.int64, len(self))
+        self.kernel_cache.clear()
+
+    def segment_view(self, buffer, index):
+        """Segment `index` of `buffer`, shaped like its parameter."""
+        start, n = int(self._host_starts[index]), int(self._host_lengths[index])
+        return buffer[start:start + n].view(self.params_in_order[index].shape)
+
+    def ensure_max_exp_avg_sq(self):
+        if self.max_exp_avg_sq is None:
+            self.max_exp_avg_sq = torch.zeros_like(self.params)
+            self.kernel_cache.clear()
+
+    def reset_state(self):
+        """Every segment back to torch's state before its first step."""
+        for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq, self.steps):
+            if buffer is not None:
+                buffer.zero_()
+        self.has_state[:] = False
+
+    def state_views(self, index, amsgrad):
+        """`state[p]` for segment `index`: torch's keys, views into the arena."""
+        state = {
+            "step": self.steps[index],
+            "exp_avg": self.segment_view(self.exp_avg, index),
+            "exp_avg_sq": self.segment_view(self.exp_avg_sq, index),
+        }
+        if amsgrad:
+            self.ensure_max_exp_avg_sq()
+            state["max_exp_avg_sq"] = self.segment_view(self.max_exp_avg_sq, index)
+        return state
+
+    # ----------------------------------------------------------------------------------------
+    # Per step
+
+    def check_params_in_place(self):
+        """Re-adopt parameters whose storage was replaced (`p.data = ...`, `model.to(...)`).
+
+        A parameter that left the arena would otherwise silently stop being updated.
+        """
+        addresses = np.fromiter(map(_data_ptr, self.params_in_order), np.int64, len(self))
+        if np.array_equal(addresses, self._expected_param_addresses):
+            return
+        for index in np.flatnonzero(addresses != self._expected_param_addresses):
+            p = self.params_in_order[index]
+            if p.device != self.device or p.dtype != self.dtype or p.numel() != self._host_lengths[index]:
+                raise RuntimeError(
+                    f"FusedAdam: parameter {index} of the {self.dtype} arena on {self.device} was "
+                    f"replaced by a tensor of {p.dtype}, shape {tuple(p.shape)} on {p.device}; "
+                    "create the optimizer after moving or converting the model")
+            view = self.segment_view(self.params, index)
+            view.copy_(p.detach().reshape(view.shape))
+            p.data = view.view(p.shape)
+        self._relayout()
+
+    def gather_grads(self):
+        """Addresses of the current gradients (0 where there is none), on the arena's device.
+
+        The ordinary loop takes the fast path: every gradient present or absent as autograd left
+        it, contiguous and aligned, read in place. Anything else is copied once and counted.
+        """
+        grads = list(map(_grad_of, self.params_in_order))
+        present = grads
+        if any(map(operator.is_, grads, [None] * len(grads))):
+            present = [g for g in grads if g is not None]
+        try:
+            in_place = all(map(_is_contiguous, present))
+        except RuntimeError:  # sparse layouts have no strides
+            in_place = False
+        addresses = np.fromiter(map(_data_ptr, present), np.int64, len(present))
+        if not in_place or np.any(addresses % _GRAD_ADDRESS_ALIGNMENT):
+            grads = [self._readable_in_place(index, g) for index, g in enumerate(grads)]
+            present = [g for g in grads if g is not None]
+            addresses = np.fromiter(map(_data_ptr, present), np.int64, len(present))
+        # An empty tensor may have address 0, which means "no gradient" to a kernel; it reads
+        # nothing from an empty gradient, so any other aligned address will do.
+        addresses[addresses == 0] = _GRAD_ADDRESS_ALIGNMENT
+        if len(present) != len(grads):
+            self.has_grad = np.fromiter(map(operator.is_not, grads, [None] * len(grads)), bool,
+                                        len(grads))
+            all_addresses = np.zeros(len(grads), dtype=np.int64)
+            all_addresses[self.has_grad] = addresses
+            addresses = all_addresses
+        else:
+            self.has_grad = np.ones(len(grads), dtype=bool)
+        self.grads_by_segment = grads
+        return torch.from_numpy(addresses).to(self.device, non_blocking=True)
+
+    def _readable_in_place(self, index, grad):
+        if grad is None:
+            return None
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise RuntimeError(
+                "FusedAdam does not support sparse gradients (parameter "
+                f"{index} of shape {tuple(grad.shape)}), please consider SparseAdam instead")
+        if grad.is_contiguous() and grad.data_ptr() % _GRAD_ADDRESS_ALIGNMENT == 0:
+            return grad
+        self.grad_copies += 1
+        return torch.empty_like(grad, memory_format=torch.contiguous_format).copy_(grad)

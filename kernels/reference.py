@@ -1,0 +1,71 @@
+"""The Adam step in plain torch, one parameter at a time: the oracle every fast path is tested
+against, and the backend for devices that have no compiled kernel.
+
+It follows `torch.optim.Adam`'s single-tensor path op for op (lerp for the first moment, the
+bias corrections in Python floats), so in float64 it is the reference and in float32 it agrees
+with torch to rounding. Slow on purpose: obviously correct beats fast here.
+"""
+import torch
+
+from fused_adam.kernels import (
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY,
+)
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2,
+                eps, weight_decay, amsgrad=False, maximize=False, decoupled_weight_decay=False,
+                inv_grad_scale=None):
+    """Update `param` and its moments in place; `step` is the count after this update (>= 1).
+
+        g = grad * inv_grad_scale;  g = -g (maximize);  g += wd * p (L2) or p *= 1 - lr * wd (AdamW)
+        m = lerp(m, g, 1 - b1);  v = b2 * v + (1 - b2) * g * g;  v_max = max(v_max, v) (amsgrad)
+        p -= lr / (1 - b1^t) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
+    """
+    if inv_grad_scale is not None:
+        grad = grad * inv_grad_scale
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** step)
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    if amsgrad:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    else:
+        second_moment = exp_avg_sq
+    denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_inf=None):
+    """The launcher contract of `fused_adam.kernels`, one segment at a time.
+
+    Grads arrive as addresses; this backend takes them as tensors instead, from
+    `arena.grads_by_segment`, which the arena fills alongside the addresses.
+    """
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    groups = group_table.tolist()
+    inv_scale = None if inv_grad_scale is None else float(inv_grad_scale)
+    for segment, grad in enumerate(arena.grads_by_segment):
+        if grad is None:
+            continue
+        arena.steps[segment] += 1
+        group = groups[int(arena.segment_groups[segment])]
+        amsgrad = bool(group[AMSGRAD])
+        adam_update(
+            arena.segment_view(arena.params, segment), grad,
+            arena.segment_view(arena.exp_avg, segment),
+            arena.segment_view(arena.exp_avg_sq, segment),
+            arena.segment_view(arena.max_exp_avg_sq, segment) if amsgrad else None,
+            step=float(arena.steps[segment]), lr=group[LR], beta1=group[BETA1],
+            beta2=group[BETA2], eps=group[EPS], weight_decay=group[WEIGHT_DECAY],
+            amsgrad=amsgrad, maximize=bool(group[MAXIMIZE]),
+            decoupled_weight_decay=bool(group[DECOUPLED_WD]), inv_grad_scale=inv_scale,
+        )
