@@ -57,8 +57,8 @@ def backend_name(requested, device, dtype):
     return name
 
 
-def launcher(name):
-    """The `adam_step` launcher of backend `name` (imported on first use: numba and triton are
-    slow to import and triton is optional)."""
+def kernel_module(name):
+    """The module of backend `name`: its `adam_step` launcher and the `GRAD_ADDRESS_ALIGNMENT`
+    it needs (imported on first use: numba and triton are slow to import, triton optional)."""
     module = {"numba": "numba_adam", "triton": "triton_adam", "torch": "reference"}[name]
-    return importlib.import_module(f"fused_adam.kernels.{module}").adam_step
+    return importlib.import_module(f"fused_adam.kernels.{module}")

@@ -18,9 +18,6 @@ from fused_adam.kernels import SEGMENT_ALIGNMENT
 _grad_of = operator.attrgetter("grad")
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
-# Kernels read gradients with 128-bit loads; autograd's allocations are 64-byte aligned, a
-# user's slice of a bigger tensor may not be.
-_GRAD_ADDRESS_ALIGNMENT = 16
 
 
 def _aligned(n):
@@ -44,8 +41,12 @@ class Arena:
     The buffer and table attributes are the kernel contract of `fused_adam.kernels`.
     """
 
-    def __init__(self, device, dtype):
+    def __init__(self, device, dtype, grad_alignment=16):
+        """`grad_alignment`: the byte alignment the kernel needs of a gradient's address
+        (Triton's 128-bit loads need 16; autograd's allocations have 64, a user's slice of a
+        bigger tensor or a DDP bucket view may not)."""
         self.device, self.dtype = torch.device(device), dtype
+        self.grad_alignment = grad_alignment
         self.params_in_order = []
         self.segment_starts = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.segment_lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -189,14 +190,14 @@ class Arena:
             in_place = False
         if in_place:
             addresses = np.fromiter(map(_data_ptr, present), np.int64, len(present))
-            in_place = not np.any(addresses % _GRAD_ADDRESS_ALIGNMENT)
+            in_place = not np.any(addresses % self.grad_alignment)
         if not in_place:
             grads = [self._readable_in_place(index, g) for index, g in enumerate(grads)]
             present = [g for g in grads if g is not None]
             addresses = np.fromiter(map(_data_ptr, present), np.int64, len(present))
         # An empty tensor may have address 0, which means "no gradient" to a kernel; it reads
         # nothing from an empty gradient, so any other aligned address will do.
-        addresses[addresses == 0] = _GRAD_ADDRESS_ALIGNMENT
+        addresses[addresses == 0] = 64
         if len(present) != len(grads):
             self.has_grad = np.fromiter(map(operator.is_not, grads, [None] * len(grads)), bool,
                                         len(grads))
@@ -215,7 +216,7 @@ class Arena:
             raise RuntimeError(
                 "FusedAdam does not support sparse gradients (parameter "
                 f"{index} of shape {tuple(grad.shape)}), please consider SparseAdam instead")
-        if grad.is_contiguous() and grad.data_ptr() % _GRAD_ADDRESS_ALIGNMENT == 0:
+        if grad.is_contiguous() and grad.data_ptr() % self.grad_alignment == 0:
             return grad
         self.grad_copies += 1
         return torch.empty_like(grad, memory_format=torch.contiguous_format).copy_(grad)

@@ -97,9 +97,10 @@ class FusedAdam(Optimizer):
             by_arena[(p.device, p.dtype)].append(p)
         for key, params in by_arena.items():
             if key not in self._arenas:
-                name = dispatch.backend_name(self._requested_backend, *key)
-                self._launchers[key] = dispatch.launcher(name)
-                self._arenas[key] = Arena(*key)
+                kernels = dispatch.kernel_module(
+                    dispatch.backend_name(self._requested_backend, *key))
+                self._launchers[key] = kernels.adam_step
+                self._arenas[key] = Arena(*key, grad_alignment=getattr(kernels, "GRAD_ADDRESS_ALIGNMENT", 16))
             arena = self._arenas[key]
             arena.add(params, group_index)
             self._refresh_state_views(arena)

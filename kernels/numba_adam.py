@@ -14,6 +14,9 @@ from fused_adam.kernels import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY,
 )
 
+# Elements are loaded one at a time (LLVM vectorizes with unaligned loads): any address will do.
+GRAD_ADDRESS_ALIGNMENT = 1
+
 # 16K fp32 elements: four 64 KiB streams per chunk stay inside one core's L2.
 CHUNK_ELEMENTS = 1 << 14
 SUPPORTED_DTYPES = ("float32", "float64")

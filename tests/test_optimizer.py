@@ -179,7 +179,10 @@ def test_user_assigned_strided_grad_is_copied_and_right(backend):
         torch_params[1].grad = offset[1:].clone()
         ours.step()
         theirs.step()
-    assert ours.grad_copies == 50
+    # The strided gradient is always copied; the misaligned one only for a kernel that needs
+    # 16-byte aligned gradients (Triton's 128-bit loads).
+    needs_alignment = next(iter(ours._arenas.values())).grad_alignment > 4
+    assert ours.grad_copies == 25 + (25 if needs_alignment else 0)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
