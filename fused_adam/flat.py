@@ -8,6 +8,7 @@ fresh tensor per parameter after `zero_grad(set_to_none=True)` and packing them 
 (or a zeroing pass plus an accumulating backward, measured in the README), so each step the arena
 collects the address of every gradient wherever it lives and the kernel reads it in place.
 """
+import itertools
 import operator
 
 import numpy as np
@@ -62,6 +63,7 @@ class Arena:
         self.grads_by_segment = []
         # Host mirrors of per-segment facts the optimizer reads every step.
         self.host_groups = np.zeros(0, dtype=np.int64)
+        self.groups = []
         self.has_grad = np.zeros(0, dtype=bool)  # in the last step
         self.has_state = np.zeros(0, dtype=bool)  # torch's `state[p]` exists
         self._host_starts = np.zeros(0, dtype=np.int64)
@@ -71,10 +73,6 @@ class Arena:
     def __len__(self):
         return len(self.params_in_order)
 
-    @property
-    def groups(self):
-        """Indices of the param groups that have parameters here."""
-        return set(self.host_groups.tolist())
 
     # ----------------------------------------------------------------------------------------
     # Layout
@@ -103,6 +101,7 @@ class Arena:
         self.segment_starts = torch.as_tensor(self._host_starts).to(**new)
         self.segment_lengths = torch.as_tensor(self._host_lengths).to(**new)
         self.host_groups = np.concatenate([self.host_groups, np.full(len(params), group_index)])
+        self.groups = sorted(set(self.host_groups.tolist()))  # param groups with segments here
         self.segment_groups = torch.as_tensor(self.host_groups).to(**new)
         self.has_grad = np.concatenate([self.has_grad, np.zeros(len(params), dtype=bool)])
         self.has_state = np.concatenate([self.has_state, np.zeros(len(params), dtype=bool)])
@@ -182,7 +181,7 @@ class Arena:
         """
         grads = list(map(_grad_of, self.params_in_order))
         present = grads
-        if any(map(operator.is_, grads, [None] * len(grads))):
+        if any(map(operator.is_, grads, itertools.repeat(None))):
             present = [g for g in grads if g is not None]
         try:
             in_place = all(map(_is_contiguous, present))
@@ -199,12 +198,12 @@ class Arena:
         # nothing from an empty gradient, so any other aligned address will do.
         addresses[addresses == 0] = 64
         if len(present) != len(grads):
-            self.has_grad = np.fromiter(map(operator.is_not, grads, [None] * len(grads)), bool,
+            self.has_grad = np.fromiter(map(operator.is_not, grads, itertools.repeat(None)), bool,
                                         len(grads))
             all_addresses = np.zeros(len(grads), dtype=np.int64)
             all_addresses[self.has_grad] = addresses
             addresses = all_addresses
-        else:
+        elif not self.has_grad.all():
             self.has_grad = np.ones(len(grads), dtype=bool)
         self.grads_by_segment = grads
         return torch.from_numpy(addresses).to(self.device, non_blocking=True)
