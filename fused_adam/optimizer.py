@@ -100,7 +100,7 @@ class FusedAdam(Optimizer):
                 kernels = dispatch.kernel_module(
                     dispatch.backend_name(self._requested_backend, *key))
                 self._launchers[key] = kernels.adam_step
-                self._arenas[key] = Arena(*key, grad_alignment=getattr(kernels, "GRAD_ADDRESS_ALIGNMENT", 16))
+                self._arenas[key] = Arena(*key, grad_alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
             arena = self._arenas[key]
             arena.add(params, group_index)
             self._refresh_state_views(arena)
