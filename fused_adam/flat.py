@@ -66,6 +66,10 @@ class Arena:
         self.groups = []
         self.has_grad = np.zeros(0, dtype=bool)  # in the last step
         self.has_state = np.zeros(0, dtype=bool)  # torch's `state[p]` exists
+        # Device copy of the gradient address table, what it holds, and the pinned buffer a
+        # captured CUDA graph copies it from.
+        self._device_addresses = self._uploaded_addresses = self._capture_addresses = None
+        self._captured = False
         self._host_starts = np.zeros(0, dtype=np.int64)
         self._host_lengths = np.zeros(0, dtype=np.int64)
         self._expected_param_addresses = np.zeros(0, dtype=np.int64)
@@ -206,7 +210,37 @@ class Arena:
         elif not self.has_grad.all():
             self.has_grad = np.ones(len(grads), dtype=bool)
         self.grads_by_segment = grads
-        return torch.from_numpy(addresses).to(self.device, non_blocking=True)
+        return self._addresses_on_device(addresses)
+
+    def _addresses_on_device(self, addresses):
+        """The address table where the kernel reads it. On a GPU it is uploaded only when an
+        address changed (the caching allocator hands backward the same blocks step after step),
+        and under CUDA graph capture from a pinned buffer that stays put, which a replay reads."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(addresses)
+        # A replay of a captured graph rewrites the device table behind our back: after a
+        # capture, upload every time.
+        if (self._uploaded_addresses is not None and not self._captured
+                and np.array_equal(addresses, self._uploaded_addresses)):
+            return self._device_addresses
+        if self._device_addresses is None or self._device_addresses.numel() != len(addresses):
+            self._device_addresses = torch.empty(len(addresses), dtype=torch.int64,
+                                                 device=self.device)
+        if torch.cuda.is_current_stream_capturing():
+            if self._capture_addresses is None or self._capture_addresses.numel() != len(addresses):
+                raise RuntimeError(
+                    "FusedAdam: run one step before capturing a CUDA graph (the optimizer sets up "
+                    "its device tables then)")
+            self._capture_addresses.numpy()[:] = addresses
+            self._device_addresses.copy_(self._capture_addresses, non_blocking=True)
+            self._captured = True
+        else:
+            self._device_addresses.copy_(torch.from_numpy(addresses))
+            if self._capture_addresses is None or self._capture_addresses.numel() != len(addresses):
+                self._capture_addresses = torch.empty(len(addresses), dtype=torch.int64,
+                                                      pin_memory=True)
+        self._uploaded_addresses = addresses.copy()
+        return self._device_addresses
 
     def _readable_in_place(self, index, grad):
         if grad is None:

@@ -15,12 +15,11 @@ from torch.optim import Optimizer
 
 from fused_adam import dispatch
 from fused_adam.flat import Arena
-from fused_adam.kernels import GROUP_COLUMNS
+from fused_adam.kernels import GROUP_COLUMNS, LR
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
 # state_dict with its meaning intact (decoupled_weight_decay above all).
-_TORCH_GROUP_DEFAULTS = dict(
-    foreach=None, capturable=False, differentiable=False, fused=None)
+_TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
 
 
 def _validate_hyperparameters(lr, betas, eps, weight_decay):
@@ -39,10 +38,21 @@ def _validate_hyperparameters(lr, betas, eps, weight_decay):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+# Stands in the group table for a learning rate that lives on a GPU: `step` copies it into the
+# table there, so reading it costs no host sync and a captured CUDA graph follows its changes.
+_LR_ON_DEVICE = -1.0
+
+
+def _lr_on_device(group):
+    lr = group["lr"]
+    return isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
+
+
 def _group_row(group):
     """A param group as one row of the kernels' group table (columns in `fused_adam.kernels`)."""
     beta1, beta2 = group["betas"]
-    return (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+    lr = _LR_ON_DEVICE if _lr_on_device(group) else float(group["lr"])
+    return (lr, float(beta1), float(beta2), float(group["eps"]),
             float(group["weight_decay"]), float(group["maximize"]), float(group["amsgrad"]),
             float(group["decoupled_weight_decay"]))
 
@@ -52,7 +62,9 @@ class FusedAdam(Optimizer):
 
     Args beyond torch's: `backend` is "numba", "triton", "torch" or None (by device; the
     `FUSED_ADAM_BACKEND` environment variable does the same). `foreach` and `fused` are accepted
-    for drop-in use and ignored: the step is always fused.
+    for drop-in use and ignored: the step is always fused. `capturable=True` (CUDA only): step
+    counts, bias corrections and a tensor `lr` stay on the device and nothing is read back to the
+    host, so the step can be captured in a CUDA graph after one eager step.
     """
 
     _step_supports_amp_scaling = True
@@ -63,8 +75,6 @@ class FusedAdam(Optimizer):
         _validate_hyperparameters(lr, betas, eps, weight_decay)
         if backend is not None and backend not in dispatch.BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {dispatch.BACKENDS}")
-        if capturable:
-            raise ValueError("FusedAdam: capturable=True is not supported yet")
         if differentiable:
             raise ValueError("FusedAdam does not support differentiable=True")
         self._requested_backend = backend
@@ -73,7 +83,7 @@ class FusedAdam(Optimizer):
         self._group_tables = {}  # device -> (rows, float64 table on that device)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-                        **_TORCH_GROUP_DEFAULTS)
+                        capturable=capturable, **_TORCH_GROUP_DEFAULTS)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------
@@ -96,6 +106,9 @@ class FusedAdam(Optimizer):
                     "optimize torch.view_as_real(p) instead")
             by_arena[(p.device, p.dtype)].append(p)
         for key, params in by_arena.items():
+            if self.param_groups[-1]["capturable"] and key[0].type != "cuda":
+                raise ValueError(
+                    f"FusedAdam: capturable=True needs CUDA parameters, got {key[0].type} ones")
             if key not in self._arenas:
                 kernels = dispatch.kernel_module(
                     dispatch.backend_name(self._requested_backend, *key))
@@ -126,12 +139,17 @@ class FusedAdam(Optimizer):
     # Step
 
     def _group_table(self, device, rows):
+        """The group table on `device`, rebuilt only when a hyperparameter changed."""
         cached = self._group_tables.get(device)
         if cached is None or cached[0] != rows:
             table = torch.tensor(rows, dtype=torch.float64).reshape(-1, GROUP_COLUMNS)
             cached = (rows, table.to(device))
             self._group_tables[device] = cached
-        return cached[1]
+        table = cached[1]
+        for index, group in enumerate(self.param_groups):
+            if _lr_on_device(group):
+                table[index, LR].copy_(group["lr"].reshape(()), non_blocking=True)
+        return table
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale=None, found_inf=None):
@@ -179,6 +197,7 @@ class FusedAdam(Optimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("decoupled_weight_decay", self.defaults["decoupled_weight_decay"])
+            group.setdefault("capturable", False)
             for key, value in _TORCH_GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
 
