@@ -13,7 +13,7 @@ import torch
 
 BACKENDS = ("numba", "triton", "torch")
 ENVIRONMENT_VARIABLE = "FUSED_ADAM_BACKEND"
-_NUMBA_DTYPES = (torch.float32, torch.float64)
+_NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRITON_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -25,7 +25,7 @@ def _why_not(backend, device, dtype):
         if device.type != "cpu":
             return f"the numba backend runs on CPU tensors, not {device.type}"
         if dtype not in _NUMBA_DTYPES:
-            return f"the numba backend supports float32 and float64 parameters, not {dtype}"
+            return f"the numba backend supports float32, float64, bfloat16 and float16 parameters, not {dtype}"
         if importlib.util.find_spec("numba") is None:
             return "the numba backend needs numba: pip install numba"
         return None

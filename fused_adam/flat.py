@@ -42,20 +42,30 @@ class Arena:
     The buffer and table attributes are the kernel contract of `fused_adam.kernels`.
     """
 
-    def __init__(self, device, dtype, grad_alignment=16):
+    def __init__(self, device, dtype, grad_alignment=16, *, state_dtype=None,
+                 master_weights=False):
         """`grad_alignment`: the byte alignment the kernel needs of a gradient's address
         (Triton's 128-bit loads need 16; autograd's allocations have 64, a user's slice of a
-        bigger tensor or a DDP bucket view may not)."""
+        bigger tensor or a DDP bucket view may not). `master_weights`: keep an fp32 copy of
+        bf16/fp16 params, which the kernel updates and rounds into them. `state_dtype`: the
+        dtype of the moments (default: fp32 with master weights, else the params' dtype, as
+        torch); fp64 params keep fp64 moments."""
         self.device, self.dtype = torch.device(device), dtype
         self.grad_alignment = grad_alignment
+        low_precision = dtype in (torch.bfloat16, torch.float16)
+        self.has_master = master_weights and low_precision
+        if dtype == torch.float64 or state_dtype is None:
+            state_dtype = torch.float32 if self.has_master else dtype
+        self.state_dtype = state_dtype
         self.params_in_order = []
         self.segment_starts = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.segment_lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.segment_groups = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.steps = torch.zeros(0, dtype=torch.float32, device=self.device)
         self.params = _zeros(0, dtype, self.device)
-        self.exp_avg = torch.zeros_like(self.params)
-        self.exp_avg_sq = torch.zeros_like(self.params)
+        self.master_params = _zeros(0, torch.float32, self.device) if self.has_master else None
+        self.exp_avg = _zeros(0, state_dtype, self.device)
+        self.exp_avg_sq = _zeros(0, state_dtype, self.device)
         self.max_exp_avg_sq = None
         self.kernel_cache = {}
         # How many gradients this arena had to copy because they were not readable in place.
@@ -95,8 +105,12 @@ class Arena:
         self.exp_avg_sq = self._grown(self.exp_avg_sq, end, old_size)
         if self.max_exp_avg_sq is not None:
             self.max_exp_avg_sq = self._grown(self.max_exp_avg_sq, end, old_size)
+        if self.has_master:
+            self.master_params = self._grown(self.master_params, end, old_size)
         for p, start, n in zip(params, starts, lengths):
             self.params[start:start + n].copy_(p.detach().reshape(-1))
+            if self.has_master:
+                self.master_params[start:start + n].copy_(p.detach().reshape(-1))
 
         self.params_in_order += list(params)
         self._host_starts = np.concatenate([self._host_starts, np.asarray(starts, dtype=np.int64)])
@@ -113,7 +127,7 @@ class Arena:
         self._relayout()
 
     def _grown(self, buffer, size, old_size):
-        grown = _zeros(size, self.dtype, self.device)
+        grown = _zeros(size, buffer.dtype, self.device)
         grown[:old_size].copy_(buffer)
         return grown
 
@@ -132,15 +146,18 @@ class Arena:
 
     def ensure_max_exp_avg_sq(self):
         if self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = _zeros(self.params.numel(), self.dtype, self.device)
+            self.max_exp_avg_sq = _zeros(self.params.numel(), self.state_dtype, self.device)
             self.kernel_cache.clear()
 
-    def reset_state(self):
-        """Every segment back to torch's state before its first step."""
-        for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq, self.steps):
+    def reset_segment(self, index):
+        """Segment `index` back to torch's state before its first step."""
+        for buffer in (self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq):
             if buffer is not None:
-                buffer.zero_()
-        self.has_state[:] = False
+                self.segment_view(buffer, index).zero_()
+        self.steps[index] = 0
+        if self.has_master:
+            self.segment_view(self.master_params, index).copy_(self.segment_view(self.params, index))
+        self.has_state[index] = False
 
     def state_views(self, index, amsgrad):
         """`state[p]` for segment `index`: torch's keys, views into the arena."""
@@ -152,6 +169,8 @@ class Arena:
         if amsgrad:
             self.ensure_max_exp_avg_sq()
             state["max_exp_avg_sq"] = self.segment_view(self.max_exp_avg_sq, index)
+        if self.has_master:
+            state["master_param"] = self.segment_view(self.master_params, index)
         return state
 
     # ----------------------------------------------------------------------------------------
@@ -174,6 +193,8 @@ class Arena:
                     "create the optimizer after moving or converting the model")
             view = self.segment_view(self.params, index)
             view.copy_(p.detach().reshape(view.shape))
+            if self.has_master:
+                self.segment_view(self.master_params, index).copy_(view)
             p.data = view.view(p.shape)
         self._relayout()
 

@@ -71,8 +71,13 @@ class FusedAdam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False, backend=None,
-                 foreach=None, fused=None, capturable=False, differentiable=False):
+                 master_weights=False, state_dtype=None, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         _validate_hyperparameters(lr, betas, eps, weight_decay)
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32 or "
+                             "torch.bfloat16")
+        self._master_weights, self._state_dtype = master_weights, state_dtype
         if backend is not None and backend not in dispatch.BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {dispatch.BACKENDS}")
         if differentiable:
@@ -113,7 +118,9 @@ class FusedAdam(Optimizer):
                 kernels = dispatch.kernel_module(
                     dispatch.backend_name(self._requested_backend, *key))
                 self._launchers[key] = kernels.adam_step
-                self._arenas[key] = Arena(*key, grad_alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
+                self._arenas[key] = Arena(
+                    *key, grad_alignment=kernels.GRAD_ADDRESS_ALIGNMENT,
+                    state_dtype=self._state_dtype, master_weights=self._master_weights)
             arena = self._arenas[key]
             arena.add(params, group_index)
             self._refresh_state_views(arena)
@@ -155,25 +162,37 @@ class FusedAdam(Optimizer):
     def step(self, closure=None, *, grad_scale=None, found_inf=None):
         """One Adam step for every parameter that has a gradient.
 
-        `grad_scale` and `found_inf` come from `torch.amp.GradScaler`: gradients are unscaled
-        inside the kernel, and a step with `found_inf` set changes nothing.
+        `grad_scale` and `found_inf` come from `torch.amp.GradScaler` (as arguments, or as the
+        attributes the scaler sets on an optimizer with `_step_supports_amp_scaling`):
+        gradients are unscaled inside the kernel, and a step with `found_inf` set changes
+        nothing, step counts included.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
+            return loss  # skipped, as torch skips it: no state is created either
+        # Every arena's gradients are checked before any arena is stepped: an error (a sparse
+        # gradient, say) leaves everything as it was.
+        grad_addresses = {}
+        for key, arena in self._arenas.items():
+            arena.check_params_in_place()
+            grad_addresses[key] = arena.gather_grads()
         rows = [_group_row(group) for group in self.param_groups]
         amsgrad_groups = [group["amsgrad"] for group in self.param_groups]
         for key, arena in self._arenas.items():
-            arena.check_params_in_place()
-            grad_addresses = arena.gather_grads()
             if arena.max_exp_avg_sq is None and any(amsgrad_groups[g] for g in arena.groups):
                 arena.ensure_max_exp_avg_sq()
             inv_grad_scale = None
             if grad_scale is not None:
                 inv_grad_scale = grad_scale.to(arena.device, torch.float64).reciprocal()
             self._launchers[key](
-                arena, grad_addresses, self._group_table(arena.device, rows),
+                arena, grad_addresses[key], self._group_table(arena.device, rows),
                 inv_grad_scale=inv_grad_scale,
                 found_inf=None if found_inf is None else found_inf.to(arena.device))
             self._create_state(arena, amsgrad_groups)
@@ -202,18 +221,27 @@ class FusedAdam(Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict):
-        """Load a state_dict of FusedAdam or torch.optim.Adam: values are copied into the arenas."""
+        """Load a state_dict of FusedAdam or torch.optim.Adam: its values are copied into the
+        arenas at their own precision (torch's loader would first cast them to the params'
+        dtype, rounding an fp32 master copy to bf16). A checkpoint without `master_param`
+        (torch's) takes the master copy from the params."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
-        loaded, self.state = self.state, defaultdict(dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_by_param = {p: saved_state[i] for p, i in zip(params, saved_ids) if i in saved_state}
+        self.state = defaultdict(dict)
         for arena in self._arenas.values():
-            arena.reset_state()
             for index, p in enumerate(arena.params_in_order):
-                saved = loaded.get(p)
+                saved = saved_by_param.get(p)
                 if not saved:
+                    arena.reset_segment(index)
                     continue
+                # Values may be this arena's own views (a live state_dict): copied segment by
+                # segment, each onto itself, nothing is lost.
                 views = arena.state_views(index, amsgrad="max_exp_avg_sq" in saved)
                 for name, view in views.items():
-                    value = saved[name]
+                    value = saved.get(name, p.detach() if name == "master_param" else 0.0)
                     if torch.is_tensor(value):
                         view.copy_(value.reshape(view.shape))
                     else:
@@ -226,8 +254,11 @@ class FusedAdamW(FusedAdam):
     """AdamW (Loshchilov & Hutter): FusedAdam with decoupled weight decay, default 1e-2."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, backend=None, foreach=None, fused=None,
-                 capturable=False, differentiable=False):
+                 amsgrad=False, *, maximize=False, backend=None, master_weights=False,
+                 state_dtype=None, foreach=None, fused=None, capturable=False,
+                 differentiable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, backend=backend, foreach=foreach,
-                         fused=fused, capturable=capturable, differentiable=differentiable)
+                         decoupled_weight_decay=True, backend=backend,
+                         master_weights=master_weights, state_dtype=state_dtype,
+                         foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)

@@ -4,11 +4,16 @@ Gradients are read where autograd left them, by address, so the pass runs over *
 of one segment, at most `CHUNK_ELEMENTS` long) rather than straight over elements: `prange` hands
 chunks to threads, and the loop inside a chunk is a plain contiguous loop that LLVM vectorizes.
 One table lookup per chunk is the price of never copying a gradient.
+
+16-bit buffers arrive as integer views (numpy has no bfloat16): bf16 as uint16, fp16 as int16.
+They widen to fp32 on load and round to nearest even on store, with bit operations for bf16 and
+LLVM's half conversions for fp16; math is fp32 for them and for fp32, fp64 for fp64 params.
 """
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from fused_adam.kernels import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY,
@@ -19,9 +24,13 @@ GRAD_ADDRESS_ALIGNMENT = 1
 
 # 16K fp32 elements: four 64 KiB streams per chunk stay inside one core's L2.
 CHUNK_ELEMENTS = 1 << 14
-SUPPORTED_DTYPES = ("float32", "float64")
+SUPPORTED_DTYPES = ("float32", "float64", "bfloat16", "float16")
+# How each torch dtype is handed to the kernel: numpy has no bfloat16.
+NUMPY_VIEWS = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16,
+               "float16": np.int16}
 # No nnan/ninf: NaN and Inf must propagate exactly as in torch.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH)
 
 
 @intrinsic
@@ -35,45 +44,125 @@ def _pointer_like(typingctx, address, like):
     return pointer_type(types.int64, like), codegen
 
 
-@njit(nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH, inline="always")
-def _update_chunk(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_sign,
-                  l2_decay, param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
-                  bias_correction2_sqrt, eps):
+@intrinsic
+def _bits_as_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _float32_as_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _half_bits_to_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _float32_to_half_bits(typingctx, value):
+    """fptrunc rounds to nearest even, as torch's .to(torch.float16) does."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.int16(types.float32), codegen
+
+
+def _widen(element):
+    """An element of a buffer in the compute dtype."""
+
+
+@overload(_widen, inline="always")
+def _widen_overload(element):
+    if element == types.uint16:  # bf16: the top half of an fp32
+        return lambda element: _bits_as_float32(np.uint32(element) << np.uint32(16))
+    if element == types.int16:
+        return lambda element: _half_bits_to_float32(element)
+    return lambda element: element
+
+
+def _narrow(value, buffer):
+    """`value` in `buffer`'s storage dtype, rounded to nearest even."""
+
+
+@overload(_narrow, inline="always")
+def _narrow_overload(value, buffer):
+    if buffer.dtype == types.uint16:
+        def to_bf16(value, buffer):
+            bits = _float32_as_bits(np.float32(value))
+            if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))  # NaN stays NaN
+            rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            return np.uint16((bits + rounding) >> np.uint32(16))
+        return to_bf16
+    if buffer.dtype == types.int16:
+        return lambda value, buffer: _float32_to_half_bits(np.float32(value))
+    dtype = buffer.dtype
+    return lambda value, buffer: dtype(value)
+
+
+def _compute(value, params):
+    """`value` as a scalar of the compute dtype of `params`: fp64 for fp64, else fp32."""
+
+
+@overload(_compute, inline="always")
+def _compute_overload(value, params):
+    if params.dtype == types.float64:
+        return lambda value, params: np.float64(value)
+    return lambda value, params: np.float32(value)
+
+
+@njit(inline="always", **_JIT)
+def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_sign, l2_decay, param_decay, lerp_weight, one_minus_lerp_weight,
+                  beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps):
     """g = sign * grad (+ l2 * p);  p *= param_decay;  m = lerp(m, g, w);
     v = b2 * v + (1 - b2) * g * g;  p -= step_size * m / (sqrt(max(v_max, v)) / sqrt(bc2) + eps)
-    """
-    one = param.dtype.type(1.0)
+    with p the fp32 master copy where there is one (then param = round(p)). `master_param` is
+    None or an array: numba compiles each case apart, with no branch in the loop."""
     for i in range(param.shape[0]):
-        p = param[i]
-        g = grad[i] * grad_sign
+        if master_param is None:
+            p = _widen(param[i])
+        else:
+            p = master_param[i]
+        g = _widen(grad[i]) * grad_sign
         if l2_decay != 0:
             g = g + l2_decay * p
         p = p * param_decay
-        m = exp_avg[i]
+        m = _widen(exp_avg[i])
         # torch's lerp: the formula switches at weight 0.5 to stay exact near both ends.
         if lerp_weight < 0.5:
             m = m + lerp_weight * (g - m)
         else:
-            m = g - (g - m) * (one - lerp_weight)
-        v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g
-        exp_avg[i] = m
-        exp_avg_sq[i] = v
+            m = g - (g - m) * one_minus_lerp_weight
+        v = _widen(exp_avg_sq[i]) * beta2 + one_minus_beta2 * g * g
+        exp_avg[i] = _narrow(m, exp_avg)
+        exp_avg_sq[i] = _narrow(v, exp_avg_sq)
         if amsgrad:
-            v = max(max_exp_avg_sq[i], v)
-            max_exp_avg_sq[i] = v
-        param[i] = p - step_size * m / (np.sqrt(v) / bias_correction2_sqrt + eps)
+            # torch.maximum: NaN on either side wins (Python's max would drop one).
+            v_max = _widen(max_exp_avg_sq[i])
+            if v_max > v or v_max != v_max:
+                v = v_max
+            max_exp_avg_sq[i] = _narrow(v, max_exp_avg_sq)
+        p = p - step_size * m / (np.sqrt(v) / bias_correction2_sqrt + eps)
+        if master_param is not None:
+            master_param[i] = p
+        param[i] = _narrow(p, param)
 
 
-@njit(parallel=True, nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH)
-def _adam_kernel(params, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_addresses, steps,
-                 segment_starts, segment_groups, chunk_segments, chunk_offsets, chunk_lengths,
-                 group_table, inv_grad_scale):
+@njit(parallel=True, **_JIT)
+def _adam_kernel(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_addresses,
+                 steps, segment_starts, segment_groups, chunk_segments, chunk_offsets,
+                 chunk_lengths, group_table, inv_grad_scale):
     """For each chunk of a segment with a gradient, `_update_chunk` with its group's settings and
     its segment's step; every such segment's step advances by one first."""
     for segment in range(grad_addresses.shape[0]):
         if grad_addresses[segment] != 0:
             steps[segment] += 1
-    scalar = params.dtype.type
     for chunk in prange(chunk_segments.shape[0]):
         segment = chunk_segments[chunk]
         address = grad_addresses[segment]
@@ -91,19 +180,32 @@ def _adam_kernel(params, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_addresses, st
         step_size = lr / (1.0 - beta1 ** step)
         bias_correction2_sqrt = np.sqrt(1.0 - beta2 ** step)
         grad_sign = -inv_grad_scale if group[MAXIMIZE] != 0 else inv_grad_scale
+        lerp_weight = _compute(1.0 - beta1, params)
         end = start + n
+        # `master_params is None` is decided at compile time: one specialization each.
+        master = None if master_params is None else master_params[start:end]
         _update_chunk(
-            params[start:end], grad, exp_avg[start:end], exp_avg_sq[start:end],
-            max_exp_avg_sq[start:end], amsgrad,
-            scalar(grad_sign), scalar(0.0 if decoupled else weight_decay),
-            scalar(1.0 - lr * weight_decay if decoupled else 1.0), scalar(1.0 - beta1),
-            scalar(beta2), scalar(1.0 - beta2), scalar(step_size), scalar(bias_correction2_sqrt),
-            scalar(group[EPS]),
-        )
+            params[start:end], master, grad, exp_avg[start:end], exp_avg_sq[start:end],
+            max_exp_avg_sq[start:end], amsgrad, _compute(grad_sign, params),
+            _compute(0.0 if decoupled else weight_decay, params),
+            _compute(1.0 - lr * weight_decay if decoupled else 1.0, params),
+            lerp_weight, _compute(1.0, params) - lerp_weight, _compute(beta2, params),
+            _compute(1.0 - beta2, params), _compute(step_size, params),
+            _compute(bias_correction2_sqrt, params), _compute(group[EPS], params))
+
+
+def _numpy(tensor):
+    """A CPU tensor as the numpy array the kernel takes (16-bit floats as integer views)."""
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name in ("bfloat16", "float16"):
+        import torch
+        return tensor.view(torch.int16).numpy().view(NUMPY_VIEWS[name])
+    return tensor.numpy()
 
 
 def _chunk_table(arena):
-    """(segment, offset in segment, length) of every chunk; rebuilt when the layout changes."""
+    """(segment, offset in segment, length) of every chunk, and the buffers as numpy arrays;
+    rebuilt when the layout changes."""
     table = arena.kernel_cache.get("numba")
     if table is None:
         lengths = arena.segment_lengths.numpy()
@@ -112,11 +214,13 @@ def _chunk_table(arena):
         first_chunk = np.cumsum(per_segment) - per_segment
         offsets = (np.arange(len(segments), dtype=np.int64) - first_chunk[segments]) * CHUNK_ELEMENTS
         chunk_lengths = np.minimum(lengths[segments] - offsets, CHUNK_ELEMENTS)
-        empty = np.zeros(0, dtype=arena.params.numpy().dtype)
-        max_exp_avg_sq = empty if arena.max_exp_avg_sq is None else arena.max_exp_avg_sq.numpy()
-        table = (arena.params.numpy(), arena.exp_avg.numpy(), arena.exp_avg_sq.numpy(),
-                 max_exp_avg_sq, arena.steps.numpy(), arena.segment_starts.numpy(),
-                 arena.segment_groups.numpy(), segments, offsets, chunk_lengths)
+        exp_avg = _numpy(arena.exp_avg)
+        table = (_numpy(arena.params),
+                 None if arena.master_params is None else _numpy(arena.master_params),
+                 exp_avg, _numpy(arena.exp_avg_sq),
+                 exp_avg[:0] if arena.max_exp_avg_sq is None else _numpy(arena.max_exp_avg_sq),
+                 arena.steps.numpy(), arena.segment_starts.numpy(), arena.segment_groups.numpy(),
+                 segments, offsets, chunk_lengths)
         arena.kernel_cache["numba"] = table
     return table
 
@@ -124,11 +228,11 @@ def _chunk_table(arena):
 def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_inf=None):
     """Launch `_adam_kernel` over `arena` (see `fused_adam.kernels` for the contract)."""
     assert arena.device.type == "cpu" and str(arena.dtype).removeprefix("torch.") in SUPPORTED_DTYPES
-    assert grad_addresses.dtype == np.int64 or str(grad_addresses.dtype) == "torch.int64"
     if found_inf is not None and float(found_inf) != 0:
         return
-    (params, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, starts, groups,
+    (params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, starts, groups,
      chunk_segments, chunk_offsets, chunk_lengths) = _chunk_table(arena)
-    _adam_kernel(params, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_addresses.numpy(), steps,
-                 starts, groups, chunk_segments, chunk_offsets, chunk_lengths,
-                 group_table.numpy(), 1.0 if inv_grad_scale is None else float(inv_grad_scale))
+    _adam_kernel(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                 grad_addresses.numpy(), steps, starts, groups, chunk_segments, chunk_offsets,
+                 chunk_lengths, group_table.numpy(),
+                 1.0 if inv_grad_scale is None else float(inv_grad_scale))

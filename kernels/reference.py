@@ -50,25 +50,39 @@ def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_
     """The launcher contract of `fused_adam.kernels`, one segment at a time.
 
     Grads arrive as addresses; this backend takes them as tensors instead, from
-    `arena.grads_by_segment`, which the arena fills alongside the addresses.
+    `arena.grads_by_segment`, which the arena fills alongside the addresses. Math is fp32 for
+    16-bit buffers (the kernels' contract), on the fp32 master copy where there is one.
     """
     if found_inf is not None and bool(found_inf.item()):
         return
     groups = group_table.tolist()
     inv_scale = None if inv_grad_scale is None else float(inv_grad_scale)
+    compute_dtype = torch.float64 if arena.dtype == torch.float64 else torch.float32
     for segment, grad in enumerate(arena.grads_by_segment):
         if grad is None:
             continue
         arena.steps[segment] += 1
         group = groups[int(arena.segment_groups[segment])]
         amsgrad = bool(group[AMSGRAD])
+        param = arena.segment_view(arena.params, segment)
+        stored = [arena.segment_view(arena.master_params, segment)
+                  if arena.master_params is not None else param,
+                  arena.segment_view(arena.exp_avg, segment),
+                  arena.segment_view(arena.exp_avg_sq, segment)]
+        if amsgrad:
+            stored.append(arena.segment_view(arena.max_exp_avg_sq, segment))
+        # `.to` returns the buffer itself when it already has the compute dtype: in place.
+        working = [buffer.to(compute_dtype) for buffer in stored]
         adam_update(
-            arena.segment_view(arena.params, segment), grad,
-            arena.segment_view(arena.exp_avg, segment),
-            arena.segment_view(arena.exp_avg_sq, segment),
-            arena.segment_view(arena.max_exp_avg_sq, segment) if amsgrad else None,
+            working[0], grad.to(compute_dtype), working[1], working[2],
+            working[3] if amsgrad else None,
             step=float(arena.steps[segment]), lr=group[LR], beta1=group[BETA1],
             beta2=group[BETA2], eps=group[EPS], weight_decay=group[WEIGHT_DECAY],
             amsgrad=amsgrad, maximize=bool(group[MAXIMIZE]),
             decoupled_weight_decay=bool(group[DECOUPLED_WD]), inv_grad_scale=inv_scale,
         )
+        for buffer, value in zip(stored, working):
+            if value is not buffer:
+                buffer.copy_(value)
+        if arena.master_params is not None:
+            param.copy_(working[0])

@@ -1,0 +1,137 @@
+"""`python -m bench`: the command line.
+
+    python -m bench [--quick] [--out DIR] [--device cpu|cuda] [--configs ...] [--providers ...]
+    python -m bench train [--iters N] [--device ...] [--out DIR]
+    python -m bench grad-layout [--quick] [--device ...] [--out DIR]
+    python -m bench report DIR          (redraw results.md/.png from DIR/results.json)
+
+Without a subcommand it runs the step benchmark on the best device present (CUDA if there is
+one). Every command writes into one results folder, by default
+`bench/results/<device-slug>-<YYYY-MM-DD>/`, so a GPU run's files can be copied back and
+committed as they are.
+"""
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+COMMANDS = ("step", "train", "grad-layout", "report")
+
+
+def _best_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_out(device):
+    import torch
+
+    from bench import system
+    slug = system.device_slug(torch.device(device))
+    return system.REPO_ROOT / "bench" / "results" / f"{slug}-{datetime.date.today().isoformat()}"
+
+
+def _common(parser):
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: bench/results/<device-slug>-<date>/)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _step_parser():
+    from bench.configs import CONFIG_NAMES
+    from bench.providers import ALL_PROVIDERS
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Time optimizer.step() of torch's Adam implementations and fused_adam on "
+                    "built-in configs, against a roofline measured in the same run. Other "
+                    f"commands: {', '.join(c for c in COMMANDS if c != 'step')} "
+                    "(python -m bench COMMAND --help).")
+    _common(parser)
+    parser.add_argument("--quick", action="store_true",
+                        help="scaled-down configs and few rounds (about a minute on 2 CPU cores)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES, default=None,
+                        help="default: all")
+    parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
+                        help="default: torch-forloop, torch-foreach, torch-fused and "
+                             "fused_adam-numba (CPU) or fused_adam-triton (CUDA)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds")
+    parser.add_argument("--iters", type=int, default=None, help="timed rounds")
+    return parser
+
+
+def _train_parser():
+    from bench.train import DTYPES
+    parser = argparse.ArgumentParser(
+        prog="python -m bench train",
+        description="Train a small character GPT on Python's own standard-library source, once "
+                    "with fused_adam.FusedAdamW and once with torch.optim.AdamW (same seed, "
+                    "interleaved); report per-phase times and both loss curves.")
+    _common(parser)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="parameter dtype (only fp32 for now)")
+    return parser
+
+
+def _grad_layout_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m bench grad-layout",
+        description="Whole iteration (zero_grad, forward, backward, step) with gradients where "
+                    "autograd leaves them vs gradients as views of one flat buffer.")
+    _common(parser)
+    parser.add_argument("--quick", action="store_true", help="scaled-down GPT-2, few rounds")
+    parser.add_argument("--configs", nargs="+", choices=("gpt2-small", "small-800"),
+                        default=None, help="default: both")
+    parser.add_argument("--cheap-loss", action="store_true",
+                        help="GPT-2 shapes with a cheap loss instead of a real GPT-2 forward")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    return parser
+
+
+def _resolve(args):
+    if args.device is None:
+        args.device = _best_device()
+    elif args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is available")
+    if args.out is None:
+        args.out = _default_out(args.device)
+    return args
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "step"
+    if command == "report":
+        if len(argv) != 1:
+            sys.exit("usage: python -m bench report RESULTS_DIR")
+        from bench import report
+        for path in report.redraw(argv[0]).values():
+            print(f"wrote {path}")
+        return
+    if command == "step":
+        args = _step_parser().parse_args(argv)
+        # Must precede any import of triton (interpreter mode is chosen at import).
+        from bench.providers import default_providers, prepare_environment
+        _resolve(args)
+        prepare_environment(args.providers or default_providers(args.device), args.device)
+        from bench import step
+        step.run(args)
+    elif command == "train":
+        args = _resolve(_train_parser().parse_args(argv))
+        from bench import train
+        train.run(args)
+    elif command == "grad-layout":
+        args = _resolve(_grad_layout_parser().parse_args(argv))
+        from bench import grad_layout
+        grad_layout.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The roofline of an Adam step, measured in the same run as the optimizers: kernels that move
+exactly Adam's bytes (read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq:
+28 B per fp32 element) and do no math, plus a plain `copy_` (8 B per element) for reference.
+
+On CPU the no-math kernel is Numba, built like fused_adam's own kernel (parallel chunks, a
+contiguous inner loop LLVM vectorizes) so that the two differ only in the arithmetic; its arrays
+come from numpy, which asks Linux for transparent huge pages on large arrays (torch's allocator
+does not), and the report says how much of them huge pages back. On CUDA it is a Triton kernel
+(`bench/_triton_roofline.py`, imported only there).
+
+These are timed inside the providers' round robin, so they see the same cache and clock state.
+"""
+import numpy as np
+import torch
+from numba import njit, prange
+
+# Same chunk as fused_adam's Numba kernel (16K fp32: four 64 KiB streams stay in L2).
+CHUNK_ELEMENTS = 1 << 14
+# Beyond a few times the last-level cache, bandwidth no longer depends on size; capping the
+# roofline arrays keeps its memory small next to the providers' (2^30 on a GPU would add 16 GiB).
+MAX_ELEMENTS = {"cpu": 1 << 27, "cuda": 1 << 28}
+ADAM_BYTES_PER_ELEMENT = 28
+COPY_BYTES_PER_ELEMENT = 8
+
+
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _move_chunk(param, grad, exp_avg, exp_avg_sq):
+    """p, m, v <- m, v, p + g  (one add so that no load can be dropped; no Adam math)."""
+    for i in range(param.shape[0]):
+        p = param[i]
+        param[i] = exp_avg[i]
+        exp_avg[i] = exp_avg_sq[i]
+        exp_avg_sq[i] = p + grad[i]
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _no_math_kernel(param, grad, exp_avg, exp_avg_sq):
+    n = param.shape[0]
+    for chunk in prange((n + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS):
+        start = chunk * CHUNK_ELEMENTS
+        end = min(start + CHUNK_ELEMENTS, n)
+        _move_chunk(param[start:end], grad[start:end], exp_avg[start:end], exp_avg_sq[start:end])
+
+
+class NoMathRoofline:
+    """A pseudo-provider: `step()` runs the no-math kernel over four buffers of `n` elements."""
+
+    name = "roofline (no-math)"
+    kind = "roofline"
+
+    def __init__(self, n, device):
+        self.n = n
+        self.bytes_per_step = ADAM_BYTES_PER_ELEMENT * n
+        if device.type == "cpu":
+            # Filled, not zeroed: calloc'd zero pages all map one physical page until written,
+            # and reading them would measure the cache, not memory.
+            self.arrays = [np.full(n, value, dtype=np.float32) for value in (0.01, 1e-6, 0.02, 0.03)]
+            self.buffers = [torch.from_numpy(a) for a in self.arrays]
+            self._step = lambda: _no_math_kernel(*self.arrays)
+        else:
+            from bench._triton_roofline import no_math_step
+            self.buffers = [torch.full((n,), value, device=device)
+                            for value in (0.01, 1e-6, 0.02, 0.03)]
+            self._step = lambda: no_math_step(*self.buffers)
+
+    def forward_backward(self):
+        pass
+
+    def step(self):
+        self._step()
+
+    def zero_grad(self):
+        pass
+
+    def state_tensors(self):
+        return self.buffers
+
+
+class CopyBandwidth:
+    """A pseudo-provider: `step()` is `dst.copy_(src)` over `n` fp32 elements (8 B each)."""
+
+    name = "copy_ (reference)"
+    kind = "copy"
+
+    def __init__(self, n, device):
+        self.n = n
+        self.bytes_per_step = COPY_BYTES_PER_ELEMENT * n
+        if device.type == "cpu":
+            self.buffers = [torch.from_numpy(np.full(n, v, dtype=np.float32)) for v in (1.0, 2.0)]
+        else:
+            self.buffers = [torch.full((n,), v, device=device) for v in (1.0, 2.0)]
+
+    def forward_backward(self):
+        pass
+
+    def step(self):
+        self.buffers[1].copy_(self.buffers[0])
+
+    def zero_grad(self):
+        pass
+
+    def state_tensors(self):
+        return self.buffers
+
+
+def roofline_subjects(n_params, device):
+    """The no-math kernel and the copy, sized like a config (capped, see MAX_ELEMENTS)."""
+    n = min(n_params, MAX_ELEMENTS.get(device.type, MAX_ELEMENTS["cpu"]))
+    return [NoMathRoofline(n, device), CopyBandwidth(n, device)]
