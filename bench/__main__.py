@@ -4,6 +4,8 @@
     python -m bench train [--iters N] [--device ...] [--out DIR]
     python -m bench grad-layout [--quick] [--device ...] [--out DIR]
     python -m bench report DIR          (redraw results.md/.png from DIR/results.json)
+    python -m bench gpu [--out DIR]     (on a GPU machine: the tests, then the benchmark and the
+                                         training run, everything into one folder)
 
 Without a subcommand it runs the step benchmark on the best device present (CUDA if there is
 one). Every command writes into one results folder, by default
@@ -15,7 +17,7 @@ import datetime
 import sys
 from pathlib import Path
 
-COMMANDS = ("step", "train", "grad-layout", "report")
+COMMANDS = ("step", "train", "grad-layout", "report", "gpu")
 
 
 def _best_device():
@@ -73,7 +75,9 @@ def _train_parser():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                        help="parameter dtype (only fp32 for now)")
+                        help="fused_adam's parameter dtype (the torch run stays fp32)")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="fp32 master copy of bf16 parameters (FusedAdamW(master_weights=True))")
     return parser
 
 
@@ -105,9 +109,50 @@ def _resolve(args):
     return args
 
 
+def _gpu(argv):
+    """The GPU machine's one command: the whole test suite (GPU tests included; a failure is
+    recorded, not fatal), then the step benchmark and the training comparison, each in its own
+    process, all writing into one folder that can be copied back and committed."""
+    import subprocess
+
+    import torch
+
+    from bench.system import REPO_ROOT
+    parser = argparse.ArgumentParser(prog="python -m bench gpu")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="quick benchmark and a short run")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("python -m bench gpu: no CUDA device is available")
+    out = args.out or _default_out("cuda")
+    out.mkdir(parents=True, exist_ok=True)
+    quick = ["--quick"] if args.quick else []
+    steps = [
+        ("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-rs"]),
+        ("bench", [sys.executable, "-m", "bench", "--device", "cuda", "--out", str(out), *quick]),
+        ("train", [sys.executable, "-m", "bench", "train", "--device", "cuda", "--out", str(out)]
+         + (["--iters", "50"] if args.quick else [])),
+    ]
+    failed = []
+    for name, command in steps:
+        print(f"== {name}: {' '.join(command)}", flush=True)
+        with open(out / f"{name}.log", "w") as log:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, cwd=REPO_ROOT)
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            if process.wait() != 0:
+                failed.append(name)
+    print(f"results in {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "step"
+    if command == "gpu":
+        return _gpu(argv)
     if command == "report":
         if len(argv) != 1:
             sys.exit("usage: python -m bench report RESULTS_DIR")

@@ -14,7 +14,22 @@ import torch
 LR = 1e-3
 TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
 OURS = ("fused_adam-numba", "fused_adam-triton", "fused_adam-torch")
-ALL_PROVIDERS = TORCH_PROVIDERS + OURS
+# Modes that move fewer (or differently split) bytes per parameter, as `provider:mode`:
+# (param dtype, FusedAdam options, bytes per parameter per step).
+MODES = {
+    # fp32 params, bf16 moments: read p 4, g 4, m 2, v 2; write p 4, m 2, v 2.
+    "bf16-states": (torch.float32, dict(state_dtype=torch.bfloat16), 20),
+    # bf16 params with an fp32 master and fp32 moments: read master 4, g 2, m 4, v 4;
+    # write master 4, p 2, m 4, v 4.
+    "bf16-master": (torch.bfloat16, dict(master_weights=True), 28),
+    # bf16 params, fp32 master, bf16 moments: read 4 + 2 + 2 + 2, write 4 + 2 + 2 + 2.
+    "bf16-master-bf16-states": (torch.bfloat16,
+                                dict(master_weights=True, state_dtype=torch.bfloat16), 20),
+}
+MODE_PROVIDERS = tuple(f"{ours}:{mode}" for ours in OURS[:2] for mode in MODES)
+# torch's own bf16 Adam (bf16 params and moments, 14 B/param), the comparator for the modes.
+TORCH_BF16 = "torch-fused:bf16"
+ALL_PROVIDERS = TORCH_PROVIDERS + OURS + MODE_PROVIDERS + (TORCH_BF16,)
 _BACKEND_MODULES = {"numba": "numba_adam", "triton": "triton_adam", "torch": "reference"}
 
 
@@ -23,7 +38,7 @@ def default_providers(device_type):
     reference, one parameter at a time) is left out unless asked for: it is the oracle, not a
     contender. `fused_adam-triton` on CPU runs in Triton's interpreter, so it too needs asking."""
     ours = {"cpu": "fused_adam-numba", "cuda": "fused_adam-triton"}[device_type]
-    return list(TORCH_PROVIDERS) + [ours]
+    return list(TORCH_PROVIDERS) + [ours, f"{ours}:bf16-states", f"{ours}:bf16-master"]
 
 
 def prepare_environment(providers, device_type):
@@ -44,7 +59,19 @@ def make_params(shapes, device, seed=0, dtype=torch.float32):
     return params
 
 
-def make_optimizer(name, params):
+def parse(name):
+    """`provider[:mode]` -> (provider, param dtype, FusedAdam options, bytes per parameter)."""
+    provider, _, mode = name.partition(":")
+    if name == TORCH_BF16:
+        return provider, torch.bfloat16, {}, 14
+    if mode:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
+        return (provider, *MODES[mode])
+    return provider, torch.float32, {}, 28
+
+
+def make_optimizer(name, params, **options):
     """The optimizer `name` over `params`; ValueError/RuntimeError if it cannot run here."""
     if name == "torch-forloop":
         return torch.optim.Adam(params, lr=LR, foreach=False)
@@ -55,7 +82,7 @@ def make_optimizer(name, params):
     if name.startswith("fused_adam-"):
         import fused_adam
         backend = name.split("-", 1)[1]
-        optimizer = fused_adam.FusedAdam(params, lr=LR, backend=backend)
+        optimizer = fused_adam.FusedAdam(params, lr=LR, backend=backend, **options)
         # `backends` names kernel modules (numba_adam, triton_adam, reference); never benchmark
         # one backend under another's name.
         got = set(optimizer.backends.values())
@@ -78,7 +105,7 @@ class Provider:
     name: str
     params: list
     optimizer: torch.optim.Optimizer
-    bytes_per_step: int  # 28 B per fp32 parameter: read p, g, m, v; write p, m, v
+    bytes_per_step: int  # 28 B per fp32 parameter: read p, g, m, v; write p, m, v (MODES)
 
     def forward_backward(self):
         cheap_loss(self.params).backward()
@@ -98,7 +125,8 @@ class Provider:
 
 
 def build(name, config, device, seed=0):
-    params = make_params(config.shapes, device, seed)
-    optimizer = make_optimizer(name, params)
+    provider, dtype, options, bytes_per_param = parse(name)
+    params = make_params(config.shapes, device, seed, dtype)
+    optimizer = make_optimizer(provider, params, **options)
     n = sum(prod(shape) for shape in config.shapes)
-    return Provider(name, params, optimizer, 28 * n)
+    return Provider(name, params, optimizer, bytes_per_param * n)

@@ -115,8 +115,10 @@ def markdown(rows):
         "",
         "Step = `optimizer.step()` alone, after a real backward (fresh gradients from autograd "
         "every iteration); median [p20–p80] of the timed rounds, subjects interleaved round-robin. "
-        "GB/s = 28 B x parameters / median step time (read param, grad, exp_avg, exp_avg_sq; write "
-        "param, exp_avg, exp_avg_sq). Roofline = a no-math kernel moving the same 28 B/param in "
+        "GB/s = bytes per parameter x parameters / median step time: 28 B for fp32 (read param, "
+        "grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq); `:bf16-states` (fp32 "
+        "params, bf16 moments) 20 B; `:bf16-master` (bf16 params, fp32 master and moments) 28 B; "
+        "`torch-fused:bf16` (bf16 params and moments) 14 B. Roofline = a no-math kernel moving the same 28 B/param in "
         "the same run; `copy_` moves 8 B/element and is shown for reference. Iteration = forward "
         "+ backward of a cheap loss over all parameters + step + zero_grad.",
         "",
