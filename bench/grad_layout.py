@@ -15,7 +15,6 @@ on real models: GPT-2 (its 148 tensors; a tiny batch keeps the matmuls small nex
 gradient traffic) and 400 Linear(64, 64) layers (800 small tensors). Variants run interleaved.
 """
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from bench import configs, system
 from bench.model import GPT, DeepLinear
 from bench.providers import LR, cheap_loss, make_params
-from bench.timing import summarize
+from bench.timing import summarize, timed
 
 VARIANTS = ("torch-fused", "fused_adam grads-in-place", "fused_adam flat-grads")
 PHASES = ("zero", "forward", "backward", "step")
@@ -37,10 +36,6 @@ BYTES_NOTE = {
 ROUNDS = {False: (2, 10), True: (1, 5)}  # quick -> (warmup, timed)
 _ALIGN = 16  # elements: 64 B, as the arena aligns segments (kernels read grads 128 bits at once)
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _gpt2_words(hp):
@@ -110,23 +105,16 @@ class Variant:
         assert copies == 0, f"{self.name}: {copies} gradients were copied"
 
 
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
-
 
 def _measure(variants, device, warmup, iters):
     samples = {v.name: {phase: [] for phase in PHASES} for v in variants}
     for round_index in range(warmup + iters):
         shift = round_index % len(variants)
         for v in variants[shift:] + variants[:shift]:
-            _, t_zero = _timed(v.zero, device)
-            loss, t_forward = _timed(v.workload.loss, device)
-            _, t_backward = _timed(loss.backward, device)
-            _, t_step = _timed(v.optimizer.step, device)
+            _, t_zero = timed(v.zero, device)
+            loss, t_forward = timed(v.workload.loss, device)
+            _, t_backward = timed(loss.backward, device)
+            _, t_step = timed(v.optimizer.step, device)
             v.check()
             if round_index >= warmup:
                 for phase, t in zip(PHASES, (t_zero, t_forward, t_backward, t_step)):

@@ -19,24 +19,33 @@ import numpy as np
 import torch
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device):
+    """(fn(), its wall seconds), the device synchronized on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
 def run_iteration(subject, device):
     """One iteration of `subject`: (step seconds, whole-iteration seconds)."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     subject.forward_backward()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         subject.step()
         end.record()
         subject.zero_grad()
-        _sync(device)
+        sync(device)
         step_s = start.elapsed_time(end) / 1e3
     else:
         t1 = time.perf_counter()

@@ -13,7 +13,6 @@ master copy, while the torch run stays fp32: the bf16 curve should track the fp3
 """
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from bench import system
 from bench.model import GPT
-from bench.timing import summarize
+from bench.timing import summarize, timed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODEL = dict(n_layer=4, n_head=4, n_embd=128, n_ctx=64)
@@ -50,17 +49,6 @@ def stdlib_text(max_bytes=TEXT_BYTES):
     return "".join(chunks)[:max_bytes]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
 
 
 def _torch_adamw(params, lr):
@@ -119,10 +107,10 @@ def run(args):
         idx, targets = batch(i)
         for name in (order if i % 2 == 0 else order[::-1]):
             r = runs[name]
-            _, t_zero = _timed(lambda: r["optimizer"].zero_grad(set_to_none=True), device)
-            loss, t_forward = _timed(lambda: r["model"](idx, targets), device)
-            _, t_backward = _timed(loss.backward, device)
-            _, t_step = _timed(r["optimizer"].step, device)
+            _, t_zero = timed(lambda: r["optimizer"].zero_grad(set_to_none=True), device)
+            loss, t_forward = timed(lambda: r["model"](idx, targets), device)
+            _, t_backward = timed(loss.backward, device)
+            _, t_step = timed(r["optimizer"].step, device)
             for phase, t in zip(PHASES, (t_zero, t_forward, t_backward, t_step)):
                 r["times"][phase].append(t)
             r["losses"].append(loss.float().item())

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-import fused_adam
 from fused_adam import FusedAdam, FusedAdamW
 from helpers import (
     DTYPE_IDS, assert_same_trajectory, cpu_backends, loss_of, make_params, train,
