@@ -6,9 +6,14 @@ scalar loads of segment and group metadata and each segment ends in one masked, 
 exchange no program ever touches padding, gradients need no flat copy (their int64 addresses are
 turned into pointers in the kernel), and hyperparameters, steps and amsgrad/maximize/decoupled
 flags stay per segment and per group without one compile per combination.
+
+Mixed precision follows the numba kernel's contract: bf16/fp16 params may have an fp32 master
+copy (stepped in their place, then rounded into them) and moments of their own dtype, fp32 or
+bf16; the math is fp32 (fp64 for fp64 params) and every narrower store rounds to nearest even.
 """
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -17,11 +22,15 @@ import triton.language as tl
 from . import GROUP_COLUMNS, LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE, AMSGRAD, DECOUPLED_WD
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Moments other than the params' own dtype (see fused_adam.flat.Arena's `state_dtype`).
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 # Gradients are read with 128-bit loads: the arena copies (and counts) any gradient whose
 # address is not a multiple of this.
 GRAD_ADDRESS_ALIGNMENT = 16
 
 # Globals a @triton.jit function reads must be constexpr.
+# Whether kernels run through Triton's interpreter (Triton also reads this once, at import).
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 _LR, _BETA1, _BETA2 = tl.constexpr(LR), tl.constexpr(BETA1), tl.constexpr(BETA2)
 _EPS, _WEIGHT_DECAY = tl.constexpr(EPS), tl.constexpr(WEIGHT_DECAY)
 _MAXIMIZE, _AMSGRAD = tl.constexpr(MAXIMIZE), tl.constexpr(AMSGRAD)
@@ -56,11 +65,39 @@ def _sqrt(x):
 
 
 @triton.jit
-def _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs, mask,
+def _store_rounded(ptrs, x, mask):
+    """Store `x` (fp32 or fp64 math) in the dtype `ptrs` points to, rounded to nearest even."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        if _INTERPRETED:
+            # Triton's interpreter truncates fp32 -> bf16 (the `.to` rounding argument
+            # included), so round here as cvt.rn.bf16x2.f32 and torch do; NaN stays NaN
+            # (torch's 0x7FC0: the rounding bias would carry the GPU's all-ones NaN into -0.0).
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = tl.where(x != x, 0x7FC00000, bits + (0x7FFF + ((bits >> 16) & 1)))
+            tl.store(ptrs, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
+                     mask=mask)
+        else:
+            # Compiled: cvt.rn.bf16x2.f32, half an instruction per value. The integer
+            # rounding above compiles to about 6.5 per value on sm_90 (SHF, SGXT, IADD3,
+            # FSETP, SEL, PRMT): 3296 -> 3944 SASS instructions (+20%) in the kernel for bf16
+            # params and moments, a kernel that should be bound by memory, not by issue.
+            tl.store(ptrs, x.to(tl.bfloat16), mask=mask)
+    else:
+        # fp16: cvt.rn.f16.f32 compiled, numpy's astype (also nearest even) interpreted.
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                max_exp_avg_sq_ptrs, mask,
                 grad_scale, maximize, l2_weight_decay, decoupled_wd, param_decay,
                 one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-                amsgrad, HAS_MAX_EXP_AVG_SQ: tl.constexpr):
-    p = _to_compute(tl.load(param_ptrs, mask=mask))
+                amsgrad, HAS_MASTER: tl.constexpr, HAS_MAX_EXP_AVG_SQ: tl.constexpr):
+    # With a master copy the params are only written: the fp32 master is the value stepped.
+    if HAS_MASTER:
+        p = tl.load(master_param_ptrs, mask=mask)
+    else:
+        p = _to_compute(tl.load(param_ptrs, mask=mask))
     g = _to_compute(tl.load(grad_ptrs, mask=mask))
     m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
     v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
@@ -74,7 +111,13 @@ def _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_av
     if decoupled_wd:
         p = p * param_decay.to(p.dtype)
 
-    m = m + one_minus_beta1.to(m.dtype) * (g - m)
+    # torch's lerp: the formula switches at weight 0.5 to stay exact near both ends (with
+    # beta1 = 0, m + 1 * (g - m) loses g under a large old m; g - (g - m) * 0 is g).
+    lerp_weight = one_minus_beta1.to(m.dtype)
+    if one_minus_beta1 < 0.5:
+        m = m + lerp_weight * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - lerp_weight)
     v = v * beta2.to(v.dtype) + one_minus_beta2.to(v.dtype) * g * g
     v_hat = v
     if HAS_MAX_EXP_AVG_SQ:
@@ -82,13 +125,15 @@ def _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_av
             v_max = _to_compute(tl.load(max_exp_avg_sq_ptrs, mask=mask))
             # torch.maximum propagates NaN; tl.maximum does not unless asked.
             v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(max_exp_avg_sq_ptrs, v_hat.to(max_exp_avg_sq_ptrs.dtype.element_ty), mask=mask)
+            _store_rounded(max_exp_avg_sq_ptrs, v_hat, mask)
     denom = _div(_sqrt(v_hat), bias_correction2_sqrt.to(v.dtype)) + eps.to(v.dtype)
     p = p - _div(step_size.to(p.dtype) * m, denom)
 
-    tl.store(param_ptrs, p.to(param_ptrs.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_ptrs, m.to(exp_avg_ptrs.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptrs, v.to(exp_avg_sq_ptrs.dtype.element_ty), mask=mask)
+    if HAS_MASTER:
+        tl.store(master_param_ptrs, p, mask=mask)
+    _store_rounded(param_ptrs, p, mask)
+    _store_rounded(exp_avg_ptrs, m, mask)
+    _store_rounded(exp_avg_sq_ptrs, v, mask)
 
 
 @triton.jit
@@ -96,7 +141,8 @@ def _adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                  chunk_table_ptr, segment_starts_ptr, segment_lengths_ptr, segment_groups_ptr,
                  steps_ptr, grad_addresses_ptr, group_table_ptr,
                  inv_grad_scale_ptr, inv_grad_scale, found_inf_ptr,
-                 HAS_MAX_EXP_AVG_SQ: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                 HAS_MAX_EXP_AVG_SQ: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 master_param_ptr=None, HAS_MASTER: tl.constexpr = False):
     """For each element of this program's chunk, with t = steps[segment] (already advanced):
 
     g = grad * inv_grad_scale;  g = -g if maximize
@@ -105,6 +151,12 @@ def _adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     v = b2 * v + (1 - b2) * g * g
     v_hat = max(v_max, v)  (amsgrad, v_max := v_hat)   else v_hat = v
     p = p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
+
+    in fp32 (fp64 for fp64 params), p taken from and written to the fp32 master copy when
+    HAS_MASTER (then param = p rounded); values stored in a narrower dtype (params, and the
+    moments, whose dtype may differ from the params') are rounded to nearest even.
+    The master arguments come last, with defaults, so that launches written before mixed
+    precision (fp32 arenas, tests that call the kernel by hand) still work.
     """
     found_inf = tl.load(found_inf_ptr)
     pid = tl.program_id(0).to(tl.int64)
@@ -140,35 +192,57 @@ def _adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     # Chunk offsets are multiples of BLOCK_SIZE and segment starts of SEGMENT_ALIGNMENT (16)
     # elements. Hints on the loaded scalars change nothing in the PTX; on the vectors they
     # are what makes the accesses 128-bit.
+    # The contiguity hint is one 128-bit access of the *widest* stream, not BLOCK_SIZE: with
+    # 2-byte and 4-byte streams in one kernel, Triton gives loads the widest vector any access
+    # allows (8 elements for bf16) but caps each store at 128 bits (4 fp32), and moves every
+    # fp32 result between the two layouts through shared memory (a bar.sync per fp32 store:
+    # 14 in the bf16-master-fp32-states amsgrad kernel). Capped at 4 elements, all streams
+    # share one layout: fp32 stays v4, 2-byte streams beside it take v2.b32 (64-bit) accesses.
+    WIDEST_BITS: tl.constexpr = max(param_ptr.dtype.element_ty.primitive_bitwidth,
+                                    exp_avg_ptr.dtype.element_ty.primitive_bitwidth,
+                                    32 if HAS_MASTER else 0)
+    ACCESS: tl.constexpr = 128 // WIDEST_BITS
     in_segment = chunk_offset + tl.arange(0, BLOCK_SIZE)
-    in_segment = tl.max_contiguous(tl.multiple_of(in_segment, BLOCK_SIZE), BLOCK_SIZE)
-    offsets = tl.max_contiguous(tl.multiple_of(start + in_segment, 16), BLOCK_SIZE)
+    in_segment = tl.max_contiguous(tl.multiple_of(in_segment, BLOCK_SIZE), ACCESS)
+    offsets = tl.max_contiguous(tl.multiple_of(start + in_segment, 16), ACCESS)
     # Contract, not a check (a check would cost a host sync per step): the optimizer only
     # hands in 16-byte aligned grads. A hint on the loaded int64 does not survive int_to_ptr;
     # on a pointer divisibility counts bytes, so this says "16-byte aligned, contiguous".
-    grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptr + in_segment, 16), BLOCK_SIZE)
+    grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptr + in_segment, 16), ACCESS)
+    if HAS_MASTER:
+        master_param_ptrs = master_param_ptr + offsets
+    else:
+        master_param_ptrs = None
     if chunk_offset + BLOCK_SIZE <= length:
         # Whole chunk: no mask, so nothing stops 128-bit accesses (a mask against a runtime
         # length has constancy 1 and would force scalar ones).
-        _adam_chunk(param_ptr + offsets, grad_ptrs, exp_avg_ptr + offsets,
+        _adam_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
                     exp_avg_sq_ptr + offsets, max_exp_avg_sq_ptr + offsets, None,
                     grad_scale, maximize, l2_weight_decay, decoupled_wd, param_decay,
                     1.0 - beta1, beta2, 1.0 - beta2, step_size, bias_correction2_sqrt, eps,
-                    amsgrad, HAS_MAX_EXP_AVG_SQ)
+                    amsgrad, HAS_MASTER, HAS_MAX_EXP_AVG_SQ)
     else:
-        _adam_chunk(param_ptr + offsets, grad_ptrs, exp_avg_ptr + offsets,
+        _adam_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
                     exp_avg_sq_ptr + offsets, max_exp_avg_sq_ptr + offsets, in_segment < length,
                     grad_scale, maximize, l2_weight_decay, decoupled_wd, param_decay,
                     1.0 - beta1, beta2, 1.0 - beta2, step_size, bias_correction2_sqrt, eps,
-                    amsgrad, HAS_MAX_EXP_AVG_SQ)
+                    amsgrad, HAS_MASTER, HAS_MAX_EXP_AVG_SQ)
 
 
-def _launch_config(dtype):
-    """(BLOCK_SIZE, compile options). 8 warps, each thread moving 32 B of every tensor (two
-    128-bit accesses): 2048 fp32, 4096 bf16/fp16 or 1024 fp64 elements per program. FMA
-    contraction off: the kernel then rounds exactly as the interpreter (and torch's separate
-    ops) do, whatever a Triton version's default; the extra FLOPs hide under the memory traffic."""
-    return 8192 // dtype.itemsize, dict(num_warps=8, enable_fp_fusion=False)
+def _launch_config(dtype, state_dtype=None, has_master=False):
+    """(BLOCK_SIZE, compile options) for params of `dtype`, moments of `state_dtype` (default:
+    `dtype`) and an fp32 master copy or not. 8 warps, each thread moving 32 B of the widest
+    stream (two 128-bit accesses): 2048 elements per program when any stream is 4 bytes wide,
+    4096 when all are bf16/fp16, 1024 for fp64. Sized by the widest stream, a thread holds as
+    many values as in the fp32 kernel (registers, the tail chunk and the per-program overhead
+    stay where they were), and a 2-byte stream beside 4-byte ones still moves 16 B per thread,
+    in two 64-bit accesses (why not one 128-bit access: see the contiguity note in the kernel).
+    Sized by the narrowest stream instead, the 4-byte streams would double their registers.
+    FMA contraction off: the kernel then rounds exactly as the interpreter (and torch's
+    separate ops) do, whatever a Triton version's default; the extra FLOPs hide under the
+    memory traffic."""
+    widest = max(dtype.itemsize, (state_dtype or dtype).itemsize, 4 if has_master else 0)
+    return 8192 // widest, dict(num_warps=8, enable_fp_fusion=False)
 
 
 def _chunk_table(arena, block_size):
@@ -221,12 +295,24 @@ def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_
     device, dtype = params.device, params.dtype
     assert dtype in SUPPORTED_DTYPES, f"unsupported dtype {dtype}"
     assert params.dim() == 1, "arena buffers are 1-D"
+    # The moments share one dtype: the params' own, or fp32/bf16 beside fp32, bf16 or fp16
+    # params; fp64 params keep fp64 moments (the math is fp64 there).
+    state_dtype = arena.exp_avg.dtype
+    assert state_dtype == dtype or (dtype != torch.float64 and state_dtype in STATE_DTYPES), \
+        f"{dtype} params cannot have {state_dtype} moments"
     has_max = arena.max_exp_avg_sq is not None
-    buffers = [("params", params), ("exp_avg", arena.exp_avg), ("exp_avg_sq", arena.exp_avg_sq)]
+    master_params = arena.master_params
+    has_master = master_params is not None
+    assert not has_master or dtype in (torch.bfloat16, torch.float16), \
+        f"a master copy is for bf16/fp16 params, not {dtype}"
+    buffers = [("params", params, dtype), ("exp_avg", arena.exp_avg, state_dtype),
+               ("exp_avg_sq", arena.exp_avg_sq, state_dtype)]
     if has_max:
-        buffers.append(("max_exp_avg_sq", arena.max_exp_avg_sq))
-    for name, buffer in buffers:
-        _check_table(name, buffer, dtype, device, params.numel())
+        buffers.append(("max_exp_avg_sq", arena.max_exp_avg_sq, state_dtype))
+    if has_master:
+        buffers.append(("master_params", master_params, torch.float32))
+    for name, buffer, buffer_dtype in buffers:
+        _check_table(name, buffer, buffer_dtype, device, params.numel())
         # Host metadata, no sync: 128-bit accesses need 16-byte aligned bases.
         assert buffer.data_ptr() % 16 == 0, f"{name} must be 16-byte aligned"
     n_segments = arena.segment_starts.numel()
@@ -261,17 +347,19 @@ def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_
         inv_grad_scale_ptr = scratch["one"]
         inv_grad_scale = 1.0 if inv_grad_scale is None else float(inv_grad_scale)
 
-    block_size, options = _launch_config(dtype)
+    block_size, options = _launch_config(dtype, state_dtype, has_master)
     chunk_table = _chunk_table(arena, block_size)
     n_chunks = chunk_table.shape[0]
     if n_chunks == 0:
         return
-    max_exp_avg_sq = arena.max_exp_avg_sq if has_max else params  # never touched without it
+    # Never touched without amsgrad; a moment buffer keeps the pointer's type that of the moments.
+    max_exp_avg_sq = arena.max_exp_avg_sq if has_max else arena.exp_avg
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _adam_kernel[(n_chunks,)](
             params, arena.exp_avg, arena.exp_avg_sq, max_exp_avg_sq,
             chunk_table, arena.segment_starts, arena.segment_lengths, arena.segment_groups,
             arena.steps, grad_addresses, group_table,
             inv_grad_scale_ptr, inv_grad_scale, found_inf,
-            HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=block_size, **options)
+            HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=block_size,
+            master_param_ptr=master_params, HAS_MASTER=has_master, **options)
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fused_adam import FusedAdam, FusedAdamW
-from helpers import DTYPE_IDS, reloaded
+from helpers import DTYPE_IDS, cpu_backends, reloaded
 
-BACKENDS = ["numba", "torch"]
+BACKENDS = cpu_backends()
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
 
