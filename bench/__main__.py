@@ -2,6 +2,7 @@
 
     python -m bench [--quick] [--out DIR] [--device cpu|cuda] [--configs ...] [--providers ...]
     python -m bench train [--iters N] [--device ...] [--out DIR]
+    torchrun --nproc_per_node=2 -m bench train --ddp [--bucket-view] [--iters N]
     python -m bench grad-layout [--quick] [--device ...] [--out DIR]
     python -m bench report DIR          (redraw results.md/.png from DIR/results.json)
     python -m bench gpu [--out DIR]     (on a GPU machine: the tests, then the benchmark and the
@@ -78,6 +79,13 @@ def _train_parser():
                         help="fused_adam's parameter dtype (the torch run stays fp32)")
     parser.add_argument("--master-weights", action="store_true",
                         help="fp32 master copy of bf16 parameters (FusedAdamW(master_weights=True))")
+    parser.add_argument("--ddp", action="store_true",
+                        help="DistributedDataParallel, each rank on its own batches (launch with "
+                             "torchrun --nproc_per_node=N -m bench train --ddp); rank 0 writes "
+                             "train_ddp.*")
+    parser.add_argument("--bucket-view", action="store_true",
+                        help="with --ddp: gradient_as_bucket_view=True (grads are views of DDP's "
+                             "buckets, which FusedAdamW reads in place)")
     return parser
 
 

@@ -10,6 +10,11 @@ they should lie on top of each other, differing only by float rounding.
 
 With `--dtype bf16 --master-weights` the fused_adam run trains bf16 parameters with an fp32
 master copy, while the torch run stays fp32: the bf16 curve should track the fp32 one.
+
+With `--ddp`, under `torchrun --nproc_per_node=N`, both models are DistributedDataParallel
+(gloo on CPU, nccl on CUDA) and each rank trains on batches of its own; rank 0 reports and
+writes `train_ddp.*`, with how many gradients FusedAdamW had to copy (0: it reads DDP's
+all-reduced gradients in place, bucket views included with `--bucket-view`).
 """
 import json
 import os
@@ -60,21 +65,49 @@ def _torch_adamw(params, lr):
                 "torch.optim.AdamW(foreach=True) (fused unsupported here)")
 
 
+def _init_ddp(device):
+    """This process's rank and the world size, from torchrun's environment; its device."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        raise SystemExit("--ddp: launch with torchrun, e.g. "
+                         "torchrun --nproc_per_node=2 -m bench train --ddp")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        # torchrun gives each rank OMP_NUM_THREADS=1; numba would otherwise start a thread per
+        # core in every rank, and the ranks would fight over the cores in the step. Starting
+        # numba's OpenMP pool raised torch's count from 1 to 2 here: pin it again.
+        import numba
+        threads = torch.get_num_threads()
+        numba.set_num_threads(min(numba.config.NUMBA_NUM_THREADS, threads))
+        torch.set_num_threads(threads)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def run(args):
     import fused_adam
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    rank, world_size = 0, 1
+    if args.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        rank, world_size, device = _init_ddp(device)
+    log = print if rank == 0 else (lambda *_, **__: None)  # every rank trains, rank 0 reports
     text = stdlib_text()
     chars = sorted(set(text))
     lookup = {c: i for i, c in enumerate(chars)}
     data = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
     block = MODEL["n_ctx"]
-    print(f"data: {len(text) / 2**20:.1f} MiB of the standard library's *.py, "
-          f"vocab {len(chars)} chars; model {MODEL}, batch {args.batch_size}, {args.iters} iters, "
-          f"{args.dtype} on {system.device_name(device)}")
+    log(f"data: {len(text) / 2**20:.1f} MiB of the standard library's *.py, "
+        f"vocab {len(chars)} chars; model {MODEL}, batch {args.batch_size}, {args.iters} iters, "
+        f"{args.dtype} on {system.device_name(device)}"
+        + (f", DDP over {world_size} ranks, each on its own batches" if args.ddp else ""))
 
-    # The same batches for both runs: drawn once, up front.
-    generator = torch.Generator().manual_seed(args.seed)
+    # The same batches for both runs: drawn once, up front (each rank its own under DDP).
+    generator = torch.Generator().manual_seed(args.seed + rank)
     starts = torch.randint(len(data) - block - 1, (args.iters, args.batch_size), generator=generator)
 
     def batch(i):
@@ -97,10 +130,12 @@ def run(args):
         else:
             optimizer, label = _torch_adamw(model.parameters(), args.lr)
             label += ", fp32"
+        if args.ddp:
+            model = DDP(model, gradient_as_bucket_view=args.bucket_view)
         runs[name] = dict(model=model, optimizer=optimizer, label=label, losses=[],
                           times={phase: [] for phase in PHASES})
     n_params = sum(p.numel() for p in runs["torch"]["model"].parameters())
-    print(f"{n_params:,} parameters; " + "; ".join(r["label"] for r in runs.values()))
+    log(f"{n_params:,} parameters; " + "; ".join(r["label"] for r in runs.values()))
 
     order = list(runs)
     for i in range(args.iters):
@@ -115,8 +150,8 @@ def run(args):
                 r["times"][phase].append(t)
             r["losses"].append(loss.float().item())
         if i % max(1, args.iters // 10) == 0 or i == args.iters - 1:
-            print(f"iter {i:4d}  loss fused_adam {runs['fused_adam']['losses'][-1]:.4f}  "
-                  f"torch {runs['torch']['losses'][-1]:.4f}")
+            log(f"iter {i:4d}  loss fused_adam {runs['fused_adam']['losses'][-1]:.4f}  "
+                f"torch {runs['torch']['losses'][-1]:.4f}")
 
     # The first iterations load kernels (numba's cache, torch's fused kernels): not timed.
     skip = min(5, args.iters // 5)
@@ -130,22 +165,30 @@ def run(args):
     result = dict(
         model=MODEL, hyperparameters=dict(lr=args.lr, **HYPER), batch_size=args.batch_size,
         iters=args.iters, untimed_first_iters=skip, dtype=args.dtype,
-        master_weights=args.master_weights, seed=args.seed,
+        master_weights=args.master_weights, seed=args.seed, world_size=world_size,
+        gradient_as_bucket_view=args.bucket_view if args.ddp else None,
+        grad_copies=runs["fused_adam"]["optimizer"].grad_copies,
         vocab_size=len(chars), text_bytes=len(text), n_params=n_params,
         device=device.type, device_name=system.device_name(device),
         hardware=system.hardware_sentence(device), git_sha=system.git_sha(), **system.versions(),
         max_abs_loss_diff=float(diff.max()), final_loss_diff=float(diff[-1]), runs=summary)
 
+    if args.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+        if rank != 0:
+            return result
+    stem = "train_ddp" if args.ddp else "train"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = _markdown(result)
-    (out / "train.md").write_text(md)
-    _plot(result, out / "train_loss.png")
+    (out / f"{stem}.md").write_text(md)
+    _plot(result, out / f"{stem}_loss.png")
     print(md)
     print(f"max |loss difference| over {args.iters} iterations: {diff.max():.3g} "
-          f"(final {diff[-1]:.3g})")
-    for name in ("train.json", "train.md", "train_loss.png"):
+          f"(final {diff[-1]:.3g}); gradients FusedAdamW copied: {result['grad_copies']}")
+    for name in (f"{stem}.json", f"{stem}.md", f"{stem}_loss.png"):
         print(f"wrote {out / name}")
     return result
 
@@ -156,7 +199,12 @@ def _markdown(result):
         f"Char GPT {result['model']}, {result['n_params']:,} params, batch "
         f"{result['batch_size']}, {result['dtype']}, {result['iters']} iterations on "
         f"{result['text_bytes'] / 2**20:.1f} MiB of Python's standard library; medians over "
-        f"iterations {result['untimed_first_iters']}+. Hardware: {result['hardware']}", "",
+        f"iterations {result['untimed_first_iters']}+."
+        + (f" DDP over {result['world_size']} ranks, each on its own batches (rank 0's "
+           "times and losses); gradient_as_bucket_view="
+           f"{result['gradient_as_bucket_view']}; gradients FusedAdamW copied: "
+           f"{result['grad_copies']}." if result.get("world_size", 1) > 1 else "")
+        + f" Hardware: {result['hardware']}", "",
         "| optimizer | zero_grad ms | forward ms | backward ms | step ms | iteration ms | "
         "final loss |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -7,6 +7,11 @@ pass and no second copy of the parameters exists. Gradients are *not* packed: au
 fresh tensor per parameter after `zero_grad(set_to_none=True)` and packing them would cost a copy
 (or a zeroing pass plus an accumulating backward, measured in the README), so each step the arena
 collects the address of every gradient wherever it lives and the kernel reads it in place.
+
+Distributed parameters that are DTensors (FSDP2's `fully_shard`, tensor parallelism) are packed
+by their local shard: the shard, not the DTensor, becomes the arena view, and FSDP2's padded shard
+buffer (what its all-gather reads) is re-pointed at the same segment, so the next forward
+gathers the updated values with no copy.
 """
 import itertools
 import operator
@@ -16,9 +21,89 @@ import torch
 
 from fused_adam.kernels import SEGMENT_ALIGNMENT
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: no parameter is a DTensor
+    DTensor = ()
+
 _grad_of = operator.attrgetter("grad")
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
+
+
+def _local(tensor):
+    """A DTensor's local shard (what this rank stores and steps); any other tensor as it is."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def _local_grad_of(p):
+    grad = p.grad
+    return grad._local_tensor if isinstance(grad, DTensor) else grad
+
+
+def _local_data_ptr(p):
+    return _local(p).data_ptr()
+
+
+def _same_start(a, b):
+    """Whether `a` and `b` start at one place in one storage (data_ptr() is 0 when empty)."""
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() * a.element_size() == b.storage_offset() * b.element_size())
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _held_elsewhere(tensor):
+    """Whether another tensor than `tensor` holds its memory (someone's flat buffer): `tensor`
+    is a slice of a larger buffer still in use, or is contiguous and shares its storage (a
+    flat buffer of exactly one parameter). A same-size tensor laid out differently is taken for
+    a new value."""
+    storage = tensor.untyped_storage()
+    # Held by `tensor` and by `storage` here: 2 when nobody else holds it.
+    shared = _storage_use_count is None or _storage_use_count(storage._cdata) > 2
+    if storage.nbytes() > tensor.numel() * tensor.element_size():
+        return shared
+    return _storage_use_count is not None and tensor.is_contiguous() and shared
+
+
+def _fsdp_params_by_id():
+    """{id(sharded parameter): FSDPParam} over every live FSDP2 (`fully_shard`) module, or None
+    where this torch's FSDP2 internals are not the ones read here.
+
+    FSDP2 keeps each parameter's shard twice over: the DTensor's local tensor and, as a 1-D
+    buffer padded to the largest rank's shard, `FSDPParam._sharded_param_data`, which its
+    all-gather reads. The local tensor is a view of that buffer; the arena must re-point both,
+    or the next forward would gather the values from before the step."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:
+        return None
+    found = {}
+    for state_ref in list(_module_state_mapping.values()):
+        state = state_ref()
+        if not isinstance(state, FSDPState):
+            continue
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # older torch: one group per module
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                found[id(fsdp_param.sharded_param)] = fsdp_param
+    return found
+
+
+def copy_into(view, value):
+    """`view.copy_(value)` for a state or parameter view of the arena (a DTensor over one for a
+    DTensor parameter) from a checkpoint's value: a DTensor value is brought to the view's
+    placements and its local shard copied."""
+    if isinstance(value, DTensor):
+        value = (value.redistribute(view.device_mesh, view.placements).to_local()
+                 if isinstance(view, DTensor) else value.full_tensor())
+    target = _local(view)
+    target.copy_(value.reshape(target.shape))
 
 
 def _aligned(n):
@@ -83,6 +168,12 @@ class Arena:
         self._host_starts = np.zeros(0, dtype=np.int64)
         self._host_lengths = np.zeros(0, dtype=np.int64)
         self._expected_param_addresses = np.zeros(0, dtype=np.int64)
+        # DTensor parameters (set on the first one): their FSDPParam or None, per segment.
+        self._fsdp_params = []
+        self._grad_of, self._param_address = _grad_of, _data_ptr
+        # Segment index -> memory another owner also holds that its parameter was re-pointed
+        # into before the arena took it back (see `check_params_in_place`).
+        self._homes = {}
 
     def __len__(self):
         return len(self.params_in_order)
@@ -93,9 +184,16 @@ class Arena:
 
     def add(self, params, group_index):
         """Append `params` as new segments of group `group_index`; they become arena views."""
-        lengths = [p.numel() for p in params]
-        starts, end = [], _aligned(int(self._host_starts[-1] + self._host_lengths[-1])) if len(self) else 0
-        for n in lengths:
+        locals_ = [_local(p) for p in params]
+        lengths = [local.numel() for local in locals_]
+        # An FSDP2 shard's segment has room for FSDP's padding (zeros the kernel never touches).
+        reserved = lengths
+        fsdp_params = self._distributed(params, locals_)
+        if fsdp_params is not None:
+            reserved = [n if f is None else max(n, f._sharded_param_data.numel())
+                        for n, f in zip(lengths, fsdp_params)]
+        starts, end = [], self.params.numel()
+        for n in reserved:
             starts.append(end)
             end += _aligned(n)
         old_size = self.params.numel()
@@ -107,10 +205,10 @@ class Arena:
             self.max_exp_avg_sq = self._grown(self.max_exp_avg_sq, end, old_size)
         if self.has_master:
             self.master_params = self._grown(self.master_params, end, old_size)
-        for p, start, n in zip(params, starts, lengths):
-            self.params[start:start + n].copy_(p.detach().reshape(-1))
+        for local, start, n in zip(locals_, starts, lengths):
+            self.params[start:start + n].copy_(local.detach().reshape(-1))
             if self.has_master:
-                self.master_params[start:start + n].copy_(p.detach().reshape(-1))
+                self.master_params[start:start + n].copy_(local.detach().reshape(-1))
 
         self.params_in_order += list(params)
         self._host_starts = np.concatenate([self._host_starts, np.asarray(starts, dtype=np.int64)])
@@ -126,6 +224,37 @@ class Arena:
         self.steps = torch.cat([self.steps, self.steps.new_zeros(len(params))])
         self._relayout()
 
+    def _distributed(self, params, locals_):
+        """For DTensor parameters: check they can be packed, switch this arena to reading local
+        shards, and return each one's FSDPParam (None for a DTensor FSDP2 does not manage).
+        None when no parameter is a DTensor."""
+        if not any(isinstance(p, DTensor) for p in params) and not self._fsdp_params:
+            return None
+        self._grad_of, self._param_address = _local_grad_of, _local_data_ptr
+        self._fsdp_params += [None] * (len(self) - len(self._fsdp_params))
+        by_id = _fsdp_params_by_id() if any(isinstance(p, DTensor) for p in params) else {}
+        if by_id is None:
+            raise NotImplementedError(
+                "FusedAdam: DTensor parameters need FSDP2's FSDPParam, which this torch version "
+                "does not expose where FusedAdam looks for it")
+        found = [by_id.get(id(p)) for p in params]
+        for index, (p, local, fsdp_param) in enumerate(zip(params, locals_, found)):
+            if isinstance(p, DTensor) and type(local) is not torch.Tensor:
+                raise NotImplementedError(
+                    f"FusedAdam: DTensor parameter {index} has a local tensor of type "
+                    f"{type(local).__name__}; only plain local shards can be packed")
+            if fsdp_param is not None and (
+                    getattr(fsdp_param, "offload_to_cpu", False)
+                    or not _same_start(fsdp_param._sharded_param_data, local)):
+                # CPU offload and all-gather extensions keep the shard elsewhere; packing only
+                # the local tensor would leave FSDP gathering stale values.
+                raise NotImplementedError(
+                    f"FusedAdam: FSDP2 parameter {index} keeps its shard apart from its local "
+                    "tensor (CPU offload or an all-gather extension), which FusedAdam cannot "
+                    "pack")
+        self._fsdp_params += found
+        return found
+
     def _grown(self, buffer, size, old_size):
         grown = _zeros(size, buffer.dtype, self.device)
         grown[:old_size].copy_(buffer)
@@ -134,15 +263,24 @@ class Arena:
     def _relayout(self):
         """Point every parameter at its segment of the current buffers."""
         for index, p in enumerate(self.params_in_order):
-            p.data = self.segment_view(self.params, index)
+            if not isinstance(p, DTensor):
+                p.data = self.segment_view(self.params, index)
+                continue
+            p._local_tensor = self.segment_view(self.params, index)
+            fsdp_param = self._fsdp_params[index]
+            if fsdp_param is not None:
+                # FSDP's padded shard, the all-gather's input: the segment plus its padding.
+                start = int(self._host_starts[index])
+                padded = fsdp_param._sharded_param_data.numel()
+                fsdp_param._sharded_param_data = self.params[start:start + padded]
         self._expected_param_addresses = np.fromiter(
-            map(_data_ptr, self.params_in_order), np.int64, len(self))
+            map(self._param_address, self.params_in_order), np.int64, len(self))
         self.kernel_cache.clear()
 
     def segment_view(self, buffer, index):
         """Segment `index` of `buffer`, shaped like its parameter."""
         start, n = int(self._host_starts[index]), int(self._host_lengths[index])
-        return buffer[start:start + n].view(self.params_in_order[index].shape)
+        return buffer[start:start + n].view(_local(self.params_in_order[index]).shape)
 
     def ensure_max_exp_avg_sq(self):
         if self.max_exp_avg_sq is None:
@@ -160,9 +298,10 @@ class Arena:
         self.has_state[index] = False
 
     def state_views(self, index, amsgrad):
-        """`state[p]` for segment `index`: torch's keys, views into the arena."""
+        """`state[p]` for segment `index`: torch's keys, views into the arena. For a DTensor
+        parameter the views are DTensors like it, as torch's Adam keeps them, so that
+        torch.distributed.checkpoint saves and loads them as shards."""
         state = {
-            "step": self.steps[index],
             "exp_avg": self.segment_view(self.exp_avg, index),
             "exp_avg_sq": self.segment_view(self.exp_avg_sq, index),
         }
@@ -171,7 +310,12 @@ class Arena:
             state["max_exp_avg_sq"] = self.segment_view(self.max_exp_avg_sq, index)
         if self.has_master:
             state["master_param"] = self.segment_view(self.master_params, index)
-        return state
+        p = self.params_in_order[index]
+        if isinstance(p, DTensor):
+            state = {name: DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                              shape=p.shape, stride=p.stride())
+                     for name, view in state.items()}
+        return {"step": self.steps[index], **state}
 
     # ----------------------------------------------------------------------------------------
     # Per step
@@ -181,22 +325,46 @@ class Arena:
 
         A parameter that left the arena would otherwise silently stop being updated.
         """
-        addresses = np.fromiter(map(_data_ptr, self.params_in_order), np.int64, len(self))
+        addresses = np.fromiter(map(self._param_address, self.params_in_order), np.int64, len(self))
         if np.array_equal(addresses, self._expected_param_addresses):
             return
-        for index in np.flatnonzero(addresses != self._expected_param_addresses):
+        moved = np.flatnonzero(addresses != self._expected_param_addresses)
+        for index in moved:
             p = self.params_in_order[index]
-            if p.device != self.device or p.dtype != self.dtype or p.numel() != self._host_lengths[index]:
+            local = _local(p)
+            if (p.device != self.device or p.dtype != self.dtype
+                    or local.numel() != self._host_lengths[index]):
                 raise RuntimeError(
                     f"FusedAdam: parameter {index} of the {self.dtype} arena on {self.device} was "
                     f"replaced by a tensor of {p.dtype}, shape {tuple(p.shape)} on {p.device}; "
                     "create the optimizer after moving or converting the model")
+        for index in moved:
+            p = self.params_in_order[index]
+            local = _local(p)
             view = self.segment_view(self.params, index)
-            view.copy_(p.detach().reshape(view.shape))
+            view.copy_(local.detach().reshape(view.shape))
             if self.has_master:
                 self.segment_view(self.master_params, index).copy_(view)
-            p.data = view.view(p.shape)
+            # Memory another owner also holds is that owner's to read after the step, as torch's
+            # in-place update would leave it: ZeroRedundancyOptimizer(parameters_as_bucket_view=
+            # True) moves params into its buckets and broadcasts those. `write_back` keeps it
+            # current. FSDP2's shard buffer needs none: the arena re-points it.
+            fsdp_managed = isinstance(p, DTensor) and self._fsdp_params[index] is not None
+            if not fsdp_managed and _held_elsewhere(local):
+                self._homes[index] = local.detach()
+            else:
+                self._homes.pop(index, None)
         self._relayout()
+
+    def write_back(self):
+        """After a step, copy each parameter that was re-pointed into memory another owner also
+        holds back there (8 bytes per fp32 element: read the arena, write the owner's copy);
+        one whose other owner let go is dropped."""
+        for index, home in list(self._homes.items()):
+            if _storage_use_count is not None and not _held_elsewhere(home):
+                del self._homes[index]
+                continue
+            home.copy_(self.segment_view(self.params, index))
 
     def gather_grads(self):
         """Addresses of the current gradients (0 where there is none), on the arena's device.
@@ -204,7 +372,7 @@ class Arena:
         The ordinary loop takes the fast path: every gradient present or absent as autograd left
         it, contiguous and aligned, read in place. Anything else is copied once and counted.
         """
-        grads = list(map(_grad_of, self.params_in_order))
+        grads = list(map(self._grad_of, self.params_in_order))
         present = grads
         if any(map(operator.is_, grads, itertools.repeat(None))):
             present = [g for g in grads if g is not None]

@@ -14,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from fused_adam import dispatch
-from fused_adam.flat import Arena
+from fused_adam.flat import Arena, copy_into
 from fused_adam.kernels import GROUP_COLUMNS, LR
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
@@ -196,6 +196,7 @@ class FusedAdam(Optimizer):
                 inv_grad_scale=inv_grad_scale,
                 found_inf=None if found_inf is None else found_inf.to(arena.device))
             self._create_state(arena, amsgrad_groups)
+            arena.write_back()
             arena.grads_by_segment = []
         return loss
 
@@ -243,7 +244,7 @@ class FusedAdam(Optimizer):
                 for name, view in views.items():
                     value = saved.get(name, p.detach() if name == "master_param" else 0.0)
                     if torch.is_tensor(value):
-                        view.copy_(value.reshape(view.shape))
+                        copy_into(view, value)
                     else:
                         view.fill_(float(value))
                 self.state[p] = views
