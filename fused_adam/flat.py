@@ -19,91 +19,15 @@ import operator
 import numpy as np
 import torch
 
+from fused_adam.distributed import (
+    DTensor, fsdp_params_by_id, held_elsewhere, local_data_ptr, local_grad_of, local_shard,
+    same_start, storage_use_count,
+)
 from fused_adam.kernels import SEGMENT_ALIGNMENT
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without torch.distributed: no parameter is a DTensor
-    DTensor = ()
 
 _grad_of = operator.attrgetter("grad")
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
-
-
-def _local(tensor):
-    """A DTensor's local shard (what this rank stores and steps); any other tensor as it is."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
-
-
-def _local_grad_of(p):
-    grad = p.grad
-    return grad._local_tensor if isinstance(grad, DTensor) else grad
-
-
-def _local_data_ptr(p):
-    return _local(p).data_ptr()
-
-
-def _same_start(a, b):
-    """Whether `a` and `b` start at one place in one storage (data_ptr() is 0 when empty)."""
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() * a.element_size() == b.storage_offset() * b.element_size())
-
-
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _held_elsewhere(tensor):
-    """Whether another tensor than `tensor` holds its memory (someone's flat buffer): `tensor`
-    is a slice of a larger buffer still in use, or is contiguous and shares its storage (a
-    flat buffer of exactly one parameter). A same-size tensor laid out differently is taken for
-    a new value."""
-    storage = tensor.untyped_storage()
-    # Held by `tensor` and by `storage` here: 2 when nobody else holds it.
-    shared = _storage_use_count is None or _storage_use_count(storage._cdata) > 2
-    if storage.nbytes() > tensor.numel() * tensor.element_size():
-        return shared
-    return _storage_use_count is not None and tensor.is_contiguous() and shared
-
-
-def _fsdp_params_by_id():
-    """{id(sharded parameter): FSDPParam} over every live FSDP2 (`fully_shard`) module, or None
-    where this torch's FSDP2 internals are not the ones read here.
-
-    FSDP2 keeps each parameter's shard twice over: the DTensor's local tensor and, as a 1-D
-    buffer padded to the largest rank's shard, `FSDPParam._sharded_param_data`, which its
-    all-gather reads. The local tensor is a view of that buffer; the arena must re-point both,
-    or the next forward would gather the values from before the step."""
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-    except ImportError:
-        return None
-    found = {}
-    for state_ref in list(_module_state_mapping.values()):
-        state = state_ref()
-        if not isinstance(state, FSDPState):
-            continue
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:  # older torch: one group per module
-            group = getattr(state, "_fsdp_param_group", None)
-            groups = [] if group is None else [group]
-        for group in groups:
-            for fsdp_param in group.fsdp_params:
-                found[id(fsdp_param.sharded_param)] = fsdp_param
-    return found
-
-
-def copy_into(view, value):
-    """`view.copy_(value)` for a state or parameter view of the arena (a DTensor over one for a
-    DTensor parameter) from a checkpoint's value: a DTensor value is brought to the view's
-    placements and its local shard copied."""
-    if isinstance(value, DTensor):
-        value = (value.redistribute(view.device_mesh, view.placements).to_local()
-                 if isinstance(view, DTensor) else value.full_tensor())
-    target = _local(view)
-    target.copy_(value.reshape(target.shape))
 
 
 def _aligned(n):
@@ -184,7 +108,7 @@ class Arena:
 
     def add(self, params, group_index):
         """Append `params` as new segments of group `group_index`; they become arena views."""
-        locals_ = [_local(p) for p in params]
+        locals_ = [local_shard(p) for p in params]
         lengths = [local.numel() for local in locals_]
         # An FSDP2 shard's segment has room for FSDP's padding (zeros the kernel never touches).
         reserved = lengths
@@ -230,9 +154,9 @@ class Arena:
         None when no parameter is a DTensor."""
         if not any(isinstance(p, DTensor) for p in params) and not self._fsdp_params:
             return None
-        self._grad_of, self._param_address = _local_grad_of, _local_data_ptr
+        self._grad_of, self._param_address = local_grad_of, local_data_ptr
         self._fsdp_params += [None] * (len(self) - len(self._fsdp_params))
-        by_id = _fsdp_params_by_id() if any(isinstance(p, DTensor) for p in params) else {}
+        by_id = fsdp_params_by_id() if any(isinstance(p, DTensor) for p in params) else {}
         if by_id is None:
             raise NotImplementedError(
                 "FusedAdam: DTensor parameters need FSDP2's FSDPParam, which this torch version "
@@ -245,7 +169,7 @@ class Arena:
                     f"{type(local).__name__}; only plain local shards can be packed")
             if fsdp_param is not None and (
                     getattr(fsdp_param, "offload_to_cpu", False)
-                    or not _same_start(fsdp_param._sharded_param_data, local)):
+                    or not same_start(fsdp_param._sharded_param_data, local)):
                 # CPU offload and all-gather extensions keep the shard elsewhere; packing only
                 # the local tensor would leave FSDP gathering stale values.
                 raise NotImplementedError(
@@ -280,7 +204,7 @@ class Arena:
     def segment_view(self, buffer, index):
         """Segment `index` of `buffer`, shaped like its parameter."""
         start, n = int(self._host_starts[index]), int(self._host_lengths[index])
-        return buffer[start:start + n].view(_local(self.params_in_order[index]).shape)
+        return buffer[start:start + n].view(local_shard(self.params_in_order[index]).shape)
 
     def ensure_max_exp_avg_sq(self):
         if self.max_exp_avg_sq is None:
@@ -331,7 +255,7 @@ class Arena:
         moved = np.flatnonzero(addresses != self._expected_param_addresses)
         for index in moved:
             p = self.params_in_order[index]
-            local = _local(p)
+            local = local_shard(p)
             if (p.device != self.device or p.dtype != self.dtype
                     or local.numel() != self._host_lengths[index]):
                 raise RuntimeError(
@@ -340,7 +264,7 @@ class Arena:
                     "create the optimizer after moving or converting the model")
         for index in moved:
             p = self.params_in_order[index]
-            local = _local(p)
+            local = local_shard(p)
             view = self.segment_view(self.params, index)
             view.copy_(local.detach().reshape(view.shape))
             if self.has_master:
@@ -350,7 +274,7 @@ class Arena:
             # True) moves params into its buckets and broadcasts those. `write_back` keeps it
             # current. FSDP2's shard buffer needs none: the arena re-points it.
             fsdp_managed = isinstance(p, DTensor) and self._fsdp_params[index] is not None
-            if not fsdp_managed and _held_elsewhere(local):
+            if not fsdp_managed and held_elsewhere(local):
                 self._homes[index] = local.detach()
             else:
                 self._homes.pop(index, None)
@@ -361,7 +285,7 @@ class Arena:
         holds back there (8 bytes per fp32 element: read the arena, write the owner's copy);
         one whose other owner let go is dropped."""
         for index, home in list(self._homes.items()):
-            if _storage_use_count is not None and not _held_elsewhere(home):
+            if storage_use_count is not None and not held_elsewhere(home):
                 del self._homes[index]
                 continue
             home.copy_(self.segment_view(self.params, index))

@@ -14,7 +14,8 @@ import torch
 from torch.optim import Optimizer
 
 from fused_adam import dispatch
-from fused_adam.flat import Arena, copy_into
+from fused_adam.distributed import copy_into
+from fused_adam.flat import Arena
 from fused_adam.kernels import GROUP_COLUMNS, LR
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
