@@ -57,8 +57,9 @@ def _step_parser():
     parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES, default=None,
                         help="default: all")
     parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
-                        help="default: torch-forloop, torch-foreach, torch-fused and "
-                             "fused_adam-numba (CPU) or fused_adam-triton (CUDA)")
+                        help="default: torch-forloop, torch-foreach, torch-fused, "
+                             "fused_adam-numba (CPU) or fused_adam-triton (CUDA) with its "
+                             ":bf16-states and :bf16-master modes, and fused_adam-torch")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds")
     parser.add_argument("--iters", type=int, default=None, help="timed rounds")
     return parser

@@ -34,11 +34,13 @@ _BACKEND_MODULES = {"numba": "numba_adam", "triton": "triton_adam", "torch": "re
 
 
 def default_providers(device_type):
-    """torch's three and our compiled backend for the device. `fused_adam-torch` (the plain-torch
-    reference, one parameter at a time) is left out unless asked for: it is the oracle, not a
-    contender. `fused_adam-triton` on CPU runs in Triton's interpreter, so it too needs asking."""
+    """torch's three, and every backend of ours that runs on the device: the compiled one (in
+    fp32 and in the two mixed-precision modes) and the plain-torch reference, one parameter at a
+    time. `fused_adam-triton` on CPU runs in Triton's interpreter, an emulator rather than a
+    backend for CPUs: it only runs when asked for."""
     ours = {"cpu": "fused_adam-numba", "cuda": "fused_adam-triton"}[device_type]
-    return list(TORCH_PROVIDERS) + [ours, f"{ours}:bf16-states", f"{ours}:bf16-master"]
+    return list(TORCH_PROVIDERS) + [ours, f"{ours}:bf16-states", f"{ours}:bf16-master",
+                                    "fused_adam-torch"]
 
 
 def prepare_environment(providers, device_type):
