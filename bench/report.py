@@ -198,7 +198,7 @@ def plot(rows, path):
     firsts = {c: next(r for r in rows if r["config"] == c) for c in configs}
     ax.set_xticklabels([f"{c}\n({firsts[c]['n_params'] / 1e6:.1f} M params, "
                         f"{_tensors(firsts[c]['n_tensors'])})" for c in configs], fontsize=9)
-    ax.set_ylabel("effective bandwidth of optimizer.step(), GB/s\n(28 B per parameter / median time)")
+    ax.set_ylabel("effective bandwidth of optimizer.step(), GB/s\n(bytes the mode moves per parameter / median time)")
     first = rows[0]
     title = f"Adam step bandwidth on {first['device_name']} ({first['device']})"
     if first["quick"]:
