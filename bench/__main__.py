@@ -62,6 +62,9 @@ def _step_parser():
                              ":bf16-states and :bf16-master modes, and fused_adam-torch")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds")
     parser.add_argument("--iters", type=int, default=None, help="timed rounds")
+    parser.add_argument("--allocations", type=int, default=1,
+                        help="build every subject's buffers this many times and pool the "
+                             "samples: a median over where memory landed (default 1)")
     return parser
 
 

@@ -14,7 +14,7 @@ REFERENCE = "torch-fused"
 ROOFLINE_KIND, COPY_KIND, OPTIMIZER_KIND = "roofline", "copy", "optimizer"
 
 
-def run_metadata(device, quick, system):
+def run_metadata(device, quick, system, allocations=1):
     """The fields every row carries."""
     versions = system.versions()
     return {
@@ -24,6 +24,7 @@ def run_metadata(device, quick, system):
         "torch": versions["torch"], "triton": versions["triton"], "numba": versions["numba"],
         "git_sha": system.git_sha(),
         "quick": bool(quick),
+        "allocations": int(allocations),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -114,7 +115,9 @@ def markdown(rows):
         f"git {first['git_sha']}, {first['timestamp']}.",
         "",
         "Step = `optimizer.step()` alone, after a real backward (fresh gradients from autograd "
-        "every iteration); median [p20–p80] of the timed rounds, subjects interleaved round-robin. "
+        "every iteration); median [p20–p80] of the timed rounds, subjects interleaved round-robin"
+        + (f", pooled over {first['allocations']} fresh allocations of every subject's buffers. "
+           if first.get("allocations", 1) > 1 else ". ") +
         "GB/s = bytes per parameter x parameters / median step time: 28 B for fp32 (read param, "
         "grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq); `:bf16-states` (fp32 "
         "params, bf16 moments) 20 B; `:bf16-master` (bf16 params, fp32 master and moments) 28 B; "

@@ -32,6 +32,32 @@ def _build_subjects(config, provider_names, device, seed):
     return subjects, skipped
 
 
+def _measure_allocations(config, provider_names, device, seed, allocations, warmup, iters,
+                         progress):
+    """Build every subject and time it, `allocations` times over, pooling the samples.
+
+    Each build allocates every subject's buffers anew: on a machine where the bandwidth a buffer
+    gets depends on where its memory landed (this project's CPU VM: 30 ms or 50 ms for the same
+    kernel on the same sizes, process to process), one allocation per subject turns that luck
+    into a fake speedup, and a median over several allocations does not."""
+    pooled = {}
+    for allocation in range(allocations):
+        subjects, skipped = _build_subjects(config, provider_names, device, seed)
+        for name, reason in skipped:
+            tqdm.write(f"  {config.name}: skipped {name}: {reason}")
+            progress.total -= warmup + iters
+        samples = timing.measure(subjects, device, warmup=warmup, iters=iters, progress=progress)
+        for name, kinds in samples.items():
+            for kind, values in kinds.items():
+                pooled.setdefault(name, {}).setdefault(kind, []).extend(values)
+        if allocation + 1 < allocations:
+            del subjects
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return subjects, skipped, pooled
+
+
 def run(args):
     device = torch.device(args.device)
     warmup, iters = ROUNDS[(device.type, args.quick)]
@@ -40,24 +66,22 @@ def run(args):
     provider_names = args.providers or providers_module.default_providers(device.type)
     config_list = configs_module.get_configs(args.configs, quick=args.quick,
                                              device_type=device.type)
-    meta = report.run_metadata(device, args.quick, system)
+    meta = report.run_metadata(device, args.quick, system, args.allocations)
     print(f"device: {meta['device_name']} ({device.type}); {meta['hardware']}")
     print(f"providers: {', '.join(provider_names)}; {warmup} warm-up + {iters} timed rounds"
+          + (f" in each of {args.allocations} allocations" if args.allocations > 1 else "")
           + (" (quick mode: scaled-down configs)" if args.quick else ""))
 
     rows = []
+    allocations = max(1, args.allocations)
     per_round = len(provider_names) + 2  # + roofline and copy
-    progress = tqdm(total=len(config_list) * (warmup + iters) * per_round, unit="iter",
-                    dynamic_ncols=True)
+    progress = tqdm(total=len(config_list) * allocations * (warmup + iters) * per_round,
+                    unit="iter", dynamic_ncols=True)
     for config in config_list:
         progress.set_description(config.name)
-        subjects, skipped = _build_subjects(config, provider_names, device, args.seed)
-        for name, reason in skipped:
-            tqdm.write(f"  {config.name}: skipped {name}: {reason}")
-            progress.total -= warmup + iters
         try:
-            samples = timing.measure(subjects, device, warmup=warmup, iters=iters,
-                                     progress=progress)
+            subjects, skipped, samples = _measure_allocations(
+                config, provider_names, device, args.seed, allocations, warmup, iters, progress)
         except torch.OutOfMemoryError as error:
             # A config too big for this device must not cost the results of the others.
             reason = f"OutOfMemoryError while timing: {str(error).splitlines()[0]}"
