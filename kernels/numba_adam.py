@@ -184,14 +184,27 @@ def _adam_kernel(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, gra
         end = start + n
         # `master_params is None` is decided at compile time: one specialization each.
         master = None if master_params is None else master_params[start:end]
-        _update_chunk(
-            params[start:end], master, grad, exp_avg[start:end], exp_avg_sq[start:end],
-            max_exp_avg_sq[start:end], amsgrad, _compute(grad_sign, params),
-            _compute(0.0 if decoupled else weight_decay, params),
-            _compute(1.0 - lr * weight_decay if decoupled else 1.0, params),
-            lerp_weight, _compute(1.0, params) - lerp_weight, _compute(beta2, params),
-            _compute(1.0 - beta2, params), _compute(step_size, params),
-            _compute(bias_correction2_sqrt, params), _compute(group[EPS], params))
+        l2_decay = _compute(0.0 if decoupled else weight_decay, params)
+        param_decay = _compute(1.0 - lr * weight_decay if decoupled else 1.0, params)
+        one_minus_lerp_weight = _compute(1.0, params) - lerp_weight
+        # amsgrad as a literal at each call: the loop is compiled once with and once without
+        # it. A run-time flag left the branch inside the loop, which the vectorizer executes
+        # masked for every element: with bf16 moments that doubled the step (257 us vs 129 us
+        # for 1M elements in cache).
+        if amsgrad:
+            _update_chunk(
+                params[start:end], master, grad, exp_avg[start:end], exp_avg_sq[start:end],
+                max_exp_avg_sq[start:end], True, _compute(grad_sign, params), l2_decay,
+                param_decay, lerp_weight, one_minus_lerp_weight, _compute(beta2, params),
+                _compute(1.0 - beta2, params), _compute(step_size, params),
+                _compute(bias_correction2_sqrt, params), _compute(group[EPS], params))
+        else:
+            _update_chunk(
+                params[start:end], master, grad, exp_avg[start:end], exp_avg_sq[start:end],
+                max_exp_avg_sq[start:end], False, _compute(grad_sign, params), l2_decay,
+                param_decay, lerp_weight, one_minus_lerp_weight, _compute(beta2, params),
+                _compute(1.0 - beta2, params), _compute(step_size, params),
+                _compute(bias_correction2_sqrt, params), _compute(group[EPS], params))
 
 
 def _numpy(tensor):
