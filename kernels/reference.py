@@ -62,7 +62,7 @@ def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_
         if grad is None:
             continue
         arena.steps[segment] += 1
-        group = groups[int(arena.segment_groups[segment])]
+        group = groups[arena.host_groups[segment]]
         amsgrad = bool(group[AMSGRAD])
         param = arena.segment_view(arena.params, segment)
         stored = [arena.segment_view(arena.master_params, segment)
