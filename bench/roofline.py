@@ -42,8 +42,30 @@ def _no_math_kernel(param, grad, exp_avg, exp_avg_sq):
         _move_chunk(param[start:end], grad[start:end], exp_avg[start:end], exp_avg_sq[start:end])
 
 
-class NoMathRoofline:
-    """A pseudo-provider: `step()` runs the no-math kernel over four buffers of `n` elements."""
+def _filled(n, values, device):
+    """One fp32 buffer of `n` elements per value, filled rather than zeroed: calloc'd zero pages
+    all map one physical page until written, and reading them would measure the cache, not
+    memory. On CPU numpy allocates them (huge pages, as the arena's)."""
+    if device.type == "cpu":
+        return [torch.from_numpy(np.full(n, value, dtype=np.float32)) for value in values]
+    return [torch.full((n,), value, device=device) for value in values]
+
+
+class _PseudoProvider:
+    """What the timing loop drives, for a subject with no parameters: only `step()` does work."""
+
+    def forward_backward(self):
+        pass
+
+    def zero_grad(self):
+        pass
+
+    def state_tensors(self):
+        return self.buffers
+
+
+class NoMathRoofline(_PseudoProvider):
+    """`step()` runs the no-math kernel over four buffers of `n` elements."""
 
     name = "roofline (no-math)"
     kind = "roofline"
@@ -51,33 +73,17 @@ class NoMathRoofline:
     def __init__(self, n, device):
         self.n = n
         self.bytes_per_step = ADAM_BYTES_PER_ELEMENT * n
+        self.buffers = _filled(n, (0.01, 1e-6, 0.02, 0.03), device)
         if device.type == "cpu":
-            # Filled, not zeroed: calloc'd zero pages all map one physical page until written,
-            # and reading them would measure the cache, not memory.
-            self.arrays = [np.full(n, value, dtype=np.float32) for value in (0.01, 1e-6, 0.02, 0.03)]
-            self.buffers = [torch.from_numpy(a) for a in self.arrays]
-            self._step = lambda: _no_math_kernel(*self.arrays)
+            arrays = [buffer.numpy() for buffer in self.buffers]
+            self.step = lambda: _no_math_kernel(*arrays)
         else:
             from bench._triton_roofline import no_math_step
-            self.buffers = [torch.full((n,), value, device=device)
-                            for value in (0.01, 1e-6, 0.02, 0.03)]
-            self._step = lambda: no_math_step(*self.buffers)
-
-    def forward_backward(self):
-        pass
-
-    def step(self):
-        self._step()
-
-    def zero_grad(self):
-        pass
-
-    def state_tensors(self):
-        return self.buffers
+            self.step = lambda: no_math_step(*self.buffers)
 
 
-class CopyBandwidth:
-    """A pseudo-provider: `step()` is `dst.copy_(src)` over `n` fp32 elements (8 B each)."""
+class CopyBandwidth(_PseudoProvider):
+    """`step()` is `dst.copy_(src)` over `n` fp32 elements (8 B each)."""
 
     name = "copy_ (reference)"
     kind = "copy"
@@ -85,22 +91,10 @@ class CopyBandwidth:
     def __init__(self, n, device):
         self.n = n
         self.bytes_per_step = COPY_BYTES_PER_ELEMENT * n
-        if device.type == "cpu":
-            self.buffers = [torch.from_numpy(np.full(n, v, dtype=np.float32)) for v in (1.0, 2.0)]
-        else:
-            self.buffers = [torch.full((n,), v, device=device) for v in (1.0, 2.0)]
-
-    def forward_backward(self):
-        pass
+        self.buffers = _filled(n, (1.0, 2.0), device)
 
     def step(self):
         self.buffers[1].copy_(self.buffers[0])
-
-    def zero_grad(self):
-        pass
-
-    def state_tensors(self):
-        return self.buffers
 
 
 def roofline_subjects(n_params, device):
