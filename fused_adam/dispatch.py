@@ -58,7 +58,8 @@ def backend_name(requested, device, dtype):
 
 
 def kernel_module(name):
-    """The module of backend `name`: its `adam_step` launcher and the `GRAD_ADDRESS_ALIGNMENT`
-    it needs (imported on first use: numba and triton are slow to import, triton optional)."""
+    """The module of backend `name`: its `adam_step` launcher and what it needs of gradients
+    (`GRAD_ADDRESS_ALIGNMENT`, `READS_GRAD_TENSORS`), imported on first use: numba and triton
+    are slow to import, triton optional."""
     module = {"numba": "numba_adam", "triton": "triton_adam", "torch": "reference"}[name]
     return importlib.import_module(f"fused_adam.kernels.{module}")

@@ -51,16 +51,19 @@ class Arena:
     The buffer and table attributes are the kernel contract of `fused_adam.kernels`.
     """
 
-    def __init__(self, device, dtype, grad_alignment=16, *, state_dtype=None,
-                 master_weights=False):
+    def __init__(self, device, dtype, grad_alignment=16, *, keep_grad_tensors=False,
+                 state_dtype=None, master_weights=False):
         """`grad_alignment`: the byte alignment the kernel needs of a gradient's address
         (Triton's 128-bit loads need 16; autograd's allocations have 64, a user's slice of a
-        bigger tensor or a DDP bucket view may not). `master_weights`: keep an fp32 copy of
+        bigger tensor or a DDP bucket view may not). `keep_grad_tensors`: the kernel reads
+        gradients as tensors from `grads_by_segment` rather than by address (the torch
+        reference backend). `master_weights`: keep an fp32 copy of
         bf16/fp16 params, which the kernel updates and rounds into them. `state_dtype`: the
         dtype of the moments (default: fp32 with master weights, else the params' dtype, as
         torch); fp64 params keep fp64 moments."""
         self.device, self.dtype = torch.device(device), dtype
         self.grad_alignment = grad_alignment
+        self.keep_grad_tensors = keep_grad_tensors
         low_precision = dtype in (torch.bfloat16, torch.float16)
         self.has_master = master_weights and low_precision
         if dtype == torch.float64 or state_dtype is None:
@@ -79,7 +82,8 @@ class Arena:
         self.kernel_cache = {}
         # How many gradients this arena had to copy because they were not readable in place.
         self.grad_copies = 0
-        self.grads_by_segment = []
+        # This step's gradient tensors, by segment (see `gather_grads`), or None.
+        self.grads_by_segment = None
         # Host mirrors of per-segment facts the optimizer reads every step.
         self.host_groups = np.zeros(0, dtype=np.int64)
         self.groups = []
@@ -322,7 +326,11 @@ class Arena:
             addresses = all_addresses
         elif not self.has_grad.all():
             self.has_grad = np.ones(len(grads), dtype=bool)
-        self.grads_by_segment = grads
+        # Autograd keeps gradients read in place alive through the kernel; the arena holds only
+        # what it made (copies), or every gradient for a backend that reads tensors. Holding
+        # all of them would move their release to after the kernel, which has pushed their
+        # metadata out of cache by then: 0.1-0.5 ms a step on 800 small tensors.
+        self.grads_by_segment = grads if self.keep_grad_tensors or not in_place else None
         return self._addresses_on_device(addresses)
 
     def _addresses_on_device(self, addresses):

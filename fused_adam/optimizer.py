@@ -121,6 +121,7 @@ class FusedAdam(Optimizer):
                 self._launchers[key] = kernels.adam_step
                 self._arenas[key] = Arena(
                     *key, grad_alignment=kernels.GRAD_ADDRESS_ALIGNMENT,
+                    keep_grad_tensors=kernels.READS_GRAD_TENSORS,
                     state_dtype=self._state_dtype, master_weights=self._master_weights)
             arena = self._arenas[key]
             arena.add(params, group_index)
@@ -198,7 +199,7 @@ class FusedAdam(Optimizer):
                 found_inf=None if found_inf is None else found_inf.to(arena.device))
             self._create_state(arena, amsgrad_groups)
             arena.write_back()
-            arena.grads_by_segment = []
+            arena.grads_by_segment = None
         return loss
 
     def _create_state(self, arena, amsgrad_groups):

@@ -18,6 +18,11 @@ is contiguous, of the arena's dtype, and lives wherever autograd (or the user, o
 
 `group_table` (float64, one row per param group) has the columns below.
 
+Each backend module also says what it needs of gradients: `GRAD_ADDRESS_ALIGNMENT` (bytes; the
+arena copies, and counts, a gradient whose address is not a multiple) and `READS_GRAD_TENSORS`
+(True: the launcher reads the gradients as tensors from `arena.grads_by_segment`, None where a
+segment has none, instead of by address).
+
 For every segment with a gradient, unless `found_inf` is nonzero, a launcher adds 1 to `steps`
 and applies the update of DESIGN.md's kernel contract with that segment's step and group.
 """

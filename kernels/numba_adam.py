@@ -21,6 +21,7 @@ from fused_adam.kernels import (
 
 # Elements are loaded one at a time (LLVM vectorizes with unaligned loads): any address will do.
 GRAD_ADDRESS_ALIGNMENT = 1
+READS_GRAD_TENSORS = False  # by address only
 
 # 16K fp32 elements: four 64 KiB streams per chunk stay inside one core's L2.
 CHUNK_ELEMENTS = 1 << 14

@@ -11,8 +11,9 @@ from fused_adam.kernels import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY,
 )
 
-# Gradients are read as tensors, never by address.
+# Gradients are read as tensors (`arena.grads_by_segment`), never by address.
 GRAD_ADDRESS_ALIGNMENT = 1
+READS_GRAD_TENSORS = True
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2,

@@ -27,6 +27,7 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 # Gradients are read with 128-bit loads: the arena copies (and counts) any gradient whose
 # address is not a multiple of this.
 GRAD_ADDRESS_ALIGNMENT = 16
+READS_GRAD_TENSORS = False  # by address only
 
 # Globals a @triton.jit function reads must be constexpr.
 # Whether kernels run through Triton's interpreter (Triton also reads this once, at import).

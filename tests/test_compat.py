@@ -759,7 +759,8 @@ def test_segment_past_2_to_the_32_elements(backend):
     starts at element 2^32 + 2^31 + 16 of (virtual) buffers."""
     dtype, n = torch.float32, 37
     (p, m, v, v_max, g), expected, group_table = _far_case(n, dtype, seed=11)
-    arena = Arena("cpu", dtype)
+    kernels = dispatch.kernel_module(backend)
+    arena = Arena("cpu", dtype, keep_grad_tensors=kernels.READS_GRAD_TENSORS)
     param = torch.zeros(n, requires_grad=True)
     arena.add([param], 0)
     buffers = [_virtual(_FAR + 64, dtype) for _ in range(4)]
@@ -773,7 +774,7 @@ def test_segment_past_2_to_the_32_elements(backend):
     param.grad = g
     grad_addresses = arena.gather_grads()
 
-    dispatch.kernel_module(backend).adam_step(arena, grad_addresses, group_table)
+    kernels.adam_step(arena, grad_addresses, group_table)
 
     assert arena.steps.tolist() == [5.0]
     _check_far(buffers, _FAR, n, expected, dtype, truncated=[_FAR % 2 ** 32, _FAR % 2 ** 31])

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from fused_adam import FusedAdam, FusedAdamW
+from fused_adam import FusedAdam, FusedAdamW, dispatch
+from fused_adam.flat import Arena
 from helpers import (
     DTYPE_IDS, assert_same_trajectory, cpu_backends, loss_of, make_params, train,
 )
@@ -184,6 +185,33 @@ def test_user_assigned_strided_grad_is_copied_and_right(backend):
     needs_alignment = next(iter(ours._arenas.values())).grad_alignment > 4
     assert ours.grad_copies == 25 + (25 if needs_alignment else 0)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_arena_holds_the_gradient_copies_it_hands_out(backend):
+    """A copied gradient has no owner but the arena, so the arena must keep it alive until the
+    kernel has read it. Gradients read in place are autograd's to keep: holding them as well
+    would only move their release to after the kernel."""
+    kernels = dispatch.kernel_module(backend)
+    arena = Arena("cpu", torch.float32, grad_alignment=kernels.GRAD_ADDRESS_ALIGNMENT,
+                  keep_grad_tensors=kernels.READS_GRAD_TENSORS)
+    strided, plain = torch.zeros(6, 4, requires_grad=True), torch.zeros(5, requires_grad=True)
+    arena.add([strided, plain], 0)
+    strided.grad = torch.randn(4, 12)[:, ::2].t()
+    plain.grad = torch.randn(5)
+    addresses = arena.gather_grads().tolist()
+    copy = arena.grads_by_segment[0]
+    assert copy.is_contiguous() and torch.equal(copy, strided.grad)
+    assert copy.data_ptr() == addresses[0] != strided.grad.data_ptr()
+
+    strided.grad = torch.randn(6, 4)
+    addresses = arena.gather_grads().tolist()
+    assert addresses == [strided.grad.data_ptr(), plain.grad.data_ptr()]
+    if kernels.READS_GRAD_TENSORS:
+        held = arena.grads_by_segment
+        assert len(held) == 2 and held[0] is strided.grad and held[1] is plain.grad
+    else:
+        assert arena.grads_by_segment is None
 
 
 def test_sparse_grad_is_refused_and_nothing_changes():
