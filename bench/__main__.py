@@ -4,6 +4,9 @@
     python -m bench train [--iters N] [--device ...] [--out DIR]
     torchrun --nproc_per_node=2 -m bench train --ddp [--bucket-view] [--iters N]
     python -m bench grad-layout [--quick] [--device ...] [--out DIR]
+    python -m bench breakdown [--config small-800] [--allocations N] [--out DIR]
+                                        (a FusedAdam step split into its parameter visit and
+                                         its kernel, beside torch-fused and the roofline)
     python -m bench report DIR          (redraw results.md/.png from DIR/results.json)
     python -m bench gpu [--out DIR]     (on a GPU machine: the tests, then the benchmark and the
                                          training run, everything into one folder)
@@ -18,7 +21,7 @@ import datetime
 import sys
 from pathlib import Path
 
-COMMANDS = ("step", "train", "grad-layout", "report", "gpu")
+COMMANDS = ("step", "train", "grad-layout", "breakdown", "report", "gpu")
 
 
 def _best_device():
@@ -109,6 +112,22 @@ def _grad_layout_parser():
     return parser
 
 
+def _breakdown_parser():
+    from bench.configs import CONFIG_NAMES
+    parser = argparse.ArgumentParser(
+        prog="python -m bench breakdown",
+        description="Where a FusedAdam step's time goes: the visit of every parameter (Python) "
+                    "and the kernel, each timed alone right after a backward, beside the whole "
+                    "step, torch-fused's step and the no-math roofline.")
+    _common(parser)
+    parser.add_argument("--config", choices=CONFIG_NAMES, default="small-800")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--allocations", type=int, default=1,
+                        help="build the subjects this many times and pool the samples")
+    return parser
+
+
 def _resolve(args):
     if args.device is None:
         args.device = _best_device()
@@ -188,6 +207,10 @@ def main(argv=None):
         args = _resolve(_grad_layout_parser().parse_args(argv))
         from bench import grad_layout
         grad_layout.run(args)
+    elif command == "breakdown":
+        args = _resolve(_breakdown_parser().parse_args(argv))
+        from bench import breakdown
+        breakdown.run(args)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ MODE_PROVIDERS = tuple(f"{ours}:{mode}" for ours in OURS[:2] for mode in MODES)
 # torch's own bf16 Adam (bf16 params and moments, 14 B/param), the comparator for the modes.
 TORCH_BF16 = "torch-fused:bf16"
 ALL_PROVIDERS = TORCH_PROVIDERS + OURS + MODE_PROVIDERS + (TORCH_BF16,)
+# fused_adam's compiled backend for each device type.
+COMPILED = {"cpu": "fused_adam-numba", "cuda": "fused_adam-triton"}
 _BACKEND_MODULES = {"numba": "numba_adam", "triton": "triton_adam", "torch": "reference"}
 
 
@@ -38,7 +40,7 @@ def default_providers(device_type):
     fp32 and in the two mixed-precision modes) and the plain-torch reference, one parameter at a
     time. `fused_adam-triton` on CPU runs in Triton's interpreter, an emulator rather than a
     backend for CPUs: it only runs when asked for."""
-    ours = {"cpu": "fused_adam-numba", "cuda": "fused_adam-triton"}[device_type]
+    ours = COMPILED[device_type]
     return list(TORCH_PROVIDERS) + [ours, f"{ours}:bf16-states", f"{ours}:bf16-master",
                                     "fused_adam-torch"]
 
