@@ -16,7 +16,8 @@ setup(
     install_requires=["torch>=2.4", "numba>=0.59", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "hypothesis", "triton>=3.6", "psutil"],
+        # matplotlib and tqdm: the tests run a benchmark command (bench breakdown) end to end.
+        "test": ["pytest", "hypothesis", "triton>=3.6", "psutil", "matplotlib", "tqdm"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "triton>=3.6"],
     },
 )
