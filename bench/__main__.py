@@ -142,7 +142,8 @@ def _resolve(args):
 
 def _gpu(argv):
     """The GPU machine's one command: the whole test suite (GPU tests included; a failure is
-    recorded, not fatal), then the step benchmark and the training comparison, each in its own
+    recorded, not fatal), then the step benchmark, the step breakdown on 800 small tensors and
+    the training comparison, each in its own
     process, all writing into one folder that can be copied back and committed."""
     import subprocess
 
@@ -161,6 +162,8 @@ def _gpu(argv):
     steps = [
         ("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-rs"]),
         ("bench", [sys.executable, "-m", "bench", "--device", "cuda", "--out", str(out), *quick]),
+        ("breakdown", [sys.executable, "-m", "bench", "breakdown", "--device", "cuda", "--out",
+                       str(out)]),
         ("train", [sys.executable, "-m", "bench", "train", "--device", "cuda", "--out", str(out)]
          + (["--iters", "50"] if args.quick else [])),
     ]

@@ -122,7 +122,9 @@ def markdown(rows):
         "grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq); `:bf16-states` (fp32 "
         "params, bf16 moments) 20 B; `:bf16-master` (bf16 params, fp32 master and moments) 28 B; "
         "`torch-fused:bf16` (bf16 params and moments) 14 B. Roofline = a no-math kernel moving the same 28 B/param in "
-        "the same run; `copy_` moves 8 B/element and is shown for reference. Iteration = forward "
+        "the same run, after a stand-in backward that reads its params and writes its gradients "
+        "(on a config that fits in the last-level cache it runs partly from cache, faster than "
+        "memory); `copy_` moves 8 B/element and is shown for reference. Iteration = forward "
         "+ backward of a cheap loss over all parameters + step + zero_grad.",
         "",
         "| config | provider | step ms median [p20–p80] | GB/s | % of roofline | "

@@ -179,12 +179,20 @@ class FusedAdam(Optimizer):
             found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
             return loss  # skipped, as torch skips it: no state is created either
-        # Every arena's gradients are checked before any arena is stepped: an error (a sparse
-        # gradient, say) leaves everything as it was.
+        self._launch(self._gather_grads(), grad_scale, found_inf)
+        return loss
+
+    def _gather_grads(self):
+        """Every arena's gradient address table. All are gathered before any arena is stepped,
+        so that an error (a sparse gradient, say) leaves everything as it was."""
         grad_addresses = {}
         for key, arena in self._arenas.items():
             arena.check_params_in_place()
             grad_addresses[key] = arena.gather_grads()
+        return grad_addresses
+
+    def _launch(self, grad_addresses, grad_scale=None, found_inf=None):
+        """One kernel launch per arena, then the per-parameter state torch would have created."""
         rows = [_group_row(group) for group in self.param_groups]
         amsgrad_groups = [group["amsgrad"] for group in self.param_groups]
         for key, arena in self._arenas.items():
@@ -200,7 +208,6 @@ class FusedAdam(Optimizer):
             self._create_state(arena, amsgrad_groups)
             arena.write_back()
             arena.grads_by_segment = None
-        return loss
 
     def _create_state(self, arena, amsgrad_groups):
         """torch creates a parameter's state at its first gradient; so do we (as arena views)."""

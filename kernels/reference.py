@@ -51,11 +51,15 @@ def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_
     """The launcher contract of `fused_adam.kernels`, one segment at a time.
 
     Grads arrive as addresses; this backend takes them as tensors instead, from
-    `arena.grads_by_segment`, which the arena fills alongside the addresses. Math is fp32 for
-    16-bit buffers (the kernels' contract), on the fp32 master copy where there is one.
+    `arena.grads_by_segment`, which an arena built with `keep_grad_tensors=READS_GRAD_TENSORS`
+    fills alongside the addresses. Math is fp32 for 16-bit buffers (the kernels' contract), on
+    the fp32 master copy where there is one.
     """
     if found_inf is not None and bool(found_inf.item()):
         return
+    if arena.grads_by_segment is None:
+        raise RuntimeError("the torch backend reads gradients as tensors: build its Arena with "
+                           "keep_grad_tensors=True")
     groups = group_table.tolist()
     inv_scale = None if inv_grad_scale is None else float(inv_grad_scale)
     compute_dtype = torch.float64 if arena.dtype == torch.float64 else torch.float32
