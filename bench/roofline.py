@@ -53,7 +53,13 @@ def _filled(n, values, device):
 
 class _PseudoProvider:
     """What the timing loop drives, for a subject with no parameters: no backward, no
-    gradients to free, only `step()` (a subclass may give itself a stand-in backward)."""
+    gradients to free, only `step()` (a subclass may give itself a stand-in backward), over
+    buffers of `n` fp32 elements filled with `values`, moving `bytes_per_element` each."""
+
+    def __init__(self, n, device, bytes_per_element, values):
+        self.n = n
+        self.bytes_per_step = bytes_per_element * n
+        self.buffers = _filled(n, values, device)
 
     def forward_backward(self):
         pass
@@ -72,9 +78,7 @@ class NoMathRoofline(_PseudoProvider):
     kind = "roofline"
 
     def __init__(self, n, device):
-        self.n = n
-        self.bytes_per_step = ADAM_BYTES_PER_ELEMENT * n
-        self.buffers = _filled(n, (0.01, 1e-6, 0.02, 0.03), device)
+        super().__init__(n, device, ADAM_BYTES_PER_ELEMENT, (0.01, 1e-6, 0.02, 0.03))
         param, grad = self.buffers[:2]
         # A stand-in backward, so that the kernel starts about where the optimizers' steps start:
         # the params just read and the gradients just written. Without it a config that fits in
@@ -99,9 +103,7 @@ class CopyBandwidth(_PseudoProvider):
     kind = "copy"
 
     def __init__(self, n, device):
-        self.n = n
-        self.bytes_per_step = COPY_BYTES_PER_ELEMENT * n
-        self.buffers = _filled(n, (1.0, 2.0), device)
+        super().__init__(n, device, COPY_BYTES_PER_ELEMENT, (1.0, 2.0))
 
     def step(self):
         self.buffers[1].copy_(self.buffers[0])
