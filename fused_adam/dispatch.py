@@ -9,12 +9,11 @@ import importlib
 import importlib.util
 import os
 
-import torch
+from fused_adam.kernels import PARAM_DTYPES
 
 BACKENDS = ("numba", "triton", "torch")
 ENVIRONMENT_VARIABLE = "FUSED_ADAM_BACKEND"
-_NUMBA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_TRITON_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_MODULES = {"numba": "numba_adam", "triton": "triton_adam", "torch": "reference"}
 
 
 def _why_not(backend, device, dtype):
@@ -24,8 +23,9 @@ def _why_not(backend, device, dtype):
     if backend == "numba":
         if device.type != "cpu":
             return f"the numba backend runs on CPU tensors, not {device.type}"
-        if dtype not in _NUMBA_DTYPES:
-            return f"the numba backend supports float32, float64, bfloat16 and float16 parameters, not {dtype}"
+        if dtype not in PARAM_DTYPES:
+            return ("the numba backend supports float32, float64, bfloat16 and float16 "
+                    f"parameters, not {dtype}")
         if importlib.util.find_spec("numba") is None:
             return "the numba backend needs numba: pip install numba"
         return None
@@ -36,7 +36,7 @@ def _why_not(backend, device, dtype):
             return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1"
         if device.type not in ("cpu", "cuda"):
             return f"the triton backend runs on cuda tensors, not {device.type}"
-        if dtype not in _TRITON_DTYPES:
+        if dtype not in PARAM_DTYPES:
             return f"the triton backend does not support {dtype} parameters"
         return None
     return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
@@ -59,7 +59,6 @@ def backend_name(requested, device, dtype):
 
 def kernel_module(name):
     """The module of backend `name`: its `adam_step` launcher and what it needs of gradients
-    (`GRAD_ADDRESS_ALIGNMENT`, `READS_GRAD_TENSORS`), imported on first use: numba and triton
-    are slow to import, triton optional."""
-    module = {"numba": "numba_adam", "triton": "triton_adam", "torch": "reference"}[name]
-    return importlib.import_module(f"fused_adam.kernels.{module}")
+    (`GRADS`, `GRAD_ADDRESS_ALIGNMENT`), imported on first use: numba and triton are slow to
+    import, triton optional."""
+    return importlib.import_module(f"fused_adam.kernels.{_MODULES[name]}")

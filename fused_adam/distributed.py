@@ -1,11 +1,14 @@
-"""What the arena needs to know about torch.distributed's tensors: DTensor parameters (FSDP2's
-`fully_shard`, tensor parallelism) are packed by their local shard, FSDP2's own padded copy of
-each shard is found so that the arena can re-point it, and memory that another owner (a ZeRO
-bucket) also holds is recognised so that updates can be written back to it.
+"""Everything fused_adam reads or writes of torch.distributed's tensors, in one place.
 
-Two of these read torch internals that are not public API (FSDP2's module-state registry and
-`FSDPParam._sharded_param_data`, `torch._C._storage_Use_Count`); where they are missing the
-callers refuse DTensor parameters with a clear error rather than risk stale values.
+DTensor parameters (FSDP2's `fully_shard`, tensor parallelism) are packed by their local shard;
+FSDP2's own padded copy of each shard (its all-gather input) is found and re-pointed at the same
+segment; memory that another owner (a ZeRO bucket) also holds is recognised so that updates can
+be written back to it.
+
+Three of these touch torch internals that are not public API (FSDP2's module-state registry,
+`FSDPParam._sharded_param_data`, `DTensor._local_tensor`, `torch._C._storage_Use_Count`);
+where they are missing the callers refuse DTensor parameters with a clear error rather than
+risk stale values.
 """
 import torch
 
@@ -13,6 +16,10 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without torch.distributed: no parameter is a DTensor
     DTensor = ()
+
+
+def is_dtensor(tensor):
+    return isinstance(tensor, DTensor)
 
 
 def local_shard(tensor):
@@ -51,7 +58,13 @@ def held_elsewhere(tensor):
     return storage_use_count is not None and tensor.is_contiguous() and shared
 
 
-def fsdp_params_by_id():
+def still_held(home):
+    """Whether memory recorded as held elsewhere still is (unknowable without the use count:
+    then assume it is)."""
+    return storage_use_count is None or held_elsewhere(home)
+
+
+def _fsdp_params_by_id():
     """{id(sharded parameter): FSDPParam} over every live FSDP2 (`fully_shard`) module, or None
     where this torch's FSDP2 internals are not the ones read here.
 
@@ -79,12 +92,67 @@ def fsdp_params_by_id():
     return found
 
 
-def copy_into(view, value):
-    """`view.copy_(value)` for a state or parameter view of the arena (a DTensor over one for a
-    DTensor parameter) from a checkpoint's value: a DTensor value is brought to the view's
-    placements and its local shard copied."""
+def fsdp_params_of(params):
+    """Each parameter's FSDPParam (None for one FSDP2 does not manage), after checking every
+    DTensor among them can be packed by its local shard; None when no parameter is a DTensor."""
+    if not any(isinstance(p, DTensor) for p in params):
+        return None
+    by_id = _fsdp_params_by_id()
+    if by_id is None:
+        raise NotImplementedError(
+            "FusedAdam: DTensor parameters need FSDP2's FSDPParam, which this torch version "
+            "does not expose where FusedAdam looks for it")
+    found = [by_id.get(id(p)) if isinstance(p, DTensor) else None for p in params]
+    for index, (p, fsdp_param) in enumerate(zip(params, found)):
+        if not isinstance(p, DTensor):
+            continue
+        local = local_shard(p)
+        if type(local) is not torch.Tensor:
+            raise NotImplementedError(
+                f"FusedAdam: DTensor parameter {index} has a local tensor of type "
+                f"{type(local).__name__}; only plain local shards can be packed")
+        if fsdp_param is not None and (
+                getattr(fsdp_param, "offload_to_cpu", False)
+                or not same_start(fsdp_param._sharded_param_data, local)):
+            # CPU offload and all-gather extensions keep the shard elsewhere; packing only
+            # the local tensor would leave FSDP gathering stale values.
+            raise NotImplementedError(
+                f"FusedAdam: FSDP2 parameter {index} keeps its shard apart from its local "
+                "tensor (CPU offload or an all-gather extension), which FusedAdam cannot pack")
+    return found
+
+
+def padded_shard_length(fsdp_param, length):
+    """Elements a segment reserves for a parameter: FSDP2's padded shard, or its own length."""
+    return length if fsdp_param is None else max(length, fsdp_param._sharded_param_data.numel())
+
+
+def point_param_at(p, local, fsdp_param=None, padded=None):
+    """Make parameter `p` (its local shard, for a DTensor) the arena tensor `local`; FSDP2's
+    padded shard becomes `padded`, the 1-D arena tensor `local` is a prefix of."""
+    if isinstance(p, DTensor):
+        p._local_tensor = local
+        if fsdp_param is not None:
+            fsdp_param._sharded_param_data = padded
+    else:
+        p.data = local
+
+
+def like_param(p, local):
+    """A state tensor for parameter `p` over the arena tensor `local`: a DTensor placed as `p`
+    for a DTensor parameter (as torch's Adam keeps its state, and as
+    torch.distributed.checkpoint saves and loads it in shards), else `local` itself."""
+    if not isinstance(p, DTensor):
+        return local
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def as_local_value(value, like):
+    """A checkpoint's value for the local tensor of `like` (a state tensor of ours): a DTensor
+    value is brought to `like`'s placements (or gathered whole for a plain tensor)."""
     if isinstance(value, DTensor):
-        value = (value.redistribute(view.device_mesh, view.placements).to_local()
-                 if isinstance(view, DTensor) else value.full_tensor())
-    target = local_shard(view)
-    target.copy_(value.reshape(target.shape))
+        if isinstance(like, DTensor):
+            return value.redistribute(like.device_mesh, like.placements).to_local()
+        return value.full_tensor()
+    return value

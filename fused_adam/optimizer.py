@@ -2,11 +2,18 @@
 per arena (one arena per device and dtype), covering every parameter of every group.
 
 The class reads like `torch/optim/adam.py`: `__init__` validates and builds `defaults`,
-`add_param_group` packs parameters into arenas, `step()` gathers what the kernel needs and calls
+`add_param_group` checks a group as torch does, `step()` gathers what the kernels need and calls
 one launcher per arena. Moments and step counts live in the arenas; `self.state[p]` holds
-torch-named views into them, created at a parameter's first gradient as torch creates its state,
-so `state_dict()` loads into `torch.optim.Adam` and back.
+torch-named tensors over them, created at a parameter's first gradient as torch creates its
+state, so `state_dict()` loads into `torch.optim.Adam` and back.
+
+`param_groups` and `state` stay what they are in torch, containers users and libraries edit: a
+step first follows them (`_follow_groups`, `_follow_state`), at the cost of one identity check
+per parameter when nothing changed.
 """
+import itertools
+import operator
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -14,58 +21,49 @@ import torch
 from torch.optim import Optimizer
 
 from fused_adam import dispatch
-from fused_adam.distributed import copy_into
-from fused_adam.flat import Arena
-from fused_adam.kernels import GROUP_COLUMNS, LR
+from fused_adam.flat import MASTER_KEY, MAX_KEY, MOMENT_KEYS, Arena, real_dtype, table_device
+from fused_adam.grads import GradientReader
+from fused_adam.groups import GroupTables, group_row, validate_hyperparameters
+from fused_adam.state import TrackedState
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
 # state_dict with its meaning intact (decoupled_weight_decay above all).
 _TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
+# What a parameter's state must hold once it has any (torch's Adam raises KeyError without it).
+_REQUIRED_KEYS = ("step", *MOMENT_KEYS)
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
-def _validate_hyperparameters(lr, betas, eps, weight_decay):
-    """torch.optim.Adam's checks, with its messages."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+def _disable_dynamo(function):
+    """torch.compile graph-breaks at the step and runs it eagerly: the kernels are not
+    traceable (Dynamo would step into numba's dispatcher)."""
+    disable = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+    return disable(function)
 
 
-# Stands in the group table for a learning rate that lives on a GPU: `step` copies it into the
-# table there, so reading it costs no host sync and a captured CUDA graph follows its changes.
-_LR_ON_DEVICE = -1.0
-
-
-def _lr_on_device(group):
-    lr = group["lr"]
-    return isinstance(lr, torch.Tensor) and lr.device.type != "cpu"
-
-
-def _group_row(group):
-    """A param group as one row of the kernels' group table (columns in `fused_adam.kernels`)."""
-    beta1, beta2 = group["betas"]
-    lr = _LR_ON_DEVICE if _lr_on_device(group) else float(group["lr"])
-    return (lr, float(beta1), float(beta2), float(group["eps"]),
-            float(group["weight_decay"]), float(group["maximize"]), float(group["amsgrad"]),
-            float(group["decoupled_weight_decay"]))
+def _bump_versions(params):
+    """What an in-place op does to autograd's version counters, for the params a step wrote:
+    a backward through a graph that saved one of them before the step then raises, as it does
+    after torch's Adam."""
+    try:
+        torch._C._increment_version(params)
+    except TypeError:  # torch < 2.5 takes one tensor at a time
+        for p in params:
+            torch._C._increment_version(p)
 
 
 class FusedAdam(Optimizer):
     """Adam (Kingma & Ba) with torch.optim.Adam's options and numbers, one fused pass per step.
 
     Args beyond torch's: `backend` is "numba", "triton", "torch" or None (by device; the
-    `FUSED_ADAM_BACKEND` environment variable does the same). `foreach` and `fused` are accepted
-    for drop-in use and ignored: the step is always fused. `capturable=True` (CUDA only): step
-    counts, bias corrections and a tensor `lr` stay on the device and nothing is read back to the
-    host, so the step can be captured in a CUDA graph after one eager step.
+    `FUSED_ADAM_BACKEND` environment variable does the same). `master_weights=True` keeps an
+    fp32 copy of bf16/fp16 params, which the step updates and rounds into them (a no-op, with a
+    warning, when no param is bf16/fp16). `state_dtype` (None, torch.float32 or
+    torch.bfloat16) is the dtype of the moments (default: fp32 with master weights, else the
+    params', as torch). `foreach` and `fused` are accepted for drop-in use and ignored: the
+    step is always fused. `capturable=True` (CUDA only): step counts, bias corrections and a
+    tensor `lr` stay on the device and nothing is read back to the host, so the step can be
+    captured in a CUDA graph after one eager step.
     """
 
     _step_supports_amp_scaling = True
@@ -74,92 +72,254 @@ class FusedAdam(Optimizer):
                  amsgrad=False, *, maximize=False, decoupled_weight_decay=False, backend=None,
                  master_weights=False, state_dtype=None, foreach=None, fused=None,
                  capturable=False, differentiable=False):
-        _validate_hyperparameters(lr, betas, eps, weight_decay)
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
+        validate_hyperparameters(lr, betas, eps, weight_decay)
+        if state_dtype not in _STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32 or "
                              "torch.bfloat16")
-        self._master_weights, self._state_dtype = master_weights, state_dtype
         if backend is not None and backend not in dispatch.BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {dispatch.BACKENDS}")
         if differentiable:
             raise ValueError("FusedAdam does not support differentiable=True")
-        self._requested_backend = backend
-        self._arenas = {}  # (device, dtype) -> Arena
-        self._launchers = {}  # (device, dtype) -> the backend's adam_step
-        self._group_tables = {}  # device -> (rows, float64 table on that device)
+        self._settings = dict(backend=backend, master_weights=bool(master_weights),
+                              state_dtype=state_dtype)
+        self._start_machinery()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
                         capturable=capturable, **_TORCH_GROUP_DEFAULTS)
         super().__init__(params, defaults)
+        self._constructed = True
+        self.state = TrackedState(self.state)
+        self._follow_groups()
+        if master_weights and not any(arena.has_master for arena in self._arenas.values()):
+            warnings.warn("FusedAdam: master_weights=True does nothing here: no parameter is "
+                          "bfloat16 or float16", stacklevel=2)
+
+    def _start_machinery(self):
+        """The optimizer's own parts, none of which torch's Optimizer knows about."""
+        self._arenas = {}  # (device, real dtype) -> Arena
+        self._readers = {}  # (device, real dtype) -> GradientReader
+        self._launchers = {}  # (device, real dtype) -> (backend name, its adam_step)
+        self._group_tables = GroupTables()
+        # What the arenas were built from: [(group, list of its params)], None before the first.
+        self._layout_of = None
+        self._params_seen = set()  # every param of every group (for add_param_group's check)
+        self._constructed = False
+        self._loading = None  # the checkpoint load_state_dict is loading, while it runs
+        self._copies_before = 0  # grad copies counted by readers of arenas since rebuilt
 
     # ----------------------------------------------------------------------------------------
-    # Construction
+    # Param groups
 
+    @torch._disable_dynamo
     def add_param_group(self, param_group):
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        _validate_hyperparameters(merged["lr"], merged["betas"], merged["eps"],
-                                  merged["weight_decay"])
-        super().add_param_group(param_group)
-        group_index = len(self.param_groups) - 1
-        # torch keeps a parameter listed twice in one group (with a warning) and steps it twice;
-        # a parameter has one segment here, so it is stepped once.
-        unique = list(dict.fromkeys(self.param_groups[-1]["params"]))
-        by_arena = defaultdict(list)
-        for p in unique:
-            if p.is_complex():
-                raise ValueError(
-                    f"FusedAdam does not support complex parameters yet (got {p.dtype}); "
-                    "optimize torch.view_as_real(p) instead")
-            by_arena[(p.device, p.dtype)].append(p)
-        for key, params in by_arena.items():
-            if self.param_groups[-1]["capturable"] and key[0].type != "cuda":
-                raise ValueError(
-                    f"FusedAdam: capturable=True needs CUDA parameters, got {key[0].type} ones")
-            if key not in self._arenas:
-                kernels = dispatch.kernel_module(
-                    dispatch.backend_name(self._requested_backend, *key))
-                self._launchers[key] = kernels.adam_step
-                self._arenas[key] = Arena(
-                    *key, grad_alignment=kernels.GRAD_ADDRESS_ALIGNMENT,
-                    keep_grad_tensors=kernels.READS_GRAD_TENSORS,
-                    state_dtype=self._state_dtype, master_weights=self._master_weights)
-            arena = self._arenas[key]
-            arena.add(params, group_index)
-            self._refresh_state_views(arena)
+        """torch's `add_param_group`, with every check made before the group is appended (a
+        group that is refused leaves the optimizer as it was), and linear in the number of
+        groups. The arenas take the group at the next step."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a list "
+                "instead.")
+        else:
+            params = list(params)
+        names = [p[0] for p in params if isinstance(p, tuple)]
+        params = [p[1] if isinstance(p, tuple) else p for p in params]
+        if names and len(names) != len(params):
+            raise ValueError("all optimizer params should be with/without names. Some param "
+                             "names are missing")
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError("optimizer can only optimize Tensors, but one of the params is "
+                                + torch.typename(p))
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError("can't optimize a non-leaf Tensor")
+        group = {**self.defaults, **param_group, "params": params}
+        if names:
+            group["param_names"] = names
+        if self.param_groups and (("param_names" in group)
+                                  != ("param_names" in self.param_groups[0])):
+            with_names = "with names" if "param_names" in group else "without names"
+            raise ValueError("all optimizer param groups should be with/without names. "
+                             f"cannot add param group {with_names} to the optimizer")
+        validate_hyperparameters(group["lr"], group["betas"], group["eps"],
+                                 group["weight_decay"])
+        for p in params:
+            self._check_param(p, group)
+        if len(params) != len(set(params)):
+            # torch steps such a parameter once per listing; FusedAdam, whose arena holds one
+            # segment per parameter, steps it once (see the README).
+            warnings.warn("optimizer contains a parameter group with duplicate parameters; "
+                          "in future, this will cause an error; see "
+                          "github.com/pytorch/pytorch/issues/40967 for more information",
+                          stacklevel=3)
+        seen = self._params_seen
+        if self._constructed:  # groups may have been edited since: look at them afresh
+            seen = {p for existing in self.param_groups for p in existing["params"]}
+        if not seen.isdisjoint(params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        param_group.update(group)  # torch fills the caller's dict in, and appends it
+        self.param_groups.append(param_group)
+        seen.update(params)
+        self._params_seen = seen
 
-    def _refresh_state_views(self, arena):
-        """Re-point `self.state` at `arena`'s buffers (they move when the arena grows)."""
-        for index in np.flatnonzero(arena.has_state):
-            p = arena.params_in_order[index]
-            self.state[p] = arena.state_views(index, amsgrad="max_exp_avg_sq" in self.state[p])
+    def _check_param(self, p, group):
+        """Refuse, before anything changes, a parameter the arenas cannot step as torch would."""
+        if p.dtype == torch.complex32:
+            raise ValueError("FusedAdam does not support complex32 parameters")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(
+                f"FusedAdam can only optimize floating point parameters, not {p.dtype}")
+        if torch._debug_has_internal_overlap(p) == 1:  # 1: overlap for sure (expand, as_strided)
+            raise RuntimeError(
+                "FusedAdam: unsupported parameter: more than one element of it refers to a single "
+                "memory location (an expanded or overlapping tensor, which torch's Adam cannot "
+                "step in place either); please clone() it")
+        if group["capturable"] and p.device.type != "cuda":
+            raise ValueError(
+                f"FusedAdam: capturable=True needs CUDA parameters, got {p.device.type} ones")
+        dispatch.backend_name(self._settings["backend"], p.device, real_dtype(p.dtype))
+
+    def _groups_unchanged(self):
+        """Whether `param_groups` holds the groups and params the arenas were built from (an
+        identity check per parameter)."""
+        layout = self._layout_of
+        if layout is None or len(layout) != len(self.param_groups):
+            return False
+        for group, (built_group, built_params) in zip(self.param_groups, layout):
+            params = group["params"]
+            if (group is not built_group or len(params) != len(built_params)
+                    or not all(map(operator.is_, params, built_params))):
+                return False
+        return True
+
+    def _follow_groups(self):
+        """Rebuild the arenas if `param_groups` changed (a group added, a parameter appended to
+        or removed from a group's list), carrying every state over through `self.state`."""
+        if self._groups_unchanged():
+            return
+        members = self._members()
+        if self._layout_of is not None and members == self._members_of_arenas():
+            # The same params in the same groups (new group dicts, after load_state_dict, say).
+            self._layout_of = self._snapshot()
+            return
+        old_arenas = self._arenas
+        self._copies_before = self.grad_copies
+        self._arenas, self._readers, self._launchers = {}, {}, {}
+        for key, arena_members in members.items():
+            name = dispatch.backend_name(self._settings["backend"], *key)
+            kernels = dispatch.kernel_module(name)
+            arena = Arena(*key, arena_members, state_dtype=self._settings["state_dtype"],
+                          master_weights=self._settings["master_weights"])
+            self._arenas[key] = arena
+            self._readers[key] = GradientReader(arena, form=kernels.GRADS,
+                                                alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
+            self._launchers[key] = (name, kernels.adam_step)
+        kept = {p for arena in self._arenas.values() for p in arena.params_in_order}
+        for arena in old_arenas.values():
+            for index, p in enumerate(arena.params_in_order):
+                if p not in kept:  # removed from the groups: its memory becomes its own
+                    arena.release(index)
+                    if p in self.state:
+                        self.state.put(p, {name: value.clone() if torch.is_tensor(value)
+                                           else value for name, value in self.state[p].items()})
+        self._layout_of = self._snapshot()
+        self._params_seen = kept
+        self._follow_state(everything=True)
+
+    def _members(self):
+        """{(device, real dtype): [(param, group index, position in group)]}, each param once."""
+        members, seen = defaultdict(list), set()
+        for group_index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                if p not in seen:
+                    seen.add(p)
+                    members[(p.device, real_dtype(p.dtype))].append((p, group_index, position))
+        return members
+
+    def _members_of_arenas(self):
+        return {key: arena.members for key, arena in self._arenas.items()}
+
+    def _snapshot(self):
+        return [(group, list(group["params"])) for group in self.param_groups]
 
     @property
     def backends(self):
-        """{(device, dtype): backend name} of every arena."""
-        return {key: launch.__module__.rsplit(".", 1)[-1] for key, launch in self._launchers.items()}
+        """{(device, dtype): backend name ("numba", "triton" or "torch")} of every arena."""
+        self._follow_groups()
+        return {key: name for key, (name, _) in self._launchers.items()}
 
     @property
     def grad_copies(self):
         """How many gradients were copied because they could not be read in place (the ordinary
         `zero_grad(); backward(); step()` loop copies none)."""
-        return sum(arena.grad_copies for arena in self._arenas.values())
+        return self._copies_before + sum(reader.copies for reader in self._readers.values())
+
+    # ----------------------------------------------------------------------------------------
+    # State
+
+    def _follow_state(self, everything=False):
+        """Import what was edited in `self.state` since the last step into the arenas: a
+        cleared or deleted entry restarts that parameter's Adam, a tensor put into an entry
+        becomes its value. All is checked before anything is written; an edit that is refused
+        stays pending, so the next step refuses it again."""
+        if not isinstance(self.state, TrackedState):  # replaced wholesale (`opt.state = {}`)
+            self.state = TrackedState(self.state)
+            everything = True
+        log = self.state.log
+        if not everything and log.empty:
+            return
+        everything = everything or log.everything
+        targets = [(arena, index, p, dict.get(self.state, p))
+                   for arena in self._arenas.values()
+                   for index, p in enumerate(arena.params_in_order)
+                   if everything or p in log.params]
+        plans = [self._planned_import(arena, index, entry) for arena, index, _, entry in targets]
+        for (arena, index, p, entry), planned in zip(targets, plans):
+            if planned is None:  # no state (an empty entry is torch's "no state" too)
+                if arena.has_state[index]:
+                    arena.reset_state(index)
+                continue
+            for name, value in planned:
+                arena.write_state(index, name, value)
+            if MASTER_KEY not in entry and arena.has_master:
+                arena.write_state(index, MASTER_KEY, p.detach())
+            views = arena.state_entry(index, amsgrad=MAX_KEY in entry)
+            self.state.put(p, {**entry, **views})
+            arena.has_state[index] = True
+            arena.has_max[index] = MAX_KEY in entry
+        log.take()
+
+    def _planned_import(self, arena, index, entry):
+        """[(name, value)] to write into segment `index` for state entry `entry` (None: no
+        state); raises, naming the parameter, for an entry torch's Adam could not step from."""
+        if not entry:
+            return None
+        missing = [name for name in _REQUIRED_KEYS if name not in entry]
+        if missing:
+            raise KeyError(f"FusedAdam: the state of {arena.describe(index)} has no "
+                           f"{missing[0]!r} (torch's Adam needs it to step)")
+        planned = []
+        for name in (*_REQUIRED_KEYS, MAX_KEY, MASTER_KEY):
+            if name not in entry or arena.owns(index, name, entry[name]):
+                continue
+            if name == MASTER_KEY and not arena.has_master:
+                continue
+            problem = arena.value_problem(index, name, entry[name])
+            if problem is not None:
+                raise ValueError(f"FusedAdam: the state of {arena.describe(index)} does not "
+                                 f"fit it: {problem}")
+            planned.append((name, entry[name]))
+        return planned
 
     # ----------------------------------------------------------------------------------------
     # Step
 
-    def _group_table(self, device, rows):
-        """The group table on `device`, rebuilt only when a hyperparameter changed."""
-        cached = self._group_tables.get(device)
-        if cached is None or cached[0] != rows:
-            table = torch.tensor(rows, dtype=torch.float64).reshape(-1, GROUP_COLUMNS)
-            cached = (rows, table.to(device))
-            self._group_tables[device] = cached
-        table = cached[1]
-        for index, group in enumerate(self.param_groups):
-            if _lr_on_device(group):
-                table[index, LR].copy_(group["lr"].reshape(()), non_blocking=True)
-        return table
-
+    @_disable_dynamo
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale=None, found_inf=None):
         """One Adam step for every parameter that has a gradient.
@@ -179,49 +339,126 @@ class FusedAdam(Optimizer):
             found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
             return loss  # skipped, as torch skips it: no state is created either
-        self._launch(self._gather_grads(), grad_scale, found_inf)
+        self._follow_groups()
+        self._follow_state()
+        gradients = self._read_gradients()
+        self._launch(gradients, grad_scale, found_inf)
         return loss
 
-    def _gather_grads(self):
-        """Every arena's gradient address table. All are gathered before any arena is stepped,
-        so that an error (a sparse gradient, say) leaves everything as it was."""
-        grad_addresses = {}
+    def _read_gradients(self):
+        """Every arena's gradients, all read and checked before any arena is stepped, so that
+        an error (a sparse gradient, a wrong dtype) leaves everything as it was."""
+        gradients = {}
         for key, arena in self._arenas.items():
-            arena.check_params_in_place()
-            grad_addresses[key] = arena.gather_grads()
-        return grad_addresses
+            arena.adopt_moved_params()
+            gradients[key] = self._readers[key].read()
+        return gradients
 
-    def _launch(self, grad_addresses, grad_scale=None, found_inf=None):
-        """One kernel launch per arena, then the per-parameter state torch would have created."""
-        rows = [_group_row(group) for group in self.param_groups]
-        amsgrad_groups = [group["amsgrad"] for group in self.param_groups]
+    def _launch(self, gradients, grad_scale=None, found_inf=None):
+        """Create the state torch would create, then one kernel launch per arena."""
+        rows = [group_row(group) for group in self.param_groups]
+        amsgrad = np.array([group["amsgrad"] for group in self.param_groups], dtype=bool)
         for key, arena in self._arenas.items():
-            if arena.max_exp_avg_sq is None and any(amsgrad_groups[g] for g in arena.groups):
-                arena.ensure_max_exp_avg_sq()
-            inv_grad_scale = None
-            if grad_scale is not None:
-                inv_grad_scale = grad_scale.to(arena.device, torch.float64).reciprocal()
-            self._launchers[key](
-                arena, grad_addresses[key], self._group_table(arena.device, rows),
-                inv_grad_scale=inv_grad_scale,
-                found_inf=None if found_inf is None else found_inf.to(arena.device))
-            self._create_state(arena, amsgrad_groups)
+            # Switched on after a parameter's first step, amsgrad finds no max_exp_avg_sq in
+            # its state: torch's Adam raises KeyError there, and so does this, before any change.
+            missing = (gradients[key].has_grad & arena.has_state & ~arena.has_max
+                       & amsgrad[arena.host_groups])
+            if missing.any():
+                raise KeyError(MAX_KEY)
+        for key, arena in self._arenas.items():
+            has_grad = gradients[key].has_grad
+            if amsgrad[arena.groups].any():
+                arena.ensure_max_buffer()
+            self._create_state(arena, has_grad, amsgrad)
+            # Before the kernel: a step interrupted between the two must not leave a changed
+            # parameter looking unchanged to autograd.
+            _bump_versions(list(itertools.compress(arena.params_in_order, has_grad)))
+            _, adam_step = self._launchers[key]
+            device = table_device(arena.device)
+            adam_step(
+                arena.record, grads=gradients[key].for_backend,
+                group_table=self._group_tables.table(device, rows, self.param_groups),
+                inv_grad_scale=(None if grad_scale is None
+                                else grad_scale.to(device, torch.float64).reciprocal()),
+                found_inf=None if found_inf is None else found_inf.to(device))
             arena.write_back()
-            arena.grads_by_segment = None
 
-    def _create_state(self, arena, amsgrad_groups):
-        """torch creates a parameter's state at its first gradient; so do we (as arena views)."""
-        new = arena.has_grad & ~arena.has_state
+    def _create_state(self, arena, has_grad, amsgrad):
+        """torch creates a parameter's state at its first gradient; so do we (as arena views).
+        Done before the kernel runs: a step interrupted after it leaves state at step 0 with
+        zero moments, which is where torch's own state starts."""
+        new = has_grad & ~arena.has_state
         for index in np.flatnonzero(new):
-            amsgrad = amsgrad_groups[arena.host_groups[index]]
-            self.state[arena.params_in_order[index]] = arena.state_views(index, amsgrad)
+            with_max = bool(amsgrad[arena.host_groups[index]])
+            self.state.put(arena.params_in_order[index], arena.state_entry(index, with_max))
+            arena.has_max[index] = with_max
         arena.has_state |= new
 
     # ----------------------------------------------------------------------------------------
-    # Checkpoints
+    # Checkpoints and copies
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        # Plain dicts, as torch's: a checkpoint loads with weights_only=True anywhere.
+        state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        """torch's `load_state_dict`, hooks included, plus: values go into the arenas at their
+        own precision (torch's loader would first cast them to the params' dtype, rounding an
+        fp32 master copy to bf16), a checkpoint whose tensors do not fit the params is refused
+        before anything changes, and one without `master_param` (torch's) takes the master copy
+        from the params."""
+        self._follow_groups()
+        loading = {}
+
+        def check_and_keep(optimizer, final_state_dict):  # after every pre-hook of the user's
+            self._check_checkpoint(final_state_dict)
+            loading["state_dict"] = final_state_dict
+
+        handle = self.register_load_state_dict_pre_hook(check_and_keep)
+        self._loading = loading
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self._loading = None
+
+    def _checkpoint_params(self, state_dict):
+        """{saved id: param} as torch's loader pairs them, or None where the groups differ (its
+        own ValueError follows)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(saved["params"]) != len(group["params"])
+                for saved, group in zip(saved_groups, self.param_groups)):
+            return None
+        return dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                        itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+
+    def _check_checkpoint(self, state_dict):
+        by_id = self._checkpoint_params(state_dict)
+        if by_id is None:
+            return
+        where = {p: (arena, index) for arena in self._arenas.values()
+                 for index, p in enumerate(arena.params_in_order)}
+        for saved_id, entry in state_dict["state"].items():
+            p = by_id.get(saved_id)
+            if p is not None and p in where:
+                self._planned_import(*where[p], entry)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_fused_adam_settings"] = self._settings
+        return state
 
     def __setstate__(self, state):
+        settings = state.pop("_fused_adam_settings", None)
         super().__setstate__(state)
+        self._fill_group_defaults()
+        self._after_setstate(settings)
+
+    def _fill_group_defaults(self):
+        """Keys a checkpoint of an older torch (or ours) may lack, with torch's defaults."""
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -230,34 +467,30 @@ class FusedAdam(Optimizer):
             for key, value in _TORCH_GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
 
-    def load_state_dict(self, state_dict):
-        """Load a state_dict of FusedAdam or torch.optim.Adam: its values are copied into the
-        arenas at their own precision (torch's loader would first cast them to the params'
-        dtype, rounding an fp32 master copy to bf16). A checkpoint without `master_param`
-        (torch's) takes the master copy from the params."""
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_by_param = {p: saved_state[i] for p, i in zip(params, saved_ids) if i in saved_state}
-        self.state = defaultdict(dict)
-        for arena in self._arenas.values():
-            for index, p in enumerate(arena.params_in_order):
-                saved = saved_by_param.get(p)
-                if not saved:
-                    arena.reset_segment(index)
-                    continue
-                # Values may be this arena's own views (a live state_dict): copied segment by
-                # segment, each onto itself, nothing is lost.
-                views = arena.state_views(index, amsgrad="max_exp_avg_sq" in saved)
-                for name, view in views.items():
-                    value = saved.get(name, p.detach() if name == "master_param" else 0.0)
-                    if torch.is_tensor(value):
-                        copy_into(view, value)
-                    else:
-                        view.fill_(float(value))
-                self.state[p] = views
-                arena.has_state[index] = True
+    def _after_setstate(self, settings):
+        if "_arenas" not in self.__dict__:
+            # A copy (pickle, deepcopy, torch.load of the optimizer): its params and state are
+            # copies too; build its arenas from them.
+            self._settings = settings or dict(backend=None, master_weights=False,
+                                              state_dtype=None)
+            self._start_machinery()
+            self._constructed = True
+            self.state = TrackedState(self.state)
+            self._follow_groups()
+            return
+        # From load_state_dict: torch's loader has cast every value to its param's dtype;
+        # take the checkpoint's own values instead, then import them all.
+        loaded = self._loading.get("state_dict") if self._loading else None
+        state = TrackedState(self.state)
+        if loaded is not None:
+            by_id = self._checkpoint_params(loaded) or {}
+            for saved_id, entry in loaded["state"].items():
+                p = by_id.get(saved_id)
+                if p is not None and p in state:
+                    state[p] = {**state[p], **entry}
+        self.state = state
+        self._follow_groups()
+        self._follow_state(everything=True)
 
 
 class FusedAdamW(FusedAdam):
@@ -272,3 +505,9 @@ class FusedAdamW(FusedAdam):
                          master_weights=master_weights, state_dtype=state_dtype,
                          foreach=foreach, fused=fused, capturable=capturable,
                          differentiable=differentiable)
+
+    def _fill_group_defaults(self):
+        # torch's AdamW: a checkpoint of Adam (L2 weight decay) loads as AdamW all the same.
+        super()._fill_group_defaults()
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,31 +1,41 @@
-"""Compiled Adam kernels and the plain-torch oracle; no optimizer logic lives here.
+"""The kernel contract: what every backend's launcher reads, as plain data. No optimizer logic.
 
-Every backend implements one launcher with the same contract, over the flat arena that
-`fused_adam.flat.Arena` owns for one (device, dtype):
+Each backend module (`numba_adam`, `triton_adam`, `reference`) has one launcher:
 
-    adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_inf=None)
+    adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
 
-`arena` carries flat 1-D buffers of one dtype on one device: `params`, `exp_avg`, `exp_avg_sq`,
-`max_exp_avg_sq` (None until a group asks for amsgrad), and per-segment tables (one segment per
-parameter): `segment_starts` and `segment_lengths` (int64 elements), `segment_groups` (int64 rows
-of `group_table`), `steps` (float32, torch's dtype for `state["step"]`). `arena.kernel_cache` is a
-dict a launcher may fill with tables it derives from the segments (chunk tables, numpy views); the
-arena clears it whenever its layout changes.
+- `arena` is an `ArenaTensors`: the flat 1-D buffers of one (device, dtype) and the per-segment
+  tables (one segment per parameter). A launcher reads nothing else of the optimizer; what it
+  derives from a layout (chunk tables, numpy views) it caches itself, keyed by the record, which
+  is replaced whenever the layout changes.
+- `grads` comes in the form the backend names in its `GRADS`:
+  - `"addresses"`: an int64 tensor beside the segment tables, one entry per segment, the address
+    of its gradient (contiguous, of the params' dtype, `segment_lengths[s]` elements, aligned to
+    the backend's `GRAD_ADDRESS_ALIGNMENT` bytes), 0 for "no gradient this step";
+  - `"tensors"`: a list with one entry per segment, its gradient as a 1-D tensor of
+    `segment_lengths[s]` elements of the params' dtype, or None.
+- `group_table`: float64 [n_groups, GROUP_COLUMNS], columns below, on the segment tables' device.
+- `inv_grad_scale`: None, a float, or a 1-element tensor on the device (GradScaler's 1/scale);
+  `found_inf`: None or a 1-element tensor; nonzero means the whole step is skipped.
 
-`grad_addresses` (int64, one per segment) holds the address of each parameter's gradient, which
-is contiguous, of the arena's dtype, and lives wherever autograd (or the user, or DDP) left it;
-0 means "no gradient this step": that segment neither moves nor advances its step.
+For every segment with a gradient (unless `found_inf` is nonzero) a launcher adds 1 to `steps`
+and applies, with that segment's step t and group:
 
-`group_table` (float64, one row per param group) has the columns below.
+    g = grad * inv_grad_scale;  g = -g (maximize)
+    g = g + wd * p (L2)   or   p = p * (1 - lr * wd) (decoupled)
+    m = lerp(m, g, 1 - b1)  (torch's lerp: m + w * (g - m) for w < 0.5, else g - (g - m) * (1 - w))
+    v = b2 * v + ((1 - b2) * g) * g
+    v_hat = max(v_max, v), stored as v_max (amsgrad; NaN wins)   else v_hat = v
+    p = p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
 
-Each backend module also says what it needs of gradients: `GRAD_ADDRESS_ALIGNMENT` (bytes; the
-arena copies, and counts, a gradient whose address is not a multiple) and `READS_GRAD_TENSORS`
-(True: the launcher reads the gradients as tensors from `arena.grads_by_segment`, None where a
-segment has none, instead of by address).
-
-For every segment with a gradient, unless `found_inf` is nonzero, a launcher adds 1 to `steps`
-and applies the update of DESIGN.md's kernel contract with that segment's step and group.
+in fp32 (fp64 for fp64 params), in this order of rounding (torch's), with p read from and
+written to `master_params` where there is one (then `params` is its rounding); every value stored
+in a narrower dtype is rounded to nearest even.
 """
+import dataclasses
+from typing import Optional
+
+import torch
 
 # Columns of the per-group hyperparameter table every kernel reads.
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE, AMSGRAD, DECOUPLED_WD = range(8)
@@ -34,3 +44,38 @@ GROUP_COLUMNS = 8
 # Every segment starts on a multiple of this many elements (64 B for fp32), so that every
 # load and store of a kernel can be 128-bit.
 SEGMENT_ALIGNMENT = 16
+
+# Parameter dtypes every compiled backend steps (complex params are stepped as their real view).
+PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Moment dtypes other than the params' own: fp32 or bf16 beside fp32, bf16 or fp16 params.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+# Params of these dtypes may keep an fp32 master copy.
+MASTER_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArenaTensors:
+    """One arena's buffers and segment tables: the whole of what a launcher reads of it.
+
+    Buffers are 1-D over every segment (padding included): `params` in the params' dtype,
+    `master_params` fp32 or None, the moments in one dtype (`exp_avg`, `exp_avg_sq`,
+    `max_exp_avg_sq`, the last None until some group asks for amsgrad). Tables have one entry
+    per segment: `segment_starts`, `segment_lengths` (int64 elements), `segment_groups` (int64
+    rows of the group table), `steps` (float32, torch's dtype for `state["step"]`).
+
+    Compared and hashed by identity: a new layout is a new record, so a backend's cache keyed
+    by the record is dropped with the layout it was derived from.
+    """
+    params: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    segment_starts: torch.Tensor
+    segment_lengths: torch.Tensor
+    segment_groups: torch.Tensor
+    steps: torch.Tensor
+    master_params: Optional[torch.Tensor] = None
+    max_exp_avg_sq: Optional[torch.Tensor] = None
+
+    @property
+    def n_segments(self):
+        return self.segment_starts.numel()

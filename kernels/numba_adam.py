@@ -9,28 +9,35 @@ One table lookup per chunk is the price of never copying a gradient.
 They widen to fp32 on load and round to nearest even on store, with bit operations for bf16 and
 LLVM's half conversions for fp16; math is fp32 for them and for fp32, fp64 for fp64 params.
 """
+import weakref
+from collections import namedtuple
+
 import numba
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from fused_adam.kernels import (
-    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY,
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, PARAM_DTYPES, WEIGHT_DECAY,
 )
 
+GRADS = "addresses"
 # Elements are loaded one at a time (LLVM vectorizes with unaligned loads): any address will do.
 GRAD_ADDRESS_ALIGNMENT = 1
-READS_GRAD_TENSORS = False  # by address only
 
 # 16K fp32 elements: four 64 KiB streams per chunk stay inside one core's L2.
 CHUNK_ELEMENTS = 1 << 14
-SUPPORTED_DTYPES = ("float32", "float64", "bfloat16", "float16")
 # How each torch dtype is handed to the kernel: numpy has no bfloat16.
-NUMPY_VIEWS = {"float32": np.float32, "float64": np.float64, "bfloat16": np.uint16,
-               "float16": np.int16}
-# No nnan/ninf: NaN and Inf must propagate exactly as in torch.
-_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+NUMPY_VIEWS = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16,
+               torch.float16: np.int16}
+# Only flags that cannot change an IEEE result beyond rounding: no nnan/ninf (NaN and Inf
+# propagate as in torch), no reassoc (it let `(1 - b2) * g * g` become `g * g * (1 - b2)`,
+# which overflows fp32 at |g| = 1e20 and leaves exp_avg_sq inf where torch's order keeps it
+# at 2e37), no afn/arcp (LLVM may then replace sqrt and division by approximations of
+# unspecified accuracy; torch's are IEEE).
+_FASTMATH = {"nsz", "contract"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH)
 
 
@@ -118,29 +125,38 @@ def _compute_overload(value, params):
     return lambda value, params: np.float32(value)
 
 
+# Per-chunk scalars of the update, in the compute dtype.
+Coefficients = namedtuple("Coefficients", [
+    "grad_scale", "l2_weight_decay", "param_decay", "lerp_weight", "one_minus_lerp_weight",
+    "beta2", "one_minus_beta2", "step_size", "bias_correction2_sqrt", "eps"])
+# The per-segment tables and the chunk table (derived once per layout, see `_derived`).
+Segments = namedtuple("Segments", ["starts", "groups", "steps"])
+Chunks = namedtuple("Chunks", ["segments", "offsets", "lengths"])
+
+
 @njit(inline="always", **_JIT)
-def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_sign, l2_decay, param_decay, lerp_weight, one_minus_lerp_weight,
-                  beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps):
-    """g = sign * grad (+ l2 * p);  p *= param_decay;  m = lerp(m, g, w);
-    v = b2 * v + (1 - b2) * g * g;  p -= step_size * m / (sqrt(max(v_max, v)) / sqrt(bc2) + eps)
+def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c):
+    """g = grad * grad_scale (+ l2 * p);  p *= param_decay;  m = lerp(m, g, w);
+    v = b2 * v + ((1 - b2) * g) * g;  p -= step_size * m / (sqrt(max(v_max, v)) / bc2_sqrt + eps)
     with p the fp32 master copy where there is one (then param = round(p)). `master_param` is
-    None or an array: numba compiles each case apart, with no branch in the loop."""
+    None or an array and `amsgrad` a literal: numba compiles each case apart, with no branch
+    in the loop."""
     for i in range(param.shape[0]):
         if master_param is None:
             p = _widen(param[i])
         else:
             p = master_param[i]
-        g = _widen(grad[i]) * grad_sign
-        if l2_decay != 0:
-            g = g + l2_decay * p
-        p = p * param_decay
+        g = _widen(grad[i]) * c.grad_scale
+        if c.l2_weight_decay != 0:
+            g = g + c.l2_weight_decay * p
+        p = p * c.param_decay
         m = _widen(exp_avg[i])
         # torch's lerp: the formula switches at weight 0.5 to stay exact near both ends.
-        if lerp_weight < 0.5:
-            m = m + lerp_weight * (g - m)
+        if c.lerp_weight < 0.5:
+            m = m + c.lerp_weight * (g - m)
         else:
-            m = g - (g - m) * one_minus_lerp_weight
-        v = _widen(exp_avg_sq[i]) * beta2 + one_minus_beta2 * g * g
+            m = g - (g - m) * c.one_minus_lerp_weight
+        v = _widen(exp_avg_sq[i]) * c.beta2 + (c.one_minus_beta2 * g) * g
         exp_avg[i] = _narrow(m, exp_avg)
         exp_avg_sq[i] = _narrow(v, exp_avg_sq)
         if amsgrad:
@@ -149,104 +165,106 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
             if v_max > v or v_max != v_max:
                 v = v_max
             max_exp_avg_sq[i] = _narrow(v, max_exp_avg_sq)
-        p = p - step_size * m / (np.sqrt(v) / bias_correction2_sqrt + eps)
+        p = p - c.step_size * m / (np.sqrt(v) / c.bias_correction2_sqrt + c.eps)
         if master_param is not None:
             master_param[i] = p
         param[i] = _narrow(p, param)
 
 
 @njit(parallel=True, **_JIT)
-def _adam_kernel(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_addresses,
-                 steps, segment_starts, segment_groups, chunk_segments, chunk_offsets,
-                 chunk_lengths, group_table, inv_grad_scale):
+def _adam_kernel(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
+                 grad_addresses, group_table, inv_grad_scale):
     """For each chunk of a segment with a gradient, `_update_chunk` with its group's settings and
     its segment's step; every such segment's step advances by one first."""
     for segment in range(grad_addresses.shape[0]):
         if grad_addresses[segment] != 0:
-            steps[segment] += 1
-    for chunk in prange(chunk_segments.shape[0]):
-        segment = chunk_segments[chunk]
+            segments.steps[segment] += 1
+    for chunk in prange(chunks.segments.shape[0]):
+        segment = chunks.segments[chunk]
         address = grad_addresses[segment]
         if address == 0:
             continue
-        offset, n = chunk_offsets[chunk], chunk_lengths[chunk]
+        offset, n = chunks.offsets[chunk], chunks.lengths[chunk]
         grad = numba.carray(_pointer_like(address + offset * params.itemsize, params), n)
-        start = segment_starts[segment] + offset
-        group = group_table[segment_groups[segment]]
+        start = segments.starts[segment] + offset
+        end = start + n
+        group = group_table[segments.groups[segment]]
         lr, beta1, beta2, weight_decay = group[LR], group[BETA1], group[BETA2], group[WEIGHT_DECAY]
         decoupled = group[DECOUPLED_WD] != 0
-        amsgrad = group[AMSGRAD] != 0
-        step = np.float64(steps[segment])
+        step = np.float64(segments.steps[segment])
         # Bias corrections in float64, then cast, as torch computes them in Python floats.
-        step_size = lr / (1.0 - beta1 ** step)
-        bias_correction2_sqrt = np.sqrt(1.0 - beta2 ** step)
-        grad_sign = -inv_grad_scale if group[MAXIMIZE] != 0 else inv_grad_scale
         lerp_weight = _compute(1.0 - beta1, params)
-        end = start + n
+        c = Coefficients(
+            grad_scale=_compute(-inv_grad_scale if group[MAXIMIZE] != 0 else inv_grad_scale,
+                                params),
+            l2_weight_decay=_compute(0.0 if decoupled else weight_decay, params),
+            param_decay=_compute(1.0 - lr * weight_decay if decoupled else 1.0, params),
+            lerp_weight=lerp_weight,
+            one_minus_lerp_weight=_compute(1.0, params) - lerp_weight,
+            beta2=_compute(beta2, params),
+            one_minus_beta2=_compute(1.0 - beta2, params),
+            step_size=_compute(lr / (1.0 - beta1 ** step), params),
+            bias_correction2_sqrt=_compute(np.sqrt(1.0 - beta2 ** step), params),
+            eps=_compute(group[EPS], params))
         # `master_params is None` is decided at compile time: one specialization each.
         master = None if master_params is None else master_params[start:end]
-        l2_decay = _compute(0.0 if decoupled else weight_decay, params)
-        param_decay = _compute(1.0 - lr * weight_decay if decoupled else 1.0, params)
-        one_minus_lerp_weight = _compute(1.0, params) - lerp_weight
         # amsgrad as a literal at each call: the loop is compiled once with and once without
         # it. A run-time flag left the branch inside the loop, which the vectorizer executes
         # masked for every element: with bf16 moments that doubled the step (257 us vs 129 us
         # for 1M elements in cache).
-        if amsgrad:
-            _update_chunk(
-                params[start:end], master, grad, exp_avg[start:end], exp_avg_sq[start:end],
-                max_exp_avg_sq[start:end], True, _compute(grad_sign, params), l2_decay,
-                param_decay, lerp_weight, one_minus_lerp_weight, _compute(beta2, params),
-                _compute(1.0 - beta2, params), _compute(step_size, params),
-                _compute(bias_correction2_sqrt, params), _compute(group[EPS], params))
+        if group[AMSGRAD] != 0:
+            _update_chunk(params[start:end], master, grad, exp_avg[start:end],
+                          exp_avg_sq[start:end], max_exp_avg_sq[start:end], True, c)
         else:
-            _update_chunk(
-                params[start:end], master, grad, exp_avg[start:end], exp_avg_sq[start:end],
-                max_exp_avg_sq[start:end], False, _compute(grad_sign, params), l2_decay,
-                param_decay, lerp_weight, one_minus_lerp_weight, _compute(beta2, params),
-                _compute(1.0 - beta2, params), _compute(step_size, params),
-                _compute(bias_correction2_sqrt, params), _compute(group[EPS], params))
+            _update_chunk(params[start:end], master, grad, exp_avg[start:end],
+                          exp_avg_sq[start:end], max_exp_avg_sq[start:end], False, c)
 
 
 def _numpy(tensor):
     """A CPU tensor as the numpy array the kernel takes (16-bit floats as integer views)."""
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name in ("bfloat16", "float16"):
-        import torch
-        return tensor.view(torch.int16).numpy().view(NUMPY_VIEWS[name])
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return tensor.view(torch.int16).numpy().view(NUMPY_VIEWS[tensor.dtype])
     return tensor.numpy()
 
 
-def _chunk_table(arena):
-    """(segment, offset in segment, length) of every chunk, and the buffers as numpy arrays;
-    rebuilt when the layout changes."""
-    table = arena.kernel_cache.get("numba")
-    if table is None:
-        lengths = arena.segment_lengths.numpy()
-        per_segment = -(-lengths // CHUNK_ELEMENTS)
-        segments = np.repeat(np.arange(len(lengths), dtype=np.int64), per_segment)
-        first_chunk = np.cumsum(per_segment) - per_segment
-        offsets = (np.arange(len(segments), dtype=np.int64) - first_chunk[segments]) * CHUNK_ELEMENTS
-        chunk_lengths = np.minimum(lengths[segments] - offsets, CHUNK_ELEMENTS)
+def chunk_table(segment_lengths):
+    """(segment, offset in segment, length) of every chunk of at most CHUNK_ELEMENTS."""
+    lengths = np.asarray(segment_lengths, dtype=np.int64)
+    per_segment = -(-lengths // CHUNK_ELEMENTS)
+    segments = np.repeat(np.arange(len(lengths), dtype=np.int64), per_segment)
+    first_chunk = np.cumsum(per_segment) - per_segment
+    offsets = (np.arange(len(segments), dtype=np.int64) - first_chunk[segments]) * CHUNK_ELEMENTS
+    return Chunks(segments, offsets, np.minimum(lengths[segments] - offsets, CHUNK_ELEMENTS))
+
+
+# ArenaTensors -> the numpy views and chunk table the kernel takes, made once per layout.
+_derived = weakref.WeakKeyDictionary()
+
+
+def _kernel_arguments(arena):
+    arguments = _derived.get(arena)
+    if arguments is None:
         exp_avg = _numpy(arena.exp_avg)
-        table = (_numpy(arena.params),
-                 None if arena.master_params is None else _numpy(arena.master_params),
-                 exp_avg, _numpy(arena.exp_avg_sq),
-                 exp_avg[:0] if arena.max_exp_avg_sq is None else _numpy(arena.max_exp_avg_sq),
-                 arena.steps.numpy(), arena.segment_starts.numpy(), arena.segment_groups.numpy(),
-                 segments, offsets, chunk_lengths)
-        arena.kernel_cache["numba"] = table
-    return table
+        arguments = dict(
+            params=_numpy(arena.params),
+            master_params=None if arena.master_params is None else _numpy(arena.master_params),
+            exp_avg=exp_avg, exp_avg_sq=_numpy(arena.exp_avg_sq),
+            # Never read without amsgrad; an empty array keeps the argument's type an array.
+            max_exp_avg_sq=(exp_avg[:0] if arena.max_exp_avg_sq is None
+                            else _numpy(arena.max_exp_avg_sq)),
+            segments=Segments(arena.segment_starts.numpy(), arena.segment_groups.numpy(),
+                              arena.steps.numpy()),
+            chunks=chunk_table(arena.segment_lengths.numpy()))
+        _derived[arena] = arguments
+    return arguments
 
 
-def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_inf=None):
+def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
     """Launch `_adam_kernel` over `arena` (see `fused_adam.kernels` for the contract)."""
-    assert arena.device.type == "cpu" and str(arena.dtype).removeprefix("torch.") in SUPPORTED_DTYPES
+    assert arena.params.device.type == "cpu" and arena.params.dtype in PARAM_DTYPES
+    assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
     if found_inf is not None and float(found_inf) != 0:
         return
-    (params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, starts, groups,
-     chunk_segments, chunk_offsets, chunk_lengths) = _chunk_table(arena)
-    _adam_kernel(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                 grad_addresses.numpy(), steps, starts, groups, chunk_segments, chunk_offsets,
-                 chunk_lengths, group_table.numpy(),
-                 1.0 if inv_grad_scale is None else float(inv_grad_scale))
+    _adam_kernel(**_kernel_arguments(arena), grad_addresses=grads.numpy(),
+                 group_table=group_table.numpy(),
+                 inv_grad_scale=1.0 if inv_grad_scale is None else float(inv_grad_scale))

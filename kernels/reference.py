@@ -1,19 +1,23 @@
 """The Adam step in plain torch, one parameter at a time: the oracle every fast path is tested
-against, and the backend for devices that have no compiled kernel.
+against, and the backend for devices that have no compiled kernel (meta, mps, xpu, ...).
 
 It follows `torch.optim.Adam`'s single-tensor path op for op (lerp for the first moment, the
 bias corrections in Python floats), so in float64 it is the reference and in float32 it agrees
 with torch to rounding. Slow on purpose: obviously correct beats fast here.
 """
+import weakref
+
 import torch
 
 from fused_adam.kernels import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY,
 )
 
-# Gradients are read as tensors (`arena.grads_by_segment`), never by address.
-GRAD_ADDRESS_ALIGNMENT = 1
-READS_GRAD_TENSORS = True
+GRADS = "tensors"
+GRAD_ADDRESS_ALIGNMENT = 1  # gradients are never read by address here
+
+# ArenaTensors -> the segment tables as Python lists (one device read per layout).
+_host_tables = weakref.WeakKeyDictionary()
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2,
@@ -47,35 +51,35 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, b
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_inf=None):
-    """The launcher contract of `fused_adam.kernels`, one segment at a time.
+def _segments(arena):
+    tables = _host_tables.get(arena)
+    if tables is None:
+        tables = list(zip(arena.segment_starts.tolist(), arena.segment_lengths.tolist(),
+                          arena.segment_groups.tolist()))
+        _host_tables[arena] = tables
+    return tables
 
-    Grads arrive as addresses; this backend takes them as tensors instead, from
-    `arena.grads_by_segment`, which an arena built with `keep_grad_tensors=READS_GRAD_TENSORS`
-    fills alongside the addresses. Math is fp32 for 16-bit buffers (the kernels' contract), on
-    the fp32 master copy where there is one.
-    """
+
+def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
+    """The launcher contract of `fused_adam.kernels`, one segment at a time. Math is fp32 for
+    16-bit buffers (the kernels' contract), on the fp32 master copy where there is one."""
     if found_inf is not None and bool(found_inf.item()):
         return
-    if arena.grads_by_segment is None:
-        raise RuntimeError("the torch backend reads gradients as tensors: build its Arena with "
-                           "keep_grad_tensors=True")
     groups = group_table.tolist()
     inv_scale = None if inv_grad_scale is None else float(inv_grad_scale)
-    compute_dtype = torch.float64 if arena.dtype == torch.float64 else torch.float32
-    for segment, grad in enumerate(arena.grads_by_segment):
+    compute_dtype = torch.float64 if arena.params.dtype == torch.float64 else torch.float32
+    for segment, ((start, length, group_index), grad) in enumerate(zip(_segments(arena), grads)):
         if grad is None:
             continue
         arena.steps[segment] += 1
-        group = groups[arena.host_groups[segment]]
+        group = groups[group_index]
         amsgrad = bool(group[AMSGRAD])
-        param = arena.segment_view(arena.params, segment)
-        stored = [arena.segment_view(arena.master_params, segment)
-                  if arena.master_params is not None else param,
-                  arena.segment_view(arena.exp_avg, segment),
-                  arena.segment_view(arena.exp_avg_sq, segment)]
+        end = start + length
+        param = arena.params[start:end]
+        stored = [param if arena.master_params is None else arena.master_params[start:end],
+                  arena.exp_avg[start:end], arena.exp_avg_sq[start:end]]
         if amsgrad:
-            stored.append(arena.segment_view(arena.max_exp_avg_sq, segment))
+            stored.append(arena.max_exp_avg_sq[start:end])
         # `.to` returns the buffer itself when it already has the compute dtype: in place.
         working = [buffer.to(compute_dtype) for buffer in stored]
         adam_update(

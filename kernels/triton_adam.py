@@ -14,20 +14,21 @@ bf16; the math is fp32 (fp64 for fp64 params) and every narrower store rounds to
 
 import contextlib
 import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from . import GROUP_COLUMNS, LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE, AMSGRAD, DECOUPLED_WD
+from fused_adam.kernels import (
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, GROUP_COLUMNS, LR, MASTER_DTYPES, MAXIMIZE,
+    PARAM_DTYPES, STATE_DTYPES, WEIGHT_DECAY,
+)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# Moments other than the params' own dtype (see fused_adam.flat.Arena's `state_dtype`).
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-# Gradients are read with 128-bit loads: the arena copies (and counts) any gradient whose
+GRADS = "addresses"
+# Gradients are read with 128-bit loads: the optimizer copies (and counts) any gradient whose
 # address is not a multiple of this.
 GRAD_ADDRESS_ALIGNMENT = 16
-READS_GRAD_TENSORS = False  # by address only
 
 # Globals a @triton.jit function reads must be constexpr.
 # Whether kernels run through Triton's interpreter (Triton also reads this once, at import).
@@ -90,10 +91,10 @@ def _store_rounded(ptrs, x, mask):
 
 @triton.jit
 def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                max_exp_avg_sq_ptrs, mask,
-                grad_scale, maximize, l2_weight_decay, decoupled_wd, param_decay,
-                one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
-                amsgrad, HAS_MASTER: tl.constexpr, HAS_MAX_EXP_AVG_SQ: tl.constexpr):
+                max_exp_avg_sq_ptrs, mask, grad_scale, l2_weight_decay, decoupled_wd,
+                param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
+                bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
+                HAS_MAX_EXP_AVG_SQ: tl.constexpr):
     # With a master copy the params are only written: the fp32 master is the value stepped.
     if HAS_MASTER:
         p = tl.load(master_param_ptrs, mask=mask)
@@ -103,10 +104,9 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
     m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
     v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
 
-    # Without a GradScaler scale grad_scale is exactly 1.0: no rounding, no extra launch.
+    # grad_scale is GradScaler's inverse scale, negated for maximize: exactly +-1.0 without a
+    # scaler, so no rounding.
     g = g * grad_scale.to(g.dtype)
-    if maximize:
-        g = -g
     if l2_weight_decay != 0:
         g = g + l2_weight_decay.to(g.dtype) * p
     if decoupled_wd:
@@ -114,12 +114,12 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
 
     # torch's lerp: the formula switches at weight 0.5 to stay exact near both ends (with
     # beta1 = 0, m + 1 * (g - m) loses g under a large old m; g - (g - m) * 0 is g).
-    lerp_weight = one_minus_beta1.to(m.dtype)
-    if one_minus_beta1 < 0.5:
-        m = m + lerp_weight * (g - m)
+    w = lerp_weight.to(m.dtype)
+    if lerp_weight < 0.5:
+        m = m + w * (g - m)
     else:
-        m = g - (g - m) * (1.0 - lerp_weight)
-    v = v * beta2.to(v.dtype) + one_minus_beta2.to(v.dtype) * g * g
+        m = g - (g - m) * (1.0 - w)
+    v = v * beta2.to(v.dtype) + (one_minus_beta2.to(v.dtype) * g) * g
     v_hat = v
     if HAS_MAX_EXP_AVG_SQ:
         if amsgrad:
@@ -138,12 +138,12 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
 
 
 @triton.jit
-def _adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                  chunk_table_ptr, segment_starts_ptr, segment_lengths_ptr, segment_groups_ptr,
                  steps_ptr, grad_addresses_ptr, group_table_ptr,
                  inv_grad_scale_ptr, inv_grad_scale, found_inf_ptr,
-                 HAS_MAX_EXP_AVG_SQ: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 master_param_ptr=None, HAS_MASTER: tl.constexpr = False):
+                 HAS_MASTER: tl.constexpr, HAS_MAX_EXP_AVG_SQ: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
     """For each element of this program's chunk, with t = steps[segment] (already advanced):
 
     g = grad * inv_grad_scale;  g = -g if maximize
@@ -156,8 +156,6 @@ def _adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     in fp32 (fp64 for fp64 params), p taken from and written to the fp32 master copy when
     HAS_MASTER (then param = p rounded); values stored in a narrower dtype (params, and the
     moments, whose dtype may differ from the params') are rounded to nearest even.
-    The master arguments come last, with defaults, so that launches written before mixed
-    precision (fp32 arenas, tests that call the kernel by hand) still work.
     """
     found_inf = tl.load(found_inf_ptr)
     pid = tl.program_id(0).to(tl.int64)
@@ -188,6 +186,7 @@ def _adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
     l2_weight_decay = tl.where(decoupled_wd, 0.0, weight_decay)
     param_decay = 1.0 - lr * weight_decay
     grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
+    grad_scale = tl.where(maximize, -grad_scale, grad_scale)
 
     grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
     # Chunk offsets are multiples of BLOCK_SIZE and segment starts of SEGMENT_ALIGNMENT (16)
@@ -214,73 +213,46 @@ def _adam_kernel(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
         master_param_ptrs = master_param_ptr + offsets
     else:
         master_param_ptrs = None
+    param_ptrs, exp_avg_ptrs = param_ptr + offsets, exp_avg_ptr + offsets
+    exp_avg_sq_ptrs, max_exp_avg_sq_ptrs = exp_avg_sq_ptr + offsets, max_exp_avg_sq_ptr + offsets
+    # Two calls, because the mask is a compile-time None on whole chunks: no mask, so nothing
+    # stops 128-bit accesses (a mask against a runtime length has constancy 1 and would force
+    # scalar ones). Triton cannot merge a None and a tensor into one variable across branches.
     if chunk_offset + BLOCK_SIZE <= length:
-        # Whole chunk: no mask, so nothing stops 128-bit accesses (a mask against a runtime
-        # length has constancy 1 and would force scalar ones).
-        _adam_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
-                    exp_avg_sq_ptr + offsets, max_exp_avg_sq_ptr + offsets, None,
-                    grad_scale, maximize, l2_weight_decay, decoupled_wd, param_decay,
-                    1.0 - beta1, beta2, 1.0 - beta2, step_size, bias_correction2_sqrt, eps,
-                    amsgrad, HAS_MASTER, HAS_MAX_EXP_AVG_SQ)
+        _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                    max_exp_avg_sq_ptrs, mask=None, grad_scale=grad_scale,
+                    l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
+                    param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
+                    one_minus_beta2=1.0 - beta2, step_size=step_size,
+                    bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, amsgrad=amsgrad,
+                    HAS_MASTER=HAS_MASTER, HAS_MAX_EXP_AVG_SQ=HAS_MAX_EXP_AVG_SQ)
     else:
-        _adam_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
-                    exp_avg_sq_ptr + offsets, max_exp_avg_sq_ptr + offsets, in_segment < length,
-                    grad_scale, maximize, l2_weight_decay, decoupled_wd, param_decay,
-                    1.0 - beta1, beta2, 1.0 - beta2, step_size, bias_correction2_sqrt, eps,
-                    amsgrad, HAS_MASTER, HAS_MAX_EXP_AVG_SQ)
+        _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                    max_exp_avg_sq_ptrs, mask=in_segment < length, grad_scale=grad_scale,
+                    l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
+                    param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
+                    one_minus_beta2=1.0 - beta2, step_size=step_size,
+                    bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, amsgrad=amsgrad,
+                    HAS_MASTER=HAS_MASTER, HAS_MAX_EXP_AVG_SQ=HAS_MAX_EXP_AVG_SQ)
 
 
-def _launch_config(dtype, state_dtype=None, has_master=False):
-    """(BLOCK_SIZE, compile options) for params of `dtype`, moments of `state_dtype` (default:
-    `dtype`) and an fp32 master copy or not. 8 warps, each thread moving 32 B of the widest
-    stream (two 128-bit accesses): 2048 elements per program when any stream is 4 bytes wide,
-    4096 when all are bf16/fp16, 1024 for fp64. Sized by the widest stream, a thread holds as
-    many values as in the fp32 kernel (registers, the tail chunk and the per-program overhead
-    stay where they were), and a 2-byte stream beside 4-byte ones still moves 16 B per thread,
-    in two 64-bit accesses (why not one 128-bit access: see the contiguity note in the kernel).
-    Sized by the narrowest stream instead, the 4-byte streams would double their registers.
-    FMA contraction off: the kernel then rounds exactly as the interpreter (and torch's
-    separate ops) do, whatever a Triton version's default; the extra FLOPs hide under the
-    memory traffic."""
-    widest = max(dtype.itemsize, (state_dtype or dtype).itemsize, 4 if has_master else 0)
+def launch_config(arena):
+    """(BLOCK_SIZE, compile options) for `arena`'s buffer dtypes. 8 warps, each thread moving
+    32 B of the widest stream (two 128-bit accesses): 2048 elements per program when any stream
+    is 4 bytes wide, 4096 when all are bf16/fp16, 1024 for fp64. Sized by the widest stream, a
+    thread holds as many values as in the fp32 kernel (registers, the tail chunk and the
+    per-program overhead stay where they were), and a 2-byte stream beside 4-byte ones still
+    moves 16 B per thread, in two 64-bit accesses (why not one 128-bit access: see the
+    contiguity note in the kernel). Sized by the narrowest stream instead, the 4-byte streams
+    would double their registers. FMA contraction off: the kernel then rounds exactly as the
+    interpreter (and torch's separate ops) do, whatever a Triton version's default; the extra
+    FLOPs hide under the memory traffic."""
+    widest = max(arena.params.element_size(), arena.exp_avg.element_size(),
+                 4 if arena.master_params is not None else 0)
     return 8192 // widest, dict(num_warps=8, enable_fp_fusion=False)
 
 
-def _chunk_table(arena, block_size):
-    """int64 [n_chunks, 2] (segment, offset within segment), cached until the layout changes."""
-    key = ("triton_chunk_table", block_size)
-    table = arena.kernel_cache.get(key)
-    if table is None:
-        lengths = arena.segment_lengths
-        chunks_per_segment = (lengths + (block_size - 1)) // block_size
-        # One host read per layout (the grid size), never per step.
-        n_chunks = int(chunks_per_segment.sum())
-        segment = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=lengths.device), chunks_per_segment,
-            output_size=n_chunks)
-        first_chunk = torch.cumsum(chunks_per_segment, 0) - chunks_per_segment
-        chunk = torch.arange(n_chunks, device=lengths.device) - first_chunk[segment]
-        table = torch.stack([segment, chunk * block_size], dim=1).contiguous()
-        arena.kernel_cache[key] = table
-    return table
-
-
-def _scratch(arena):
-    """Per-layout scratch: defaults for absent scale/found_inf and the step-increment mask."""
-    scratch = arena.kernel_cache.get("triton_scratch")
-    if scratch is None or scratch["advance"].shape != arena.steps.shape:
-        device = arena.params.device
-        scratch = {
-            "one": torch.ones((), dtype=torch.float32, device=device),
-            "zero": torch.zeros((), dtype=torch.float32, device=device),
-            "advance": torch.empty(arena.steps.shape, dtype=torch.bool, device=device),
-            "no_inf": torch.empty((), dtype=torch.bool, device=device),
-        }
-        arena.kernel_cache["triton_scratch"] = scratch
-    return scratch
-
-
-def _check_table(name, tensor, dtype, device, n=None):
+def _check(name, tensor, dtype, device, n=None):
     assert tensor.dtype == dtype, f"{name}: expected {dtype}, got {tensor.dtype}"
     assert tensor.device == device, f"{name}: expected device {device}, got {tensor.device}"
     assert tensor.is_contiguous(), f"{name} must be contiguous"
@@ -288,79 +260,120 @@ def _check_table(name, tensor, dtype, device, n=None):
         assert tensor.numel() == n, f"{name}: expected {n} entries, got {tensor.numel()}"
 
 
-def adam_step(arena, grad_addresses, group_table, *, inv_grad_scale=None, found_inf=None):
-    """One Adam/AdamW step over every segment of `arena` (see kernels/__init__.py): advances
-    `arena.steps` where a grad is present (and found_inf is zero), then launches the kernel once.
-    Nothing is read back to the host."""
+def _check_arena(arena):
+    """The contract's shapes and dtypes (host metadata only: no device read)."""
     params = arena.params
-    device, dtype = params.device, params.dtype
-    assert dtype in SUPPORTED_DTYPES, f"unsupported dtype {dtype}"
+    device, dtype, state_dtype = params.device, params.dtype, arena.exp_avg.dtype
+    assert dtype in PARAM_DTYPES, f"unsupported dtype {dtype}"
     assert params.dim() == 1, "arena buffers are 1-D"
-    # The moments share one dtype: the params' own, or fp32/bf16 beside fp32, bf16 or fp16
-    # params; fp64 params keep fp64 moments (the math is fp64 there).
-    state_dtype = arena.exp_avg.dtype
     assert state_dtype == dtype or (dtype != torch.float64 and state_dtype in STATE_DTYPES), \
         f"{dtype} params cannot have {state_dtype} moments"
-    has_max = arena.max_exp_avg_sq is not None
-    master_params = arena.master_params
-    has_master = master_params is not None
-    assert not has_master or dtype in (torch.bfloat16, torch.float16), \
+    assert arena.master_params is None or dtype in MASTER_DTYPES, \
         f"a master copy is for bf16/fp16 params, not {dtype}"
     buffers = [("params", params, dtype), ("exp_avg", arena.exp_avg, state_dtype),
-               ("exp_avg_sq", arena.exp_avg_sq, state_dtype)]
-    if has_max:
-        buffers.append(("max_exp_avg_sq", arena.max_exp_avg_sq, state_dtype))
-    if has_master:
-        buffers.append(("master_params", master_params, torch.float32))
+               ("exp_avg_sq", arena.exp_avg_sq, state_dtype),
+               ("max_exp_avg_sq", arena.max_exp_avg_sq, state_dtype),
+               ("master_params", arena.master_params, torch.float32)]
     for name, buffer, buffer_dtype in buffers:
-        _check_table(name, buffer, buffer_dtype, device, params.numel())
-        # Host metadata, no sync: 128-bit accesses need 16-byte aligned bases.
-        assert buffer.data_ptr() % 16 == 0, f"{name} must be 16-byte aligned"
-    n_segments = arena.segment_starts.numel()
-    _check_table("segment_starts", arena.segment_starts, torch.int64, device, n_segments)
-    _check_table("segment_lengths", arena.segment_lengths, torch.int64, device, n_segments)
-    _check_table("segment_groups", arena.segment_groups, torch.int64, device, n_segments)
-    _check_table("steps", arena.steps, torch.float32, device, n_segments)
-    _check_table("grad_addresses", grad_addresses, torch.int64, device, n_segments)
-    _check_table("group_table", group_table, torch.float64, device)
+        if buffer is not None:
+            _check(name, buffer, buffer_dtype, device, params.numel())
+            # 128-bit accesses need 16-byte aligned bases.
+            assert buffer.data_ptr() % 16 == 0, f"{name} must be 16-byte aligned"
+    for name in ("segment_starts", "segment_lengths", "segment_groups"):
+        _check(name, getattr(arena, name), torch.int64, device, arena.n_segments)
+    _check("steps", arena.steps, torch.float32, device, arena.n_segments)
+
+
+class _Derived:
+    """What the launcher derives from one layout: the chunk table (program -> segment, offset),
+    the launch configuration, and scratch scalars, made once and kept with the record."""
+
+    def __init__(self, arena):
+        _check_arena(arena)
+        self.block_size, self.options = launch_config(arena)
+        lengths = arena.segment_lengths
+        chunks_per_segment = (lengths + (self.block_size - 1)) // self.block_size
+        # One host read per layout (the grid size), never per step.
+        self.n_chunks = int(chunks_per_segment.sum())
+        segment = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=lengths.device), chunks_per_segment,
+            output_size=self.n_chunks)
+        first_chunk = torch.cumsum(chunks_per_segment, 0) - chunks_per_segment
+        chunk = torch.arange(self.n_chunks, device=lengths.device) - first_chunk[segment]
+        self.chunk_table = torch.stack([segment, chunk * self.block_size], dim=1).contiguous()
+        device = arena.params.device
+        self.one = torch.ones((), dtype=torch.float32, device=device)
+        self.zero = torch.zeros((), dtype=torch.float32, device=device)
+        self.advance = torch.empty(arena.steps.shape, dtype=torch.bool, device=device)
+        self.no_inf = torch.empty((), dtype=torch.bool, device=device)
+
+
+_derived = weakref.WeakKeyDictionary()  # ArenaTensors -> _Derived
+
+
+def _derived_for(arena):
+    derived = _derived.get(arena)
+    if derived is None:
+        derived = _derived[arena] = _Derived(arena)
+    return derived
+
+
+def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_scale,
+                     found_inf_ptr):
+    """`_adam_kernel`'s arguments by name for `arena`, and (grid size, compile options): what
+    the launcher launches and what tests/test_triton_compile.py compiles ahead of time."""
+    derived = _derived_for(arena)
+    has_max = arena.max_exp_avg_sq is not None
+    arguments = dict(
+        param_ptr=arena.params, master_param_ptr=arena.master_params,
+        exp_avg_ptr=arena.exp_avg, exp_avg_sq_ptr=arena.exp_avg_sq,
+        # Never touched without amsgrad; a moment buffer keeps the pointer's type the moments'.
+        max_exp_avg_sq_ptr=arena.max_exp_avg_sq if has_max else arena.exp_avg,
+        chunk_table_ptr=derived.chunk_table, segment_starts_ptr=arena.segment_starts,
+        segment_lengths_ptr=arena.segment_lengths, segment_groups_ptr=arena.segment_groups,
+        steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
+        inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
+        found_inf_ptr=found_inf_ptr, HAS_MASTER=arena.master_params is not None,
+        HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=derived.block_size)
+    return arguments, derived.n_chunks, derived.options
+
+
+def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
+    """One Adam/AdamW step over every segment of `arena` (see `fused_adam.kernels`): advances
+    `steps` where a grad is present (and found_inf is zero), then launches the kernel once.
+    Nothing is read back to the host."""
+    derived = _derived_for(arena)
+    device = arena.params.device
+    _check("grads", grads, torch.int64, device, arena.n_segments)
+    _check("group_table", group_table, torch.float64, device)
     assert group_table.dim() == 2 and group_table.shape[1] == GROUP_COLUMNS, \
         f"group_table must be [n_groups, {GROUP_COLUMNS}], got {tuple(group_table.shape)}"
 
-    scratch = _scratch(arena)
-    advance = scratch["advance"]
-    torch.ne(grad_addresses, 0, out=advance)
+    advance = derived.advance
+    torch.ne(grads, 0, out=advance)
     if found_inf is None:
-        found_inf = scratch["zero"]
+        found_inf = derived.zero
     else:
         # GradScaler's is float32 already (then .to is free); the kernel reads float32.
         found_inf = found_inf.to(torch.float32)
-        _check_table("found_inf", found_inf, torch.float32, device, 1)
-        torch.eq(found_inf.reshape(()), 0, out=scratch["no_inf"])
-        torch.logical_and(advance, scratch["no_inf"], out=advance)
+        _check("found_inf", found_inf, torch.float32, device, 1)
+        torch.eq(found_inf.reshape(()), 0, out=derived.no_inf)
+        torch.logical_and(advance, derived.no_inf, out=advance)
     arena.steps.add_(advance)
 
     if isinstance(inv_grad_scale, torch.Tensor):
         # float32 like GradScaler's own unscale; a float64 scale costs one tiny cast.
-        inv_grad_scale = inv_grad_scale.to(torch.float32)
-        _check_table("inv_grad_scale", inv_grad_scale, torch.float32, device, 1)
-        inv_grad_scale_ptr, inv_grad_scale = inv_grad_scale, 1.0
+        inv_grad_scale_ptr = inv_grad_scale.to(torch.float32)
+        _check("inv_grad_scale", inv_grad_scale_ptr, torch.float32, device, 1)
+        inv_grad_scale = 1.0
     else:
-        inv_grad_scale_ptr = scratch["one"]
+        inv_grad_scale_ptr = derived.one
         inv_grad_scale = 1.0 if inv_grad_scale is None else float(inv_grad_scale)
 
-    block_size, options = _launch_config(dtype, state_dtype, has_master)
-    chunk_table = _chunk_table(arena, block_size)
-    n_chunks = chunk_table.shape[0]
-    if n_chunks == 0:
+    if derived.n_chunks == 0:
         return
-    # Never touched without amsgrad; a moment buffer keeps the pointer's type that of the moments.
-    max_exp_avg_sq = arena.max_exp_avg_sq if has_max else arena.exp_avg
+    arguments, n_chunks, options = kernel_arguments(
+        arena, grads=grads, group_table=group_table, inv_grad_scale_ptr=inv_grad_scale_ptr,
+        inv_grad_scale=inv_grad_scale, found_inf_ptr=found_inf)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _adam_kernel[(n_chunks,)](
-            params, arena.exp_avg, arena.exp_avg_sq, max_exp_avg_sq,
-            chunk_table, arena.segment_starts, arena.segment_lengths, arena.segment_groups,
-            arena.steps, grad_addresses, group_table,
-            inv_grad_scale_ptr, inv_grad_scale, found_inf,
-            HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=block_size,
-            master_param_ptr=master_params, HAS_MASTER=has_master, **options)
-
+        _adam_kernel[(n_chunks,)](**arguments, **options)

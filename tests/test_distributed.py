@@ -137,7 +137,7 @@ def _zero(rank, bucket_view):
     assert 0 < len(arena) < len(list(ours_model.parameters())), "ZeRO did not partition"
     # With bucket views ZeRO moved every owned param into its bucket after FusedAdam packed
     # them; FusedAdam steps them in the arena and writes them back to the bucket ZeRO sends.
-    assert len(arena._homes) == (len(arena) if bucket_view else 0)
+    assert arena.homes() == (len(arena) if bucket_view else 0)
     label = f"ZeRO(parameters_as_bucket_view={bucket_view})"
     # States live with each rank's local optimizer; params are synced to every rank.
     _assert_same(ours.optim, theirs.optim, ours_model, their_model, rank, label)
@@ -158,12 +158,12 @@ def _fully_sharded(seed=0):
 
 
 def _assert_in_arena(optimizer, model):
-    """Every local shard is a view of the arena (no parameter left it)."""
-    arenas = {arena.params.untyped_storage().data_ptr()
-              for arena in optimizer._arenas.values()}
+    """Every local shard lies in the arena (no parameter left it)."""
+    (buffer,) = [arena.record.params for arena in optimizer._arenas.values()]
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
     for name, p in model.named_parameters():
         assert isinstance(p, DTensor), name
-        assert p.to_local().untyped_storage().data_ptr() in arenas, f"{name} left the arena"
+        assert start <= p.to_local().data_ptr() < end, f"{name} left the arena"
 
 
 def _fsdp(rank, built):
