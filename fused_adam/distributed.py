@@ -10,6 +10,8 @@ Three of these touch torch internals that are not public API (FSDP2's module-sta
 where they are missing the callers refuse DTensor parameters with a clear error rather than
 risk stale values.
 """
+from collections import Counter
+
 import torch
 
 try:
@@ -45,23 +47,21 @@ def same_start(a, b):
 storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def held_elsewhere(tensor):
-    """Whether another tensor than `tensor` holds its memory (someone's flat buffer): `tensor`
-    is a slice of a larger buffer still in use, or is contiguous and shares its storage (a
-    flat buffer of exactly one parameter). A same-size tensor laid out differently is taken for
-    a new value."""
-    storage = tensor.untyped_storage()
-    # Held by `tensor` and by `storage` here: 2 when nobody else holds it.
-    shared = storage_use_count is None or storage_use_count(storage._cdata) > 2
-    if storage.nbytes() > tensor.numel() * tensor.element_size():
-        return shared
-    return storage_use_count is not None and tensor.is_contiguous() and shared
-
-
-def still_held(home):
-    """Whether memory recorded as held elsewhere still is (unknowable without the use count:
-    then assume it is)."""
-    return storage_use_count is None or held_elsewhere(home)
+def held_by_others(tensors):
+    """For each of `tensors`, whether something other than `tensors` also holds its storage
+    (a ZeRO bucket, a module's own Parameter over the same memory, a user's reference): memory
+    a torch optimizer would have updated in place, so its owner reads it after a step.
+    Without torch's storage use count (older torch) nobody is assumed to."""
+    if storage_use_count is None:
+        return [False] * len(tensors)
+    storages = [t.untyped_storage() for t in tensors]
+    tensors_over = Counter(storage._cdata for storage in storages)
+    # The storage objects made here hold a reference each (one per distinct object: torch
+    # hands out one Python object per storage while one is alive).
+    objects_over = Counter(storage._cdata for storage in {id(s): s for s in storages}.values())
+    return [storage_use_count(storage._cdata)
+            > tensors_over[storage._cdata] + objects_over[storage._cdata]
+            for storage in storages]
 
 
 def _fsdp_params_by_id():

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from fused_adam.distributed import (
-    as_local_value, fsdp_params_of, held_elsewhere, is_dtensor, like_param, local_data_ptr,
-    local_shard, padded_shard_length, point_param_at, still_held,
+    as_local_value, fsdp_params_of, held_by_others, is_dtensor, like_param, local_data_ptr,
+    local_shard, padded_shard_length, point_param_at,
 )
 from fused_adam.kernels import MASTER_DTYPES, SEGMENT_ALIGNMENT, ArenaTensors
 from fused_adam.storage import FlatBuffer
@@ -92,16 +92,15 @@ class Arena:
             segment_lengths=torch.as_tensor(self.lengths).to(**as_table),
             segment_groups=torch.as_tensor(self.host_groups).to(**as_table))
         for index, local in enumerate(locals_):
-            values = _flat_real(local.detach())
-            for name in ("param", MASTER_KEY) if self.has_master else ("param",):
-                self._segment(name, index).copy_(values)
+            self._copy_in(index, local)
         self.has_state = np.zeros(len(self), dtype=bool)  # torch's `state[p]` exists
         self.has_max = np.zeros(len(self), dtype=bool)  # ... and has max_exp_avg_sq
         self._views = {}
         self.record = self._make_record()
-        # Segment index -> memory another owner also holds that its parameter was re-pointed
-        # into before the arena took it back (see `adopt_moved_params`).
+        # Segment index -> memory that another owner also holds, which the parameter had
+        # before the arena took it (see `_remember_homes`).
         self._homes = {}
+        self._remember_homes(range(len(self)), locals_)
         self._param_address = local_data_ptr if self.is_distributed else torch.Tensor.data_ptr
         self.point_params(range(len(self)))
 
@@ -151,14 +150,14 @@ class Arena:
             self._views[key] = view
         return view
 
-    def has_max_buffer(self):
-        return MAX_KEY in self._buffers
-
     def ensure_max_buffer(self):
-        """Allocate max_exp_avg_sq (zeros) for the whole arena, once some group asks for it."""
-        if MAX_KEY not in self._buffers:
-            size = self._buffers["param"].tensor.numel()
-            self._buffers[MAX_KEY] = FlatBuffer(size, self.state_dtype, self.device)
+        """Allocate max_exp_avg_sq (zeros) for the whole arena, once some group asks for it.
+        The record is checked as well as the buffers: a call interrupted between the two
+        statements is completed by the next."""
+        if self.record.max_exp_avg_sq is None:
+            if MAX_KEY not in self._buffers:
+                size = self._buffers["param"].tensor.numel()
+                self._buffers[MAX_KEY] = FlatBuffer(size, self.state_dtype, self.device)
             self.record = self._make_record()
 
     # ----------------------------------------------------------------------------------------
@@ -203,37 +202,55 @@ class Arena:
                     f"{self.device} was replaced by a tensor of {p.dtype}, shape "
                     f"{tuple(p.shape)} on {p.device}; create the optimizer after moving or "
                     "converting the model")
-        for index in moved:
-            p = self.params_in_order[index]
-            local = local_shard(p)
-            values = _flat_real(local.detach())
-            self._segment("param", index).copy_(values)
-            if self.has_master:
-                self._segment(MASTER_KEY, index).copy_(values)
-            # Memory another owner also holds is that owner's to read after the step, as torch's
-            # in-place update would leave it: ZeroRedundancyOptimizer(parameters_as_bucket_view=
-            # True) moves params into its buckets and broadcasts those. `write_back` keeps it
-            # current. FSDP2's shard buffer needs none: the arena re-points it.
+        locals_ = [local_shard(self.params_in_order[index]) for index in moved]
+        for index, local in zip(moved, locals_):
+            self._copy_in(index, local)
+        self._remember_homes(moved, locals_)
+        self.point_params(moved)
+
+    def _copy_in(self, index, local):
+        """A parameter's values (and its master copy) into segment `index`. No temporary
+        outlives this call: `_remember_homes` counts who holds the parameter's memory."""
+        values = _flat_real(local.detach())
+        self._segment("param", index).copy_(values)
+        if self.has_master:
+            self._segment(MASTER_KEY, index).copy_(values)
+
+    def _remember_homes(self, indices, locals_):
+        """Keep, for write-back, the memory of each parameter in `indices` (as `locals_` has it,
+        before the arena takes it over) that something else also holds: torch's in-place step
+        would leave the new values there for it to read. Examples: ZeroRedundancyOptimizer(
+        parameters_as_bucket_view=True), which moves params into its buckets and broadcasts
+        those; a module whose own Parameter shares the memory of a tensor given to the
+        optimizer. FSDP2's shard buffer needs none: the arena re-points it."""
+        for index, local, held in zip(indices, locals_, held_by_others(locals_)):
             fsdp_managed = self.is_distributed and self.fsdp_params[index] is not None
-            if not fsdp_managed and held_elsewhere(local):
+            if held and not fsdp_managed:
                 self._homes[index] = local.detach()
             else:
                 self._homes.pop(index, None)
-        self.point_params(moved)
 
     def write_back(self):
-        """After a step, copy each parameter that was re-pointed into memory another owner also
-        holds back there (8 bytes per fp32 element: read the arena, write the owner's copy);
-        one whose other owner let go is dropped."""
-        for index, home in list(self._homes.items()):
-            if not still_held(home):
+        """After a step, copy each parameter whose memory another owner also holds back there
+        (8 bytes per fp32 element: read the arena, write the owner's copy); one whose other
+        owner let go is dropped."""
+        if not self._homes:
+            return
+        homes = list(self._homes.items())
+        for (index, home), held in zip(homes, held_by_others([home for _, home in homes])):
+            if held:
+                home.copy_(self._view("param", index))
+            else:
                 del self._homes[index]
-                continue
-            home.copy_(self._view("param", index))
 
     def homes(self):
         """How many parameters are also written back to another owner's memory each step."""
         return len(self._homes)
+
+    def forget_views(self):
+        """Drop the tensors this arena handed out and keeps for recognising them (before a new
+        arena takes its params: they would count as other holders of the params' memory)."""
+        self._views.clear()
 
     def release(self, index):
         """Give parameter `index` memory of its own (it leaves the optimizer): it keeps its

@@ -21,7 +21,7 @@ from fused_adam.distributed import local_grad_of, local_shard
 
 _grad_of = operator.attrgetter("grad")
 _dtype_of = operator.attrgetter("dtype")
-_nbytes_of = operator.attrgetter("nbytes")
+_shape_of = operator.attrgetter("shape")
 _is_cpu = operator.attrgetter("is_cpu")
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
@@ -46,8 +46,7 @@ class GradientReader:
         self._grad_of = local_grad_of if arena.is_distributed else _grad_of
         locals_ = [local_shard(p) for p in self._params]
         self._dtypes = [local.dtype for local in locals_]
-        self._nbytes = np.array([local.numel() * local.element_size() for local in locals_],
-                                dtype=np.int64)
+        self._shapes = [local.shape for local in locals_]
         self._device = arena.device
         self._addresses = AddressTable(arena.device) if form == "addresses" else None
         self.copies = 0  # gradients copied because they could not be read in place, all steps
@@ -73,21 +72,16 @@ class GradientReader:
     def _check(self, present, has_grad):
         """Every gradient has its parameter's dtype, size and device (torch's own Adam raises
         for one that does not: it cannot add or lerp it)."""
-        expected_dtypes = self._dtypes
-        expected_nbytes = self._nbytes
+        expected_dtypes, expected_shapes = self._dtypes, self._shapes
         if len(present) != len(self._params):
             expected_dtypes = list(itertools.compress(self._dtypes, has_grad))
-            expected_nbytes = self._nbytes[has_grad]
-        try:
-            ok = list(map(_dtype_of, present)) == expected_dtypes
-            ok = ok and np.array_equal(
-                np.fromiter(map(_nbytes_of, present), np.int64, len(present)), expected_nbytes)
-            if ok and self._device.type == "cpu":
-                ok = all(map(_is_cpu, present))
-            elif ok:
-                ok = all(g.device == self._device for g in present)
-        except RuntimeError:  # a sparse gradient has no nbytes
-            ok = False
+            expected_shapes = list(itertools.compress(self._shapes, has_grad))
+        ok = (list(map(_dtype_of, present)) == expected_dtypes
+              and list(map(_shape_of, present)) == expected_shapes)
+        if ok and self._device.type == "cpu":
+            ok = all(map(_is_cpu, present))
+        elif ok:
+            ok = all(g.device == self._device for g in present)
         if not ok:
             self._raise_for_the_first_bad_one(present, has_grad)
 

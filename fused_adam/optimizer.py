@@ -52,6 +52,25 @@ def _bump_versions(params):
             torch._C._increment_version(p)
 
 
+def _overlaps_itself(tensor):
+    """Whether two elements of `tensor` share memory (expanded, or an overlapping as_strided):
+    torch's Adam either refuses to step it in place or updates the shared memory twice."""
+    verdict = torch._debug_has_internal_overlap(tensor)  # 0: no, 1: yes, 2: too hard to tell
+    if verdict != 2:
+        return verdict == 1
+    # Strides sorted ascending, each step past everything the smaller ones reach: no overlap.
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride <= reach:
+            break
+        reach += stride * (size - 1)
+    else:
+        return False
+    span = sum((n - 1) * s for s, n in zip(tensor.stride(), tensor.shape)) + 1
+    offsets = torch.arange(span).as_strided(tensor.shape, tensor.stride())
+    return offsets.unique().numel() < tensor.numel()
+
+
 class FusedAdam(Optimizer):
     """Adam (Kingma & Ba) with torch.optim.Adam's options and numbers, one fused pass per step.
 
@@ -174,7 +193,7 @@ class FusedAdam(Optimizer):
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(
                 f"FusedAdam can only optimize floating point parameters, not {p.dtype}")
-        if torch._debug_has_internal_overlap(p) == 1:  # 1: overlap for sure (expand, as_strided)
+        if _overlaps_itself(p):
             raise RuntimeError(
                 "FusedAdam: unsupported parameter: more than one element of it refers to a single "
                 "memory location (an expanded or overlapping tensor, which torch's Adam cannot "
@@ -207,18 +226,20 @@ class FusedAdam(Optimizer):
             # The same params in the same groups (new group dicts, after load_state_dict, say).
             self._layout_of = self._snapshot()
             return
-        old_arenas = self._arenas
-        self._copies_before = self.grad_copies
-        self._arenas, self._readers, self._launchers = {}, {}, {}
+        arenas, readers, launchers = {}, {}, {}
         for key, arena_members in members.items():
             name = dispatch.backend_name(self._settings["backend"], *key)
             kernels = dispatch.kernel_module(name)
-            arena = Arena(*key, arena_members, state_dtype=self._settings["state_dtype"],
-                          master_weights=self._settings["master_weights"])
-            self._arenas[key] = arena
-            self._readers[key] = GradientReader(arena, form=kernels.GRADS,
-                                                alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
-            self._launchers[key] = (name, kernels.adam_step)
+            launchers[key] = (name, kernels.adam_step)
+            if key in self._arenas:
+                self._arenas[key].forget_views()
+            arenas[key] = Arena(*key, arena_members, state_dtype=self._settings["state_dtype"],
+                                master_weights=self._settings["master_weights"])
+            readers[key] = GradientReader(arenas[key], form=kernels.GRADS,
+                                          alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
+        old_arenas = self._arenas
+        self._copies_before = self.grad_copies
+        self._arenas, self._readers, self._launchers = arenas, readers, launchers
         kept = {p for arena in self._arenas.values() for p in arena.params_in_order}
         for arena in old_arenas.values():
             for index, p in enumerate(arena.params_in_order):

@@ -71,7 +71,7 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
     for segment, ((start, length, group_index), grad) in enumerate(zip(_segments(arena), grads)):
         if grad is None:
             continue
-        arena.steps[segment] += 1
+        step = arena.steps[segment]
         group = groups[group_index]
         amsgrad = bool(group[AMSGRAD])
         end = start + length
@@ -80,18 +80,21 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
                   arena.exp_avg[start:end], arena.exp_avg_sq[start:end]]
         if amsgrad:
             stored.append(arena.max_exp_avg_sq[start:end])
-        # `.to` returns the buffer itself when it already has the compute dtype: in place.
-        working = [buffer.to(compute_dtype) for buffer in stored]
+        # Updated on copies, then written back in one call (params, moments, step): a step
+        # interrupted (KeyboardInterrupt) between two segments leaves each segment either
+        # stepped or not, never half-stepped.
+        working = [buffer.to(compute_dtype, copy=True) for buffer in stored]
+        new_step = step + 1
         adam_update(
             working[0], grad.to(compute_dtype), working[1], working[2],
             working[3] if amsgrad else None,
-            step=float(arena.steps[segment]), lr=group[LR], beta1=group[BETA1],
+            step=float(new_step), lr=group[LR], beta1=group[BETA1],
             beta2=group[BETA2], eps=group[EPS], weight_decay=group[WEIGHT_DECAY],
             amsgrad=amsgrad, maximize=bool(group[MAXIMIZE]),
             decoupled_weight_decay=bool(group[DECOUPLED_WD]), inv_grad_scale=inv_scale,
         )
-        for buffer, value in zip(stored, working):
-            if value is not buffer:
-                buffer.copy_(value)
+        targets, values = [*stored, step], [*working, new_step]
         if arena.master_params is not None:
-            param.copy_(working[0])
+            targets.append(param)
+            values.append(working[0])
+        torch._foreach_copy_(targets, values)

@@ -372,7 +372,8 @@ def test_model_load_state_dict_after_optimizer_exists(backend):
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_param_data_reassigned_keeps_being_updated(backend, when, layout):
     """`p.data = new` (same shape and dtype) after the optimizer exists: the optimizer keeps
-    updating p from its new values, as torch does."""
+    updating p from its new values, as torch does. With "transposed", the caller keeps the new
+    tensor (`new` holds it): as after torch's in-place step, it holds the updated values too."""
     ours_params, torch_params = _twins([(5, 7), (9,)])
     ours = FusedAdam(ours_params, lr=LR, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
@@ -384,12 +385,15 @@ def test_param_data_reassigned_keeps_being_updated(backend, when, layout):
         new[0] = new[0].t()  # a non-contiguous tensor of shape (5, 7)
     else:
         new[0] = new[0].reshape(5, 7)
+    assigned = new[0].clone()
     for p, q, value in zip(ours_params, torch_params, new):
         p.data = value.clone() if layout == "contiguous" else value
         q.data = value.clone()
     _run(ours, ours_params, first, first + 6)
     _run(theirs, torch_params, first, first + 6)
-    assert not torch.equal(ours_params[0], new[0]), "the reassigned parameter did not move"
+    assert not torch.equal(ours_params[0], assigned), "the reassigned parameter did not move"
+    if layout == "transposed":
+        assert torch.equal(new[0], ours_params[0]), "the caller's tensor was not kept current"
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
     for p in ours_params:
         assert _in_arena(ours, p), "param left the arena"
