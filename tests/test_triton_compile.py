@@ -41,8 +41,8 @@ def _launchable():
     for name in DTYPES:
         for master_weights in (False, True):
             for state_dtype in (None, torch.float32, torch.bfloat16):
-                arena = Arena("cpu", getattr(torch, TORCH_DTYPES[name]), state_dtype=state_dtype,
-                              master_weights=master_weights)
+                arena = Arena("cpu", getattr(torch, TORCH_DTYPES[name]), [],
+                              state_dtype=state_dtype, master_weights=master_weights)
                 combo = (name, names[arena.state_dtype], arena.has_master)
                 if combo not in combos:
                     combos.append(combo)
@@ -79,30 +79,54 @@ def _import_triton_adam():
         return importlib.import_module("kernels.triton_adam")
 
 
-def _signature(kernel, spec):
-    """The launcher's argument types, by name, in the kernel's order, and its constexprs."""
+def _kernel_arguments(triton_adam, spec):
+    """What the launcher passes `_adam_kernel` for an arena of this spec (tiny CPU tensors of
+    the right dtypes stand in for the buffers): its own `kernel_arguments`, the one source of
+    the signature, and the launch options."""
+    import torch
+    from fused_adam.kernels import GROUP_COLUMNS, ArenaTensors
+
     _, name, state, has_master, has_max = spec
-    types = {
-        "param_ptr": "*" + name, "exp_avg_ptr": "*" + state, "exp_avg_sq_ptr": "*" + state,
-        # Without amsgrad the launcher passes exp_avg, never read.
-        "max_exp_avg_sq_ptr": "*" + state, "chunk_table_ptr": "*i64",
-        "segment_starts_ptr": "*i64", "segment_lengths_ptr": "*i64", "segment_groups_ptr": "*i64",
-        "steps_ptr": "*fp32", "grad_addresses_ptr": "*i64", "group_table_ptr": "*fp64",
-        "inv_grad_scale_ptr": "*fp32", "inv_grad_scale": "fp32", "found_inf_ptr": "*fp32",
-        # Without a master copy the launcher passes None, which Triton makes a constexpr.
-        "master_param_ptr": "*fp32" if has_master else "constexpr",
-        "HAS_MAX_EXP_AVG_SQ": "constexpr", "BLOCK_SIZE": "constexpr", "HAS_MASTER": "constexpr",
-    }
-    assert sorted(kernel.arg_names) == sorted(types), "kernel arguments changed: update _signature"
-    constexprs = {"HAS_MAX_EXP_AVG_SQ": has_max, "HAS_MASTER": has_master}
-    if not has_master:
-        constexprs["master_param_ptr"] = None
-    return {arg: types[arg] for arg in kernel.arg_names}, constexprs
+    param_dtype, state_dtype = (getattr(torch, TORCH_DTYPES[n]) for n in (name, state))
+    zeros = lambda dtype: torch.zeros(64, dtype=dtype)  # noqa: E731
+    one = torch.tensor([16], dtype=torch.int64)
+    arena = ArenaTensors(
+        params=zeros(param_dtype), exp_avg=zeros(state_dtype), exp_avg_sq=zeros(state_dtype),
+        segment_starts=torch.zeros(1, dtype=torch.int64), segment_lengths=one,
+        segment_groups=torch.zeros(1, dtype=torch.int64), steps=torch.zeros(1),
+        master_params=zeros(torch.float32) if has_master else None,
+        max_exp_avg_sq=zeros(state_dtype) if has_max else None)
+    arguments, _, options = triton_adam.kernel_arguments(
+        arena, grads=torch.zeros(1, dtype=torch.int64),
+        group_table=torch.zeros(1, GROUP_COLUMNS, dtype=torch.float64),
+        inv_grad_scale_ptr=torch.ones(()), inv_grad_scale=1.0, found_inf_ptr=torch.zeros(()))
+    return arguments, options
+
+
+_TYPE_NAMES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16",
+               "int64": "i64"}
+
+
+def _signature(kernel, arguments):
+    """ASTSource's signature and constexprs for the launcher's `arguments`: a tensor is a
+    pointer to its dtype, a float an fp32 scalar (as the JIT types a Python float), a
+    constexpr parameter or a None (which the JIT specializes as one) a constexpr."""
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = arguments[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif hasattr(value, "dtype"):
+            signature[param.name] = "*" + _TYPE_NAMES[str(value.dtype).removeprefix("torch.")]
+        else:
+            assert isinstance(value, float), f"{param.name}: {value!r}"
+            signature[param.name] = "fp32"
+    return signature, constexprs
 
 
 def _compile_arch(arch, out_dir):
     """Child process: compile every specialization for one architecture into out_dir."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -113,16 +137,14 @@ def _compile_arch(arch, out_dir):
     for spec in SPECS:
         if spec[0] != arch:
             continue
-        _, name, state, has_master, _ = spec
-        block_size, options = triton_adam._launch_config(
-            getattr(torch, TORCH_DTYPES[name]), getattr(torch, TORCH_DTYPES[state]), has_master)
-        signature, constexprs = _signature(kernel, spec)
+        arguments, options = _kernel_arguments(triton_adam, spec)
+        signature, constexprs = _signature(kernel, arguments)
+        block_size = constexprs["BLOCK_SIZE"]
         # What the JIT specializes at launch: every tensor argument is 16-byte aligned (the
         # launcher asserts it for the arena buffers; torch allocations always are).
         attrs = {(i,): [["tt.divisibility", 16]]
                  for i, ty in enumerate(signature.values()) if ty.startswith("*")}
-        src = ASTSource(fn=kernel, signature=signature,
-                        constexprs={**constexprs, "BLOCK_SIZE": block_size}, attrs=attrs)
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         Path(out_dir, _spec_id(spec) + ".ptx").write_text(compiled.asm["ptx"])
         cubin = Path(out_dir, _spec_id(spec) + ".cubin")
