@@ -1,14 +1,17 @@
-"""Adam for CPU tensors: one parallel Numba pass over a whole arena, every group and parameter.
+"""Adam for CPU tensors: one Numba pass over a whole arena, every group and parameter, split
+across threads by `cpu_threads` (not numba's `parallel=True`: see there why).
 
 Gradients are read where autograd left them, by address, so the pass runs over *chunks* (a slice
-of one segment, at most `CHUNK_ELEMENTS` long) rather than straight over elements: `prange` hands
-chunks to threads, and the loop inside a chunk is a plain contiguous loop that LLVM vectorizes.
-One table lookup per chunk is the price of never copying a gradient.
+of one segment, at most `CHUNK_ELEMENTS` long) rather than straight over elements: each thread
+takes a range of chunks of about equal elements, and the loop inside a chunk is a plain
+contiguous loop that LLVM vectorizes. One table lookup per chunk is the price of never copying a
+gradient.
 
 16-bit buffers arrive as integer views (numpy has no bfloat16): bf16 as uint16, fp16 as int16.
 They widen to fp32 on load and round to nearest even on store, with bit operations for bf16 and
 LLVM's half conversions for fp16; math is fp32 for them and for fp32, fp64 for fp64 params.
 """
+import inspect
 import weakref
 from collections import namedtuple
 
@@ -16,9 +19,10 @@ import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from fused_adam.kernels import cpu_threads
 from fused_adam.kernels import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, PARAM_DTYPES, WEIGHT_DECAY,
 )
@@ -171,15 +175,23 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
         param[i] = _narrow(p, param)
 
 
-@njit(parallel=True, **_JIT)
-def _adam_kernel(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
-                 grad_addresses, group_table, inv_grad_scale):
-    """For each chunk of a segment with a gradient, `_update_chunk` with its group's settings and
-    its segment's step; every such segment's step advances by one first."""
+@njit(**_JIT)
+def _advance_steps(grad_addresses, steps):
+    """Every segment with a gradient advances its step (before any chunk reads it)."""
     for segment in range(grad_addresses.shape[0]):
         if grad_addresses[segment] != 0:
-            segments.steps[segment] += 1
-    for chunk in prange(chunks.segments.shape[0]):
+            steps[segment] += 1
+
+
+@njit(**_JIT)
+def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
+                 grad_addresses, group_table, inv_grad_scale, advance, first, last):
+    """For each chunk `first` .. `last - 1` of a segment with a gradient, `_update_chunk` with
+    its group's settings and its segment's step, advanced first here if `advance` (a pass in
+    one call) or before the call (a pass split across threads: every part reads the steps)."""
+    if advance:
+        _advance_steps(grad_addresses, segments.steps)
+    for chunk in range(first, last):
         segment = chunks.segments[chunk]
         address = grad_addresses[segment]
         if address == 0:
@@ -237,15 +249,15 @@ def chunk_table(segment_lengths):
     return Chunks(segments, offsets, np.minimum(lengths[segments] - offsets, CHUNK_ELEMENTS))
 
 
-# ArenaTensors -> the numpy views and chunk table the kernel takes, made once per layout.
-_derived = weakref.WeakKeyDictionary()
+class _Derived:
+    """What the launcher derives from one layout: the kernel's arguments (numpy views of the
+    buffers, the segment and chunk tables) and the chunk boundaries that split the pass into
+    parts of about equal elements, per thread count."""
 
-
-def _kernel_arguments(arena):
-    arguments = _derived.get(arena)
-    if arguments is None:
+    def __init__(self, arena):
         exp_avg = _numpy(arena.exp_avg)
-        arguments = dict(
+        chunks = chunk_table(arena.segment_lengths.numpy())
+        by_name = dict(
             params=_numpy(arena.params),
             master_params=None if arena.master_params is None else _numpy(arena.master_params),
             exp_avg=exp_avg, exp_avg_sq=_numpy(arena.exp_avg_sq),
@@ -254,17 +266,48 @@ def _kernel_arguments(arena):
                             else _numpy(arena.max_exp_avg_sq)),
             segments=Segments(arena.segment_starts.numpy(), arena.segment_groups.numpy(),
                               arena.steps.numpy()),
-            chunks=chunk_table(arena.segment_lengths.numpy()))
-        _derived[arena] = arguments
-    return arguments
+            chunks=chunks)
+        self.steps = by_name["segments"].steps
+        self.arguments = tuple(by_name[name] for name in _LAYOUT_ARGUMENTS)
+        self._elements_before = np.concatenate([[0], np.cumsum(chunks.lengths)])
+        self.n_elements = int(self._elements_before[-1])
+        self.n_chunks = len(chunks.lengths)
+        self._bounds = {}
+
+    def bounds(self, parts):
+        """parts + 1 chunk indices splitting the chunks into parts of about equal elements."""
+        bounds = self._bounds.get(parts)
+        if bounds is None:
+            targets = np.arange(parts + 1) * (self.n_elements / parts)
+            bounds = np.searchsorted(self._elements_before, targets).tolist()
+            bounds[0], bounds[-1] = 0, len(self._elements_before) - 1
+            self._bounds[parts] = bounds
+        return bounds
+
+
+_derived = weakref.WeakKeyDictionary()  # ArenaTensors -> _Derived
+# `_adam_chunks`'s leading arguments, which `_Derived` makes once per layout.
+_LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:7]
 
 
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
-    """Launch `_adam_kernel` over `arena` (see `fused_adam.kernels` for the contract)."""
+    """Run `_adam_chunks` over every chunk of `arena`, split across threads (see
+    `fused_adam.kernels` for the contract)."""
     assert arena.params.device.type == "cpu" and arena.params.dtype in PARAM_DTYPES
     assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
     if found_inf is not None and float(found_inf) != 0:
         return
-    _adam_kernel(**_kernel_arguments(arena), grad_addresses=grads.numpy(),
-                 group_table=group_table.numpy(),
-                 inv_grad_scale=1.0 if inv_grad_scale is None else float(inv_grad_scale))
+    derived = _derived.get(arena)
+    if derived is None:
+        derived = _derived[arena] = _Derived(arena)
+    grad_addresses = grads.numpy()
+    arguments = (*derived.arguments, grad_addresses, group_table.numpy(),
+                 1.0 if inv_grad_scale is None else float(inv_grad_scale))
+    parts = cpu_threads.parts_for(derived.n_elements)
+    if parts == 1:
+        # One call, steps and updates together: nothing can stop it half-way.
+        _adam_chunks(*arguments, True, 0, derived.n_chunks)
+        return
+    with cpu_threads.interrupts_deferred():
+        _advance_steps(grad_addresses, derived.steps)
+        cpu_threads.run_parts(_adam_chunks, (*arguments, False), derived.bounds(parts))

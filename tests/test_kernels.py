@@ -109,6 +109,76 @@ def test_found_inf_skips_everything(backend):
     assert arena.steps.tolist() == [0.0]
 
 
+def _big_numba_case(seed):
+    """A record of 5 segments, 2^18 elements in all (enough to be split across threads), with
+    its gradients and the group table."""
+    lengths = [100_003, 17, 90_000, 1, 72_123]
+    starts = np.cumsum([0] + [-(-n // 16) * 16 for n in lengths])
+    size = int(starts[-1])
+    generator = torch.Generator().manual_seed(seed)
+    arena = ArenaTensors(
+        params=torch.randn(size, generator=generator), exp_avg=torch.zeros(size),
+        exp_avg_sq=torch.zeros(size), max_exp_avg_sq=torch.zeros(size),
+        segment_starts=torch.tensor(starts[:-1]), segment_lengths=torch.tensor(lengths),
+        segment_groups=torch.tensor([0, 1, 0, 1, 0]), steps=torch.zeros(5))
+    grads = [torch.randn(n, generator=generator) for n in lengths]
+    grads[3] = None
+    return arena, grads, _group_table(*GROUPS)
+
+
+def _clone(arena):
+    return ArenaTensors(**{name: None if value is None else value.clone()
+                           for name, value in vars(arena).items()})
+
+
+def test_numba_pass_split_across_threads_is_the_one_pass():
+    """The launcher splits a large arena across threads (`cpu_threads`); 3 steps of that are
+    bit for bit 3 steps of the kernel in one call on one thread."""
+    from fused_adam.kernels import cpu_threads, numba_adam
+
+    arena, grads, table = _big_numba_case(seed=21)
+    assert cpu_threads.parts_for(arena.params.numel()) > 1 or torch.get_num_threads() == 1
+    one_pass = _clone(arena)
+    addresses = _grads_for(numba_adam, grads)
+    derived = numba_adam._Derived(one_pass)
+    for _ in range(3):
+        numba_adam.adam_step(arena, grads=addresses, group_table=table)
+        numba_adam._adam_chunks(*derived.arguments, addresses.numpy(), table.numpy(), 1.0,
+                                True, 0, derived.n_chunks)
+    for name in ("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
+        assert torch.equal(getattr(arena, name), getattr(one_pass, name)), name
+
+
+def _step_in_child(arena, grads, table, connection):
+    from fused_adam.kernels import numba_adam
+
+    numba_adam.adam_step(arena, grads=_grads_for(numba_adam, grads), group_table=table)
+    connection.send_bytes(arena.params.numpy().tobytes())
+    connection.close()
+
+
+def test_numba_threads_survive_fork():
+    """A process forked after a split pass (the pool's threads started) runs one itself, with
+    the right numbers: numba's own OpenMP layer kills such a child."""
+    import multiprocessing
+
+    from fused_adam.kernels import numba_adam
+
+    arena, grads, table = _big_numba_case(seed=22)
+    numba_adam.adam_step(arena, grads=_grads_for(numba_adam, grads), group_table=table)
+    expected = _clone(arena)
+    numba_adam.adam_step(expected, grads=_grads_for(numba_adam, grads), group_table=table)
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_step_in_child, args=(arena, grads, table, writer))
+    child.start()
+    writer.close()
+    received = reader.recv_bytes() if reader.poll(120) else None
+    child.join(120)
+    assert child.exitcode == 0 and received is not None, f"the child exited with {child.exitcode}"
+    assert np.array_equal(np.frombuffer(received, dtype=np.float32), expected.params.numpy())
+
+
 # ------------------------------------------------------------------------------------------------
 # Large arenas: 64-bit offsets in every kernel
 #
@@ -185,7 +255,7 @@ def test_segment_past_2_to_the_32_elements(backend):
 
 @needs_virtual_memory
 def test_numba_kernel_offsets_within_a_segment_past_2_to_the_31():
-    """numba's `_adam_kernel` on one chunk whose offset *inside* its segment is past 2^31 (a
+    """numba's `_adam_chunks` on one chunk whose offset *inside* its segment is past 2^31 (a
     parameter of more than 2^31 elements), in a segment that itself starts past 2^31: the grad
     is read at address + offset * itemsize and the update written at start + offset, both
     beyond 32 bits. The chunk table is made by hand so that only this chunk runs."""
@@ -202,16 +272,15 @@ def test_numba_kernel_offsets_within_a_segment_past_2_to_the_31():
     grad = _virtual(offset + 64, dtype)
     grad[offset:offset + n] = g
     int64 = dict(dtype=np.int64)
-    steps = np.array([4.0], dtype=np.float32)
-    numba_adam._adam_kernel(
+    steps = np.array([5.0], dtype=np.float32)  # the launcher advances steps before the chunks
+    numba_adam._adam_chunks(
         params=buffers[0].numpy(), master_params=None, exp_avg=buffers[1].numpy(),
         exp_avg_sq=buffers[2].numpy(), max_exp_avg_sq=buffers[3].numpy(),
         segments=numba_adam.Segments(np.array([start], **int64), np.array([0], **int64), steps),
         chunks=numba_adam.Chunks(np.array([0], **int64), np.array([offset], **int64),
                                  np.array([n], **int64)),
         grad_addresses=np.array([grad.data_ptr()], **int64), group_table=table.numpy(),
-        inv_grad_scale=1.0)
-    assert steps.tolist() == [5.0]
+        inv_grad_scale=1.0, advance=False, first=0, last=1)
     _check_far(buffers, at, n, expected, dtype, truncated=[at % 2 ** 32, at % 2 ** 31])
 
 
