@@ -26,11 +26,46 @@ from fused_adam.storage import FlatBuffer
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 MAX_KEY = "max_exp_avg_sq"
 MASTER_KEY = "master_param"  # ours: the fp32 master copy of a bf16/fp16 parameter
+# What a parameter's state must hold once it has any (torch's Adam raises KeyError without it).
+_REQUIRED_KEYS = ("step", *MOMENT_KEYS)
 
 
 def real_dtype(dtype):
     """The dtype an arena steps a parameter of `dtype` in (complex params as their real view)."""
     return dtype.to_real() if dtype.is_complex else dtype
+
+
+def check_steppable(p):
+    """Refuse, before anything changes, a parameter an arena cannot step as torch would."""
+    if p.dtype == torch.complex32:
+        raise ValueError("FusedAdam does not support complex32 parameters")
+    if not (p.is_floating_point() or p.is_complex()):
+        raise ValueError(f"FusedAdam can only optimize floating point parameters, not {p.dtype}")
+    if _overlaps_itself(p):
+        raise RuntimeError(
+            "FusedAdam: unsupported parameter: more than one element of it refers to a single "
+            "memory location (an expanded or overlapping tensor, which torch's Adam cannot "
+            "step in place either); please clone() it")
+
+
+def _overlaps_itself(tensor):
+    """Whether two elements of `tensor` share memory (expanded, or an overlapping as_strided):
+    torch's Adam either refuses to step it in place or updates the shared memory twice. Packed
+    into a segment, it would silently become a tensor of distinct elements."""
+    verdict = torch._debug_has_internal_overlap(tensor)  # 0: no, 1: yes, 2: too hard to tell
+    if verdict != 2:
+        return verdict == 1
+    # Strides sorted ascending, each step past everything the smaller ones reach: no overlap.
+    reach = 0
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride <= reach:
+            break
+        reach += stride * (size - 1)
+    else:
+        return False
+    span = sum((n - 1) * s for s, n in zip(tensor.stride(), tensor.shape)) + 1
+    offsets = torch.arange(span).as_strided(tensor.shape, tensor.stride())
+    return offsets.unique().numel() < tensor.numel()
 
 
 def table_device(device):
@@ -277,7 +312,31 @@ class Arena:
         """Whether `value` is this arena's own tensor for `name` of segment `index`."""
         return self._views.get((name, index)) is value
 
-    def value_problem(self, index, name, value):
+    def plan_import(self, index, entry):
+        """[(name, value)] to write into segment `index` for torch's state entry `entry` (a
+        checkpoint's, or one a user edited), or None for no state (torch's empty entry
+        included); raises, naming the parameter, for an entry torch's Adam could not step
+        from or that does not fit."""
+        if not entry:
+            return None
+        missing = [name for name in _REQUIRED_KEYS if name not in entry]
+        if missing:
+            raise KeyError(f"FusedAdam: the state of {self.describe(index)} has no "
+                           f"{missing[0]!r} (torch's Adam needs it to step)")
+        planned = []
+        for name in (*_REQUIRED_KEYS, MAX_KEY, MASTER_KEY):
+            if name not in entry or self.owns(index, name, entry[name]):
+                continue
+            if name == MASTER_KEY and not self.has_master:
+                continue
+            problem = self._value_problem(index, name, entry[name])
+            if problem is not None:
+                raise ValueError(f"FusedAdam: the state of {self.describe(index)} does not "
+                                 f"fit it: {problem}")
+            planned.append((name, entry[name]))
+        return planned
+
+    def _value_problem(self, index, name, value):
         """Why `value` cannot be segment `index`'s `name`, or None."""
         if name == "step":
             if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):

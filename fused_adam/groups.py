@@ -1,4 +1,5 @@
-"""Param groups: torch.optim.Adam's hyperparameter checks, and the group table the kernels read.
+"""Param groups: torch's checks of a new group and of Adam's hyperparameters, and the group
+table the kernels read.
 
 The table has one float64 row per param group (columns in `fused_adam.kernels`); it is rebuilt
 only when a hyperparameter changed (an LR scheduler writes `group["lr"]` every step or epoch).
@@ -33,6 +34,43 @@ def validate_hyperparameters(lr, betas, eps, weight_decay):
     for index, beta in enumerate(betas):
         if isinstance(beta, torch.Tensor) and beta.numel() != 1:
             raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
+def normalized_group(param_group, defaults, param_groups):
+    """torch's `add_param_group` checks and defaults, as a new dict, before anything is
+    appended (torch fills the caller's dict in as it goes, and may raise half-way)."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    elif isinstance(params, set):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but "
+            "the ordering of tensors in sets will change between runs. Please use a list "
+            "instead.")
+    else:
+        params = list(params)
+    names = [p[0] for p in params if isinstance(p, tuple)]
+    params = [p[1] if isinstance(p, tuple) else p for p in params]
+    if names and len(names) != len(params):
+        raise ValueError("all optimizer params should be with/without names. Some param "
+                         "names are missing")
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError("optimizer can only optimize Tensors, but one of the params is "
+                            + torch.typename(p))
+        if not (p.is_leaf or p.retains_grad):
+            raise ValueError("can't optimize a non-leaf Tensor")
+    group = {**defaults, **param_group, "params": params}
+    if names:
+        group["param_names"] = names
+    if param_groups and ("param_names" in group) != ("param_names" in param_groups[0]):
+        with_names = "with names" if "param_names" in group else "without names"
+        raise ValueError("all optimizer param groups should be with/without names. "
+                         f"cannot add param group {with_names} to the optimizer")
+    validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    return group
 
 
 def _lr_on_device(group):

@@ -21,16 +21,16 @@ import torch
 from torch.optim import Optimizer
 
 from fused_adam import dispatch
-from fused_adam.flat import MASTER_KEY, MAX_KEY, MOMENT_KEYS, Arena, real_dtype, table_device
+from fused_adam.flat import MASTER_KEY, MAX_KEY, Arena, check_steppable, real_dtype, table_device
 from fused_adam.grads import GradientReader
-from fused_adam.groups import GroupTables, group_row, validate_hyperparameters
+from fused_adam.groups import (
+    GroupTables, group_row, normalized_group, validate_hyperparameters,
+)
 from fused_adam.state import TrackedState
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
 # state_dict with its meaning intact (decoupled_weight_decay above all).
 _TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
-# What a parameter's state must hold once it has any (torch's Adam raises KeyError without it).
-_REQUIRED_KEYS = ("step", *MOMENT_KEYS)
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
@@ -50,25 +50,6 @@ def _bump_versions(params):
     except TypeError:  # torch < 2.5 takes one tensor at a time
         for p in params:
             torch._C._increment_version(p)
-
-
-def _overlaps_itself(tensor):
-    """Whether two elements of `tensor` share memory (expanded, or an overlapping as_strided):
-    torch's Adam either refuses to step it in place or updates the shared memory twice."""
-    verdict = torch._debug_has_internal_overlap(tensor)  # 0: no, 1: yes, 2: too hard to tell
-    if verdict != 2:
-        return verdict == 1
-    # Strides sorted ascending, each step past everything the smaller ones reach: no overlap.
-    reach = 0
-    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1):
-        if stride <= reach:
-            break
-        reach += stride * (size - 1)
-    else:
-        return False
-    span = sum((n - 1) * s for s, n in zip(tensor.stride(), tensor.shape)) + 1
-    offsets = torch.arange(span).as_strided(tensor.shape, tensor.stride())
-    return offsets.unique().numel() < tensor.numel()
 
 
 class FusedAdam(Optimizer):
@@ -134,41 +115,14 @@ class FusedAdam(Optimizer):
         """torch's `add_param_group`, with every check made before the group is appended (a
         group that is refused leaves the optimizer as it was), and linear in the number of
         groups. The arenas take the group at the next step."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        elif isinstance(params, set):
-            raise TypeError(
-                "optimizer parameters need to be organized in ordered collections, but "
-                "the ordering of tensors in sets will change between runs. Please use a list "
-                "instead.")
-        else:
-            params = list(params)
-        names = [p[0] for p in params if isinstance(p, tuple)]
-        params = [p[1] if isinstance(p, tuple) else p for p in params]
-        if names and len(names) != len(params):
-            raise ValueError("all optimizer params should be with/without names. Some param "
-                             "names are missing")
+        group = normalized_group(param_group, self.defaults, self.param_groups)
+        params = group["params"]
         for p in params:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError("optimizer can only optimize Tensors, but one of the params is "
-                                + torch.typename(p))
-            if not (p.is_leaf or p.retains_grad):
-                raise ValueError("can't optimize a non-leaf Tensor")
-        group = {**self.defaults, **param_group, "params": params}
-        if names:
-            group["param_names"] = names
-        if self.param_groups and (("param_names" in group)
-                                  != ("param_names" in self.param_groups[0])):
-            with_names = "with names" if "param_names" in group else "without names"
-            raise ValueError("all optimizer param groups should be with/without names. "
-                             f"cannot add param group {with_names} to the optimizer")
-        validate_hyperparameters(group["lr"], group["betas"], group["eps"],
-                                 group["weight_decay"])
-        for p in params:
-            self._check_param(p, group)
+            check_steppable(p)
+            if group["capturable"] and p.device.type != "cuda":
+                raise ValueError(
+                    f"FusedAdam: capturable=True needs CUDA parameters, got {p.device.type} ones")
+            dispatch.backend_name(self._settings["backend"], p.device, real_dtype(p.dtype))
         if len(params) != len(set(params)):
             # torch steps such a parameter once per listing; FusedAdam, whose arena holds one
             # segment per parameter, steps it once (see the README).
@@ -185,23 +139,6 @@ class FusedAdam(Optimizer):
         self.param_groups.append(param_group)
         seen.update(params)
         self._params_seen = seen
-
-    def _check_param(self, p, group):
-        """Refuse, before anything changes, a parameter the arenas cannot step as torch would."""
-        if p.dtype == torch.complex32:
-            raise ValueError("FusedAdam does not support complex32 parameters")
-        if not (p.is_floating_point() or p.is_complex()):
-            raise ValueError(
-                f"FusedAdam can only optimize floating point parameters, not {p.dtype}")
-        if _overlaps_itself(p):
-            raise RuntimeError(
-                "FusedAdam: unsupported parameter: more than one element of it refers to a single "
-                "memory location (an expanded or overlapping tensor, which torch's Adam cannot "
-                "step in place either); please clone() it")
-        if group["capturable"] and p.device.type != "cuda":
-            raise ValueError(
-                f"FusedAdam: capturable=True needs CUDA parameters, got {p.device.type} ones")
-        dispatch.backend_name(self._settings["backend"], p.device, real_dtype(p.dtype))
 
     def _groups_unchanged(self):
         """Whether `param_groups` holds the groups and params the arenas were built from (an
@@ -299,7 +236,7 @@ class FusedAdam(Optimizer):
                    for arena in self._arenas.values()
                    for index, p in enumerate(arena.params_in_order)
                    if everything or p in log.params]
-        plans = [self._planned_import(arena, index, entry) for arena, index, _, entry in targets]
+        plans = [arena.plan_import(index, entry) for arena, index, _, entry in targets]
         for (arena, index, p, entry), planned in zip(targets, plans):
             if planned is None:  # no state (an empty entry is torch's "no state" too)
                 if arena.has_state[index]:
@@ -314,28 +251,6 @@ class FusedAdam(Optimizer):
             arena.has_state[index] = True
             arena.has_max[index] = MAX_KEY in entry
         log.take()
-
-    def _planned_import(self, arena, index, entry):
-        """[(name, value)] to write into segment `index` for state entry `entry` (None: no
-        state); raises, naming the parameter, for an entry torch's Adam could not step from."""
-        if not entry:
-            return None
-        missing = [name for name in _REQUIRED_KEYS if name not in entry]
-        if missing:
-            raise KeyError(f"FusedAdam: the state of {arena.describe(index)} has no "
-                           f"{missing[0]!r} (torch's Adam needs it to step)")
-        planned = []
-        for name in (*_REQUIRED_KEYS, MAX_KEY, MASTER_KEY):
-            if name not in entry or arena.owns(index, name, entry[name]):
-                continue
-            if name == MASTER_KEY and not arena.has_master:
-                continue
-            problem = arena.value_problem(index, name, entry[name])
-            if problem is not None:
-                raise ValueError(f"FusedAdam: the state of {arena.describe(index)} does not "
-                                 f"fit it: {problem}")
-            planned.append((name, entry[name]))
-        return planned
 
     # ----------------------------------------------------------------------------------------
     # Step
@@ -465,7 +380,8 @@ class FusedAdam(Optimizer):
         for saved_id, entry in state_dict["state"].items():
             p = by_id.get(saved_id)
             if p is not None and p in where:
-                self._planned_import(*where[p], entry)
+                arena, index = where[p]
+                arena.plan_import(index, entry)
 
     def __getstate__(self):
         state = super().__getstate__()
