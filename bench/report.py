@@ -202,6 +202,10 @@ def step_plot(rows, path):
             speed = table.get(config, p, "speedup_vs_torch_fused")
             labels.append("" if v is None else "ref." if p == ANCHOR else
                           "" if speed is None else f"{speed:.2f}x")
+        for y, p in zip(ys, optimizers):
+            if table.row(config, p, "skipped") is not None:
+                ax.text(0, y, " not run (see results.md)", va="center", fontsize=7,
+                        color="#666666")
         texts = ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
         for text in texts:  # a roofline line through a label must not strike it out
             text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
