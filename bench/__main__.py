@@ -50,6 +50,7 @@ def _common(parser):
 def _step_parser():
     from bench.configs import CONFIG_NAMES
     from bench.memory import DEFAULT_MAX_GB
+    from bench.step import HARD_LIMIT, TIME_BUDGET_S
     from bench.providers import ALL_PROVIDERS
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -71,8 +72,11 @@ def _step_parser():
                         help="timed rounds per pair, fixed (default: as many as the time "
                              "budget allows, between a floor and a ceiling)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                        help="what the whole run aims to take (default: 420 on CPU, 40 with "
-                             "--quick, 600 on CUDA); a busy machine gets fewer rounds")
+                        help="what the whole run aims to take (default: "
+                             f"{TIME_BUDGET_S[('cpu', False)]:g} on CPU, "
+                             f"{TIME_BUDGET_S[('cpu', True)]:g} with --quick, "
+                             f"{TIME_BUDGET_S[('cuda', False)]:g} on CUDA); a busy machine gets "
+                             f"fewer rounds, and no pair starts after {HARD_LIMIT:g}x this")
     parser.add_argument("--max-memory", type=float, default=DEFAULT_MAX_GB, metavar="GB",
                         help="ceiling on peak memory (CPU: the process's resident memory; "
                              "CUDA: allocated); a config that would need more is scaled down "

@@ -6,7 +6,7 @@ each config, the largest of its sizes whose estimated peak fits the budget, or s
 pure function of its inputs (sizes, subjects, budget, baseline) so that a test can fake the budget.
 
 The estimate is bytes per element of the config, per subject, from measurements on the
-development machine (peak RSS of one pair, `VmHWM` reset before it): a subject holds its params
+development machine (peak RSS of one pair, sampled): a subject holds its params
 and moments ("resident", MODES in `bench.providers`), and during its own iteration also its
 gradients and the temporaries of the loss, its backward and, for torch's for-loop and foreach
 Adam and our plain-torch backend, of the step itself. GPT-2-small's dearest pair
@@ -16,6 +16,7 @@ says 5.3 GB. Every pair's measured peak is written into the results (`peak_rss_G
 import ctypes
 import gc
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +48,37 @@ def rss_bytes():
 
 
 def peak_rss_bytes():
-    """This process's peak resident memory since the last `reset_peak_rss()` (or its start)."""
+    """This process's peak resident memory since it started (what `/usr/bin/time` reports)."""
     return _proc_status("VmHWM")
 
 
-def reset_peak_rss():
-    """Restart the peak count (Linux: writing 5 to clear_refs resets VmHWM); False if it can't."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
+class RssSampler:
+    """The peak of this process's resident memory over a stretch of code, sampled every
+    `interval` seconds by a thread (a sleeping thread, woken 20 times a second, that reads one
+    /proc file: no measurable cost to the timed code).
+
+    Not by resetting the kernel's peak (writing 5 to /proc/self/clear_refs): that also resets
+    the peak that `/usr/bin/time` reports at exit, which would then understate the run's peak."""
+
+    def __init__(self, interval=0.05):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while True:
+            self.peak = max(self.peak, rss_bytes() or 0)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes() or 0)
         return False
 
 

@@ -124,7 +124,7 @@ def step_markdown(rows):
         "there), after a stand-in backward; its % is chained through torch-fused (each link "
         "one pair's shared rounds). `copy_` moves 8 B per element, for reference. Iteration = "
         "forward + backward of a cheap loss + step + zero_grad. Peak = the process's peak "
-        "resident memory during the pair (CUDA: peak allocated).", "",
+        "resident memory during the pair, sampled every 50 ms (CUDA: peak allocated).", "",
         "| config | provider | step ms median [p20–p80] | x torch-fused (same rounds) | "
         "rounds | GB/s | % of roofline | iteration ms | peak GB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
