@@ -387,7 +387,7 @@ class StepBenchmark:
                 samples = timing.interleave(subjects, warmup=0, iters=iters,
                                             first_round=warmup, on_round=on_round)
         except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
-            del subject, subjects
+            subject = subjects = None  # the lambdas hold the cell: free what it points to
             memory.release(self.device)
             return f"failed while timing: {_first_line(error)}"
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
@@ -395,7 +395,7 @@ class StepBenchmark:
         self.peaks[name] = max(self.peaks.get(name, 0.0), peak or 0.0)
         if self.device.type == "cpu" and hasattr(subject, "state_tensors"):
             self.huge[name] = system.huge_page_fraction(subject.state_tensors())
-        del subject, subjects
+        subject = subjects = None  # the lambdas hold the cell: free what it points to
         memory.release(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
