@@ -10,9 +10,9 @@ development machine (peak RSS of one pair, sampled): a subject holds its params
 and moments ("resident", MODES in `bench.providers`), and during its own iteration also its
 gradients and the temporaries of the loss, its backward and, for torch's for-loop and foreach
 Adam and our plain-torch backend, of the step itself. GPT-2-small's dearest pair
-(torch-fused with fused_adam-torch, or with the roofline) peaked at 5.0 GB measured; the estimate
-says 5.3 GB. Every pair's measured peak is written into the results (`peak_rss_GB`), beside it.
-"""
+(torch-fused with fused_adam-torch) peaked at 4.6-4.9 GB measured; the estimate says 5.2 GB.
+Every pair's measured peak is written into the results (`peak_memory_GB`), beside the config's
+estimate (`estimated_peak_GB`)."""
 import ctypes
 import gc
 import re

@@ -91,14 +91,18 @@ def headline_markdown(rows):
         gbps = table.get(config, ours, "GBps")
         speed = table.get(config, ours, "speedup_vs_torch_fused")
         bf16_ms = table.get(config, bf16, "step_ms_median")
-        bf16_speed = table.get(config, bf16, "speedup_vs_torch_fused")
         lines.append(
             f"| {label} | {fmt_ms(table.get(config, ours, 'torch_fused_step_ms_in_pair'))} ms | "
             f"{fmt_ms(table.get(config, ours, 'step_ms_median'))} ms | "
-            + ("—" if speed is None else f"{speed:.2f}x") + " | "
+            + ("—" if speed is None else _speed(table, config, ours)) + " | "
             + ("—" if gbps is None else f"{gbps:.1f}")
             + ("" if fraction is None else f" ({100 * fraction:.0f}%)") + " | "
-            + ("—" if bf16_ms is None else f"{fmt_ms(bf16_ms)} ms ({bf16_speed:.2f}x)") + " |")
+            + ("—" if bf16_ms is None else f"{fmt_ms(bf16_ms)} ms ({_speed(table, config, bf16)})")
+            + " |")
+    if any(noisy(table, c, p) for c in table.configs for p in table.providers):
+        lines += ["", f"\\* a noisy pair: torch-fused's median in it was more than "
+                  f"{NOISY_PAIR:g}x off its median over all pairs (the machine's load changed "
+                  "under it); rerun it alone to quote it."]
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +156,11 @@ def step_markdown(rows):
             peak = table.get(config, provider, "peak_memory_GB")
             rounds = table.row(config, provider, "step_ms_median")["samples"]
             speed_cell = ("—" if speed is None or table.kinds[provider] == "copy"
-                          else "1 (reference)" if provider == ANCHOR else f"{speed:.2f}x")
+                          else "1 (reference)" if provider == ANCHOR
+                          else _speed(table, config, provider))
+            drift = noisy(table, config, provider)
+            if drift and table.kinds[provider] != "copy":
+                speed_cell += (f" (torch-fused {drift:.1f}x its usual time in this pair)")
             lines.append(
                 f"| {label} | {provider} | {_spread(table, config, provider, 'step')} | "
                 f"{speed_cell} | {rounds} | {table.get(config, provider, 'GBps'):.1f} | "
@@ -173,6 +181,30 @@ def step_markdown(rows):
                   "for them; torch's allocator does not): " + ", ".join(
                       f"{p} on {c} {100 * v:.0f}%" for c, p, v in huge) + "."]
     return "\n".join(lines) + "\n"
+
+
+# A pair whose torch-fused median strays this far from torch-fused's median over all pairs ran
+# on a machine that changed under it (other work starting or stopping): its ratio is marked.
+NOISY_PAIR = 1.5
+
+
+def noisy(table, config, provider):
+    """torch-fused's median in `provider`'s pair over its median over all pairs, when that is
+    beyond NOISY_PAIR either way (else None)."""
+    in_pair = table.get(config, provider, "torch_fused_step_ms_in_pair")
+    pooled = table.get(config, ANCHOR, "step_ms_median")
+    if provider == ANCHOR or not in_pair or not pooled:
+        return None
+    drift = in_pair / pooled
+    return drift if not 1 / NOISY_PAIR <= drift <= NOISY_PAIR else None
+
+
+def _speed(table, config, provider):
+    """`1.13x`, with a mark when the pair was noisy (see `noisy`)."""
+    speed = table.get(config, provider, "speedup_vs_torch_fused")
+    if speed is None:
+        return "—"
+    return f"{speed:.2f}x" + ("*" if noisy(table, config, provider) else "")
 
 
 def paced_gbps(table, config, provider):
@@ -225,7 +257,7 @@ def step_plot(rows, path):
         for p, v in zip(optimizers, values):
             speed = table.get(config, p, "speedup_vs_torch_fused")
             labels.append("" if v is None else "ref." if p == ANCHOR else
-                          "" if speed is None else f"{speed:.2f}x")
+                          "" if speed is None else _speed(table, config, p))
         for y, p in zip(ys, optimizers):
             if table.row(config, p, "skipped") is not None:
                 ax.text(0, y, " not run (see results.md)", va="center", fontsize=7,
@@ -257,7 +289,11 @@ def step_plot(rows, path):
         title += ": QUICK MODE, scaled-down configs"
     fig.suptitle(title + "\nbar labels: speedup of the step over torch-fused (same rounds)",
                  fontsize=10)
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    if any(noisy(table, c, p) for c in configs for p in optimizers):
+        handles.append(Line2D([], [], linestyle="none", label=f"* noisy pair: torch-fused's "
+                              f"time in it strayed over {NOISY_PAIR:g}x (see results.md)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

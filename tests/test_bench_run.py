@@ -118,3 +118,18 @@ def test_bench_gpu_selects_only_the_tests_that_need_a_gpu():
         cwd=REPO, capture_output=True, text=True).stdout
     ids = [line for line in listed.splitlines() if "::" in line]
     assert ids and all(line.startswith("tests/test_gpu.py::") for line in ids), listed
+
+
+def test_a_pair_whose_torch_fused_strays_is_marked_noisy():
+    """A pair in which torch-fused ran far from its usual time (other work started or stopped
+    under it) gets its ratio marked, in the tables and the plot."""
+    where = results.config_fields("c", "a config", 10, 1)
+    rows = [results.row({}, where, "torch-fused", "step_ms_median", 10.0, "ms")]
+    for provider, anchor_ms in (("steady", 14.0), ("slow", 16.0), ("fast", 6.0)):
+        rows.append(results.row({}, where, provider, "torch_fused_step_ms_in_pair", anchor_ms,
+                                "ms"))
+    table = results.Table(rows)
+    assert report.noisy(table, "c", "steady") is None
+    assert report.noisy(table, "c", "slow") == pytest.approx(1.6)
+    assert report.noisy(table, "c", "fast") == pytest.approx(0.6)
+    assert report.noisy(table, "c", "torch-fused") is None
