@@ -1,3 +1,8 @@
-"""Benchmarks for fused_adam: `python -m bench` (step benchmark against torch's Adam and a
-measured roofline), `python -m bench train`, `python -m bench grad-layout`, and a
-pytest-benchmark suite (`pytest bench/ --benchmark-only`). See `bench/__main__.py`."""
+"""Benchmarks for fused_adam: `python -m bench` (the step benchmark against torch's Adam and a
+measured roofline), `train`, `grad-layout`, `breakdown`, `report` and `gpu` (see
+`bench/__main__.py`), and a pytest-benchmark suite (`pytest bench/ --benchmark-only`).
+
+One harness: `timing.interleave` times every command's subjects, `results` is the one row
+schema they all write, `report` makes every table and plot from rows, `system.run_metadata`
+says where and when a run was made; `memory` decides what fits.
+"""

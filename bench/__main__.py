@@ -1,23 +1,25 @@
 """`python -m bench`: the command line.
 
     python -m bench [--quick] [--out DIR] [--device cpu|cuda] [--configs ...] [--providers ...]
+                    [--time-budget S] [--max-memory GB] [--allocations N]
     python -m bench train [--iters N] [--device ...] [--out DIR]
     torchrun --nproc_per_node=2 -m bench train --ddp [--bucket-view] [--iters N]
     python -m bench grad-layout [--quick] [--device ...] [--out DIR]
     python -m bench breakdown [--config small-800] [--allocations N] [--out DIR]
                                         (a FusedAdam step split into its parameter visit and
                                          its kernel, beside torch-fused and the roofline)
-    python -m bench report DIR          (redraw results.md/.png from DIR/results.json)
-    python -m bench gpu [--out DIR]     (on a GPU machine: the tests, then the benchmark and the
-                                         training run, everything into one folder)
+    python -m bench report DIR          (redraw every table and plot in DIR from its JSON)
+    python -m bench gpu [--out DIR]     (on a GPU machine: the GPU tests, then the benchmark,
+                                         the breakdown, the gradient layouts and the training
+                                         run, everything into one folder)
 
 Without a subcommand it runs the step benchmark on the best device present (CUDA if there is
-one). Every command writes into one results folder, by default
-`bench/results/<device-slug>-<YYYY-MM-DD>/`, so a GPU run's files can be copied back and
-committed as they are.
+one). Each run writes into a folder of its own, by default
+`bench/results/<device>-<YYYY-MM-DD-HHMMSS>-<git sha>/`, so that no run overwrites another and a
+GPU run's files can be copied back and committed as they are; `--out DIR` writes into DIR.
 """
 import argparse
-import datetime
+import signal
 import sys
 from pathlib import Path
 
@@ -29,24 +31,26 @@ def _best_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _default_out(device):
+def _default_out(device, suffix=""):
     import torch
 
     from bench import system
-    slug = system.device_slug(torch.device(device))
-    return system.REPO_ROOT / "bench" / "results" / f"{slug}-{datetime.date.today().isoformat()}"
+    return system.new_results_dir(torch.device(device), suffix)
 
 
 def _common(parser):
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: bench/results/<device-slug>-<date>/)")
+                        help="results folder (default: a new one, bench/results/<device>-"
+                             "<date>-<time>-<git sha>/)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def _step_parser():
     from bench.configs import CONFIG_NAMES
+    from bench.memory import DEFAULT_MAX_GB
+    from bench.step import HARD_LIMIT, TIME_BUDGET_S
     from bench.providers import ALL_PROVIDERS
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -63,10 +67,23 @@ def _step_parser():
                         help="default: torch-forloop, torch-foreach, torch-fused, "
                              "fused_adam-numba (CPU) or fused_adam-triton (CUDA) with its "
                              ":bf16-states and :bf16-master modes, and fused_adam-torch")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds")
-    parser.add_argument("--iters", type=int, default=None, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds per pair")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="timed rounds per pair, fixed (default: as many as the time "
+                             "budget allows, between a floor and a ceiling)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="what the whole run aims to take (default: "
+                             f"{TIME_BUDGET_S[('cpu', False)]:g} on CPU, "
+                             f"{TIME_BUDGET_S[('cpu', True)]:g} with --quick, "
+                             f"{TIME_BUDGET_S[('cuda', False)]:g} on CUDA); a busy machine gets "
+                             f"fewer rounds, and no pair starts after {HARD_LIMIT:g}x this")
+    parser.add_argument("--max-memory", type=float, default=DEFAULT_MAX_GB, metavar="GB",
+                        help="ceiling on peak memory (CPU: the process's resident memory; "
+                             "CUDA: allocated); a config that would need more is scaled down "
+                             "or skipped, and so is one that needs more than 80%% of what is "
+                             f"available now (default {DEFAULT_MAX_GB:g})")
     parser.add_argument("--allocations", type=int, default=1,
-                        help="build every subject's buffers this many times and pool the "
+                        help="build every pair's buffers this many times and pool the "
                              "samples: a median over where memory landed (default 1)")
     return parser
 
@@ -128,7 +145,7 @@ def _breakdown_parser():
     return parser
 
 
-def _resolve(args):
+def _resolve(args, suffix=""):
     if args.device is None:
         args.device = _best_device()
     elif args.device == "cuda":
@@ -136,15 +153,15 @@ def _resolve(args):
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device is available")
     if args.out is None:
-        args.out = _default_out(args.device)
+        args.out = _default_out(args.device, suffix)
     return args
 
 
 def _gpu(argv):
-    """The GPU machine's one command: the whole test suite (GPU tests included; a failure is
-    recorded, not fatal), then the step benchmark, the step breakdown on 800 small tensors and
-    the training comparison, each in its own
-    process, all writing into one folder that can be copied back and committed."""
+    """The GPU machine's one command: the GPU tests (a failure is recorded, not fatal), then the
+    step benchmark, the step breakdown on 800 small tensors, the gradient layouts and the
+    training comparison, each in its own process, all writing into one folder that can be
+    copied back and committed. Needs no network."""
     import subprocess
 
     import torch
@@ -156,15 +173,17 @@ def _gpu(argv):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("python -m bench gpu: no CUDA device is available")
-    out = args.out or _default_out("cuda")
+    out = args.out or _default_out("cuda", "gpu")
     out.mkdir(parents=True, exist_ok=True)
     quick = ["--quick"] if args.quick else []
+    bench = [sys.executable, "-m", "bench"]
     steps = [
-        ("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-rs"]),
-        ("bench", [sys.executable, "-m", "bench", "--device", "cuda", "--out", str(out), *quick]),
-        ("breakdown", [sys.executable, "-m", "bench", "breakdown", "--device", "cuda", "--out",
-                       str(out)]),
-        ("train", [sys.executable, "-m", "bench", "train", "--device", "cuda", "--out", str(out)]
+        ("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-rs", "-p", "bench.gpu_tests",
+                   f"--junitxml={out / 'tests.xml'}"]),
+        ("bench", bench + ["--device", "cuda", "--out", str(out), *quick]),
+        ("breakdown", bench + ["breakdown", "--device", "cuda", "--out", str(out)]),
+        ("grad_layout", bench + ["grad-layout", "--device", "cuda", "--out", str(out), *quick]),
+        ("train", bench + ["train", "--device", "cuda", "--out", str(out)]
          + (["--iters", "50"] if args.quick else [])),
     ]
     failed = []
@@ -182,6 +201,10 @@ def _gpu(argv):
     sys.exit(1 if failed else 0)
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "step"
@@ -191,30 +214,39 @@ def main(argv=None):
         if len(argv) != 1:
             sys.exit("usage: python -m bench report RESULTS_DIR")
         from bench import report
-        for path in report.redraw(argv[0]).values():
+        for path in report.redraw(argv[0]):
             print(f"wrote {path}")
         return
     if command == "step":
         args = _step_parser().parse_args(argv)
         # Must precede any import of triton (interpreter mode is chosen at import).
         from bench.providers import default_providers, prepare_environment
-        _resolve(args)
+        _resolve(args, "quick" if args.quick else "")
         prepare_environment(args.providers or default_providers(args.device), args.device)
         from bench import step
-        step.run(args)
+        # A `kill` (a time limit on a shared machine) stops the run the way Ctrl-C does: with
+        # the report so far written.
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        try:
+            return step.run(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     elif command == "train":
-        args = _resolve(_train_parser().parse_args(argv))
+        args = _resolve(_train_parser().parse_args(argv), "train")
         from bench import train
-        train.run(args)
+        return train.run(args)
     elif command == "grad-layout":
-        args = _resolve(_grad_layout_parser().parse_args(argv))
+        args = _resolve(_grad_layout_parser().parse_args(argv), "grad-layout")
         from bench import grad_layout
-        grad_layout.run(args)
+        return grad_layout.run(args)
     elif command == "breakdown":
-        args = _resolve(_breakdown_parser().parse_args(argv))
+        args = _resolve(_breakdown_parser().parse_args(argv), "breakdown")
         from bench import breakdown
-        breakdown.run(args)
+        return breakdown.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

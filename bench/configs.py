@@ -6,6 +6,10 @@ cost dominates and fusion matters most) and one large tensor (pure streaming, th
 ceiling). Quick mode keeps the *structure* of each config (same tensor count and kinds) and cuts
 the sizes, so that `python -m bench --quick` finishes in a minute on a 2-core CPU; its numbers
 are for checking the machinery, not for quoting.
+
+Each config also has smaller sizes, largest first (`sizes()`): when the memory present cannot
+hold a config's dearest pair of subjects, the benchmark runs the largest size that fits and says
+so (`bench.memory.plan`).
 """
 from dataclasses import dataclass
 from math import prod
@@ -48,44 +52,50 @@ def gpt2_shapes(n_layer=12, n_embd=768, vocab_size=50257, n_ctx=1024):
 
 # GPT-2-small's hyperparameters, and the cut-down ones quick mode uses (148 tensors still).
 GPT2_SMALL = dict(n_layer=12, n_embd=768, vocab_size=50257, n_ctx=1024)
+GPT2_HALF = dict(n_layer=12, n_embd=384, vocab_size=50257, n_ctx=1024)
 GPT2_QUICK = dict(n_layer=12, n_embd=256, vocab_size=8192, n_ctx=256)
 
-# 2^27 fp32 elements is 512 MiB a buffer, 2 GiB per optimizer with its grad and moments: as big
-# as a 2-core CPU box holds for five providers side by side. A GPU gets 2^30 (4 GiB a buffer).
-LARGE_ELEMENTS = {"cpu": 1 << 27, "cuda": 1 << 30}
-LARGE_QUICK_ELEMENTS = 1 << 24
+# One large tensor: 2^26 fp32 elements on a CPU (256 MiB a buffer, 8x a 32 MiB L3, so it
+# streams from memory; with its grad and moments 1 GiB per optimizer, so that a pair fits in the
+# 6 GB the default run keeps to), 2^30 on a GPU (4 GiB a buffer). Smaller sizes follow, for
+# machines with less memory.
+LARGE_ELEMENTS = {"cpu": (1 << 26, 1 << 25, 1 << 24), "cuda": (1 << 30, 1 << 29, 1 << 28, 1 << 27)}
+LARGE_QUICK_ELEMENTS = (1 << 24, 1 << 22)
 
 CONFIG_NAMES = ("gpt2-small", "small-800", "large")
 
 
-def _gpt2(quick):
-    hp = GPT2_QUICK if quick else GPT2_SMALL
-    detail = ("GPT-2-small's 148 shapes" if not quick else
-              "quick: GPT-2's 148 shapes at n_embd={n_embd}, vocab {vocab_size}, "
-              "n_ctx {n_ctx}".format(**hp))
-    return Config("gpt2-small", gpt2_shapes(**hp), detail)
+def _gpt2(hp, quick):
+    if hp is GPT2_SMALL:
+        return Config("gpt2-small", gpt2_shapes(**hp), "GPT-2-small's 148 shapes")
+    words = "GPT-2's 148 shapes at n_embd {n_embd}, vocab {vocab_size}, n_ctx {n_ctx}".format(**hp)
+    return Config("gpt2-small", gpt2_shapes(**hp), ("quick: " if quick else "") + words)
 
 
-def _small_800(quick):
-    # Already small (1.7 M parameters), so quick mode keeps it whole.
+def _small_800():
     return Config("small-800", ((64, 64), (64,)) * 400, "400 x (64x64 weight, 64 bias)")
 
 
-def _large(quick, device_type):
-    n = LARGE_QUICK_ELEMENTS if quick else LARGE_ELEMENTS.get(device_type, 1 << 27)
+def _large(n, quick):
     detail = f"one tensor of 2^{n.bit_length() - 1} elements" + (" (quick)" if quick else "")
     return Config("large", ((n,),), detail)
 
 
+def sizes(name, *, quick=False, device_type="cpu"):
+    """Config `name` at each size it may run at, largest (the default) first."""
+    if name == "gpt2-small":
+        return tuple(_gpt2(hp, quick) for hp in ((GPT2_QUICK,) if quick else
+                                                 (GPT2_SMALL, GPT2_HALF, GPT2_QUICK)))
+    if name == "small-800":
+        # Already small (1.7 M parameters), so quick mode keeps it whole.
+        return (_small_800(),)
+    if name == "large":
+        counts = LARGE_QUICK_ELEMENTS if quick else LARGE_ELEMENTS.get(device_type,
+                                                                       LARGE_ELEMENTS["cpu"])
+        return tuple(_large(n, quick) for n in counts)
+    raise ValueError(f"unknown config {name!r}; choose from {list(CONFIG_NAMES)}")
+
+
 def get_configs(names=None, *, quick=False, device_type="cpu"):
-    """The configs called `names` (all by default), sized for `device_type` and `quick`."""
-    builders = {
-        "gpt2-small": lambda: _gpt2(quick),
-        "small-800": lambda: _small_800(quick),
-        "large": lambda: _large(quick, device_type),
-    }
-    names = list(names or CONFIG_NAMES)
-    unknown = [n for n in names if n not in builders]
-    if unknown:
-        raise ValueError(f"unknown config(s) {unknown}; choose from {list(CONFIG_NAMES)}")
-    return [builders[n]() for n in names]
+    """The configs called `names` (all by default) at their default size for `device_type`."""
+    return [sizes(n, quick=quick, device_type=device_type)[0] for n in (names or CONFIG_NAMES)]

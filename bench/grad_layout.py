@@ -14,28 +14,20 @@ instead of handing over a fresh one (write 4 B), and the buffer must be zeroed e
 on real models: GPT-2 (its 148 tensors; a tiny batch keeps the matmuls small next to the
 gradient traffic) and 400 Linear(64, 64) layers (800 small tensors). Variants run interleaved.
 """
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from bench import configs, system
+from bench import configs, memory, report, results, system
 from bench.model import GPT, DeepLinear
 from bench.providers import LR, cheap_loss, make_params
-from bench.timing import summarize, timed
+from bench.timing import Subject, interleave, timed
 
 VARIANTS = ("torch-fused", "fused_adam grads-in-place", "fused_adam flat-grads")
-PHASES = ("zero", "forward", "backward", "step")
-BYTES_NOTE = {
-    "torch-fused": "backward writes a fresh grad (4 B), step reads it (4 B)",
-    "fused_adam grads-in-place": "backward writes a fresh grad (4 B), step reads it in place (4 B)",
-    "fused_adam flat-grads": "zero_() writes 4 B, backward adds into the view (read 4 B, write "
-                             "4 B; plus the fresh product it adds), step reads 4 B",
-}
+PHASES = report.GRAD_LAYOUT_PHASES
 ROUNDS = {False: (2, 10), True: (1, 5)}  # quick -> (warmup, timed)
-_ALIGN = 16  # elements: 64 B, as the arena aligns segments (kernels read grads 128 bits at once)
-
+# Flat-buffer segments start where the arena's do (64 B for fp32: kernels read grads 128 bits
+# at once).
+from fused_adam.kernels import SEGMENT_ALIGNMENT as _ALIGN  # noqa: E402
 
 
 def _gpt2_words(hp):
@@ -106,20 +98,16 @@ class Variant:
 
 
 
-def _measure(variants, device, warmup, iters):
-    samples = {v.name: {phase: [] for phase in PHASES} for v in variants}
-    for round_index in range(warmup + iters):
-        shift = round_index % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            _, t_zero = timed(v.zero, device)
-            loss, t_forward = timed(v.workload.loss, device)
-            _, t_backward = timed(loss.backward, device)
-            _, t_step = timed(v.optimizer.step, device)
-            v.check()
-            if round_index >= warmup:
-                for phase, t in zip(PHASES, (t_zero, t_forward, t_backward, t_step)):
-                    samples[v.name][phase].append(t)
-    return samples
+def _subject(variant, device):
+    """One whole iteration of `variant`, each phase timed alone."""
+    def measure(_round):
+        _, t_zero = timed(variant.zero, device)
+        loss, t_forward = timed(variant.workload.loss, device)
+        _, t_backward = timed(loss.backward, device)
+        _, t_step = timed(variant.optimizer.step, device)
+        variant.check()
+        return dict(zip(PHASES, (t_zero, t_forward, t_backward, t_step)))
+    return Subject(variant.name, measure)
 
 
 def run(args):
@@ -129,55 +117,29 @@ def run(args):
     warmup, iters = ROUNDS[args.quick]
     warmup = max(1, args.warmup if args.warmup is not None else warmup)
     iters = args.iters if args.iters is not None else iters
-    meta = dict(device=device.type, device_name=system.device_name(device),
-                hardware=system.hardware_sentence(device), git_sha=system.git_sha(),
-                quick=bool(args.quick), **system.versions())
+    meta = system.run_metadata(device, "grad-layout", quick=args.quick, warmup=warmup,
+                               iters=iters, cheap_loss=args.cheap_loss, seed=args.seed)
     rows = []
     for config_name in tqdm(args.configs or ("gpt2-small", "small-800"), desc="grad-layout"):
         # One workload (own parameters) per variant: fused_adam moves p.data into its arena.
         variants = [Variant(name, Workload(config_name, args.quick, args.cheap_loss, device,
                                            args.seed)) for name in VARIANTS]
-        detail = variants[0].workload.detail
-        n_params = sum(p.numel() for p in variants[0].workload.params)
-        samples = _measure(variants, device, warmup, iters)
+        workload = variants[0].workload
+        where = results.config_fields(config_name, workload.detail,
+                                      sum(p.numel() for p in workload.params),
+                                      len(workload.params))
+        samples = interleave([_subject(v, device) for v in variants], warmup=warmup,
+                             iters=iters)
         for name, phases in samples.items():
+            for phase in PHASES:
+                rows += results.time_rows(meta, where, name, phase, phases[phase])
             total = np.sum([phases[p] for p in PHASES], axis=0)
-            for metric, values in [(f"{p}_ms", phases[p]) for p in PHASES] + [("iter_ms", total)]:
-                s = summarize(values)
-                for q in ("median", "p20", "p80"):
-                    rows.append(dict(provider=name, config=config_name, config_detail=detail,
-                                     n_params=n_params, metric=f"{metric}_{q}", value=s[q],
-                                     unit="ms", samples=s["n"], **meta))
-        del variants
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grad_layout.json").write_text(json.dumps(rows, indent=1) + "\n")
-    md = _markdown(rows, warmup, iters)
-    (out / "grad_layout.md").write_text(md)
-    print(md)
-    print(f"wrote {out / 'grad_layout.json'}\nwrote {out / 'grad_layout.md'}")
+            rows += results.time_rows(meta, where, name, "iter", total)
+        del variants, workload
+        memory.release(device)
+        report.write(rows, args.out, "grad-layout")  # after each config: a partial report
+    paths = report.write(rows, args.out, "grad-layout")
+    print(report.grad_layout_markdown(rows))
+    for path in paths:
+        print(f"wrote {path}")
     return rows
-
-
-def _markdown(rows, warmup, iters):
-    first = rows[0]
-    value = {(r["config"], r["provider"], r["metric"]): r["value"] for r in rows}
-    lines = [f"# Gradient layout: whole iteration, {first['device_name']} ({first['device']})", ""]
-    if first["quick"]:
-        lines += ["**Quick mode**: scaled-down GPT-2 and few rounds.", ""]
-    lines += [f"Hardware: {first['hardware']} torch {first['torch']}, numba {first['numba']}, "
-              f"git {first['git_sha']}. Medians of {iters} rounds after {warmup} warm-up, the "
-              "variants interleaved; ms.", "",
-              "| config | variant | zero | forward | backward | step | iteration [p20–p80] |",
-              "|---|---|---:|---:|---:|---:|---:|"]
-    configs_seen = list(dict.fromkeys(r["config"] for r in rows))
-    for config in configs_seen:
-        detail = next(r["config_detail"] for r in rows if r["config"] == config)
-        for name in VARIANTS:
-            cells = [f"{value[(config, name, f'{p}_ms_median')]:.2f}" for p in PHASES]
-            it = [value[(config, name, f"iter_ms_{q}")] for q in ("median", "p20", "p80")]
-            lines.append(f"| {config} ({detail}) | {name} | {' | '.join(cells)} | "
-                         f"{it[0]:.2f} [{it[1]:.2f}–{it[2]:.2f}] |")
-    lines += ["", "Gradient bytes per fp32 parameter per iteration:"]
-    lines += [f"- {name}: {note}." for name, note in BYTES_NOTE.items()]
-    return "\n".join(lines) + "\n"

@@ -11,6 +11,8 @@ from math import prod
 
 import torch
 
+from bench.memory import Footprint
+
 LR = 1e-3
 TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
 OURS = ("fused_adam-numba", "fused_adam-triton", "fused_adam-torch")
@@ -32,7 +34,29 @@ TORCH_BF16 = "torch-fused:bf16"
 ALL_PROVIDERS = TORCH_PROVIDERS + OURS + MODE_PROVIDERS + (TORCH_BF16,)
 # fused_adam's compiled backend for each device type.
 COMPILED = {"cpu": "fused_adam-numba", "cuda": "fused_adam-triton"}
-_BACKEND_MODULES = {"numba": "numba_adam", "triton": "triton_adam", "torch": "reference"}
+# The one every other provider is paired with, and every speedup is relative to.
+ANCHOR = "torch-fused"
+# Kernel module names that `optimizer.backends` reported before it reported backend names.
+_MODULE_TO_BACKEND = {"numba_adam": "numba", "triton_adam": "triton", "reference": "torch"}
+
+# What a provider's iteration costs, roughly: nanoseconds per parameter and microseconds per
+# tensor (fp32, the development machine, from the step benchmark's iteration times). Only the
+# progress estimate and the share of the time budget each pair gets use them; the benchmark
+# measures the real times.
+_COST = {
+    "torch-fused": (2.0, 25), "torch-forloop": (3.5, 45), "torch-foreach": (4.5, 40),
+    "fused_adam-numba": (2.0, 20), "fused_adam-torch": (8.0, 55),
+    "fused_adam-triton": (2.0, 20),  # on CUDA; on CPU it is the interpreter, below
+}
+_INTERPRETED_TRITON_COST = (1000.0, 500)
+# Providers whose rounds take several times the anchor's: they get fewer rounds.
+SLOW = ("torch-forloop", "torch-foreach", "fused_adam-torch")
+
+
+def backend_names(optimizer):
+    """The backend names ("numba", "triton", "torch") a FusedAdam steps with, whichever way
+    `optimizer.backends` spells them (backend names, or the kernel module names it used to)."""
+    return {_MODULE_TO_BACKEND.get(name, name) for name in optimizer.backends.values()}
 
 
 def default_providers(device_type):
@@ -87,19 +111,20 @@ def make_optimizer(name, params, **options):
         import fused_adam
         backend = name.split("-", 1)[1]
         optimizer = fused_adam.FusedAdam(params, lr=LR, backend=backend, **options)
-        # `backends` names kernel modules (numba_adam, triton_adam, reference); never benchmark
-        # one backend under another's name.
-        got = set(optimizer.backends.values())
-        if got != {_BACKEND_MODULES[backend]}:
-            raise RuntimeError(f"{name}: asked for backend {backend!r}, got {got}")
+        # Never benchmark one backend under another's name.
+        got = backend_names(optimizer)
+        if got != {backend}:
+            raise RuntimeError(f"{name}: asked for backend {backend!r}, got {sorted(got)}")
         return optimizer
     raise ValueError(f"unknown provider {name!r}; choose from {list(ALL_PROVIDERS)}")
 
 
 def cheap_loss(params):
-    """A loss over every parameter whose backward is one pass per tensor: autograd then hands each
-    parameter a fresh gradient tensor (2p), exactly as a training loop's backward does."""
-    return sum((p * p).sum() for p in params)
+    """A loss over every parameter whose backward hands each parameter a fresh gradient tensor
+    (all ones), exactly as a training loop's backward does, for the least work: its forward
+    reads each parameter once and its backward writes each gradient once (8 B per fp32
+    parameter; `(p * p).sum()` moved about 24 and made GPT-2's rounds 3x dearer than its step)."""
+    return sum(p.sum() for p in params)
 
 
 @dataclass
@@ -126,6 +151,39 @@ class Provider:
         for state in self.optimizer.state.values():
             out += [v for k, v in state.items() if k != "step" and torch.is_tensor(v)]
         return out
+
+
+def footprint(name):
+    """`name`'s memory in bytes per parameter (see `bench.memory`): params and moments
+    (`resident`), plus during its own iteration its gradients and temporaries: the loss's and
+    backward's (one tensor's worth, for the largest tensor), and for torch's for-loop Adam and our
+    plain-torch backend the step's own (8 B more: sqrt and its quotient, one tensor at a time);
+    torch's foreach Adam makes a sqrt of every exp_avg_sq at once (4 B per parameter)."""
+    provider, dtype, options, _ = parse(name)
+    size = torch.tensor([], dtype=dtype).element_size()
+    state_size = (torch.tensor([], dtype=options["state_dtype"]).element_size()
+                  if "state_dtype" in options else (4 if options.get("master_weights") else size))
+    master = 4 if options.get("master_weights") else 0
+    resident = size + master + 2 * state_size
+    transient = size + (4 if provider == "torch-foreach" else 0)
+    per_largest = size + (8 if provider in ("torch-forloop", "fused_adam-torch") else 0)
+    return Footprint(resident, transient, per_largest)
+
+
+def iteration_seconds(name, config, device_type):
+    """A rough a-priori guess of one iteration's seconds (see _COST), for planning only."""
+    provider = parse(name)[0]
+    per_param, per_tensor = _COST.get(provider, _COST["torch-foreach"])
+    if provider == "fused_adam-triton" and device_type == "cpu":
+        per_param, per_tensor = _INTERPRETED_TRITON_COST
+    elif device_type == "cuda":
+        per_param, per_tensor = per_param / 20, per_tensor / 4
+    return config.n_params * per_param * 1e-9 + config.n_tensors * per_tensor * 1e-6
+
+
+def is_slow(name, device_type):
+    provider = parse(name)[0]
+    return provider in SLOW or (provider == "fused_adam-triton" and device_type == "cpu")
 
 
 def build(name, config, device, seed=0):

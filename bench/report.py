@@ -1,242 +1,545 @@
-"""Results in long format, and everything made from them: `results.json` (one row per provider,
-config and metric, each row carrying its device, versions, git sha and quick flag, so rows from
-different runs can be pooled without losing where they came from), `results.md` (a table for the
-README plus one sentence on the hardware) and `results.png`.
-
-The table and plot are built from the rows alone, so `python -m bench report DIR` redraws them
-from a results.json copied back from another machine.
+"""Every table and plot of bench/, made from result rows alone (`bench.results`): the step
+benchmark's results.md/.png and its headline table, the breakdown's, the gradient layouts' and
+the training run's. `python -m bench report DIR` redraws all of them from the JSON in DIR.
 """
-import json
-from datetime import datetime, timezone
 from pathlib import Path
 
-REFERENCE = "torch-fused"
-ROOFLINE_KIND, COPY_KIND, OPTIMIZER_KIND = "roofline", "copy", "optimizer"
+from bench import results
+
+ANCHOR = "torch-fused"
+ROOFLINE, COPY = "roofline (no-math)", "copy_ (reference)"
+COMPILED = {"cpu": "fused_adam-numba", "cuda": "fused_adam-triton"}
 
 
-def run_metadata(device, quick, system, allocations=1):
-    """The fields every row carries."""
-    versions = system.versions()
-    return {
-        "device": device.type,
-        "device_name": system.device_name(device),
-        "hardware": system.hardware_sentence(device),
-        "torch": versions["torch"], "triton": versions["triton"], "numba": versions["numba"],
-        "git_sha": system.git_sha(),
-        "quick": bool(quick),
-        "allocations": int(allocations),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+def fmt_ms(ms):
+    if ms is None:
+        return "—"
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 
 
-def config_rows(config, subjects, stats, meta, huge_pages=None, skipped=()):
-    """Rows for one config. `stats[name]` = {"step": summary, "iter": summary} (ms);
-    `subjects` are what was timed (name, kind, bytes_per_step); `skipped` = [(name, reason)]."""
-    base = dict(config=config.name, config_detail=config.detail, n_params=config.n_params,
-                n_tensors=config.n_tensors, **meta)
-    rows = []
-
-    def add(subject, metric, value, unit, **extra):
-        rows.append(dict(provider=subject.name, kind=getattr(subject, "kind", OPTIMIZER_KIND),
-                         metric=metric, value=value, unit=unit, **base, **extra))
-
-    roofline = next((s for s in subjects if getattr(s, "kind", "") == ROOFLINE_KIND), None)
-    roofline_gbps = (roofline.bytes_per_step / stats[roofline.name]["step"]["median"] / 1e6
-                     if roofline else None)
-    reference_ms = stats.get(REFERENCE, {}).get("step", {}).get("median")
-    for s in subjects:
-        kind = getattr(s, "kind", OPTIMIZER_KIND)
-        step = stats[s.name]["step"]
-        for q in ("median", "p20", "p80"):
-            add(s, f"step_ms_{q}", step[q], "ms", samples=step["n"])
-        gbps = s.bytes_per_step / step["median"] / 1e6  # bytes/ms -> GB/s
-        add(s, "GBps", gbps, "GB/s", bytes_per_step=s.bytes_per_step)
-        if kind == COPY_KIND:
-            continue  # 8 B/element: a different traffic pattern, shown beside, not divided by
-        if roofline_gbps:
-            add(s, "roofline_fraction", gbps / roofline_gbps, "fraction")
-        if kind == OPTIMIZER_KIND:
-            it = stats[s.name]["iter"]
-            for q in ("median", "p20", "p80"):
-                add(s, f"iter_ms_{q}", it[q], "ms", samples=it["n"])
-            if reference_ms:
-                add(s, "speedup_vs_torch_fused", reference_ms / step["median"], "x")
-        if huge_pages and huge_pages.get(s.name) is not None:
-            add(s, "huge_page_fraction", huge_pages[s.name], "fraction")
-    for name, reason in skipped:
-        rows.append(dict(provider=name, kind=OPTIMIZER_KIND, metric="skipped", value=None,
-                         unit=None, reason=reason, **base))
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading rows back
-
-def _index(rows):
-    """{(config, provider): {metric: value}} plus first-seen orders of configs and providers."""
-    table, configs, providers, kinds = {}, [], [], {}
-    for r in rows:
-        if r["config"] not in configs:
-            configs.append(r["config"])
-        if r["provider"] not in providers:
-            providers.append(r["provider"])
-        kinds[r["provider"]] = r.get("kind", OPTIMIZER_KIND)
-        table.setdefault((r["config"], r["provider"]), {})[r["metric"]] = r
-    return table, configs, providers, kinds
+def _spread(table, config, provider, name):
+    med, lo, hi = (table.get(config, provider, f"{name}_ms_{q}") for q in results.QUANTILES)
+    if med is None:
+        return "—"
+    return f"{fmt_ms(med)} [{fmt_ms(lo)}–{fmt_ms(hi)}]"
 
 
 def _tensors(n):
     return f"{n} tensor" + ("" if n == 1 else "s")
 
 
-def _fmt(value, spec):
-    return "—" if value is None else format(value, spec)
+def _config_label(table, config, short=False):
+    first = table.first(config)
+    if short:
+        return f"{config} ({first['n_params'] / 1e6:.1f} M params, {_tensors(first['n_tensors'])})"
+    return f"{config} ({first['n_params']:,} params, {_tensors(first['n_tensors'])})"
 
 
-def _ms(cell, prefix):
-    if f"{prefix}_median" not in cell:
-        return "—"
-    med, lo, hi = (cell[f"{prefix}_{q}"]["value"] for q in ("median", "p20", "p80"))
-    digits = ".3f" if med < 1 else ".2f" if med < 100 else ".0f"
-    return f"{med:{digits}} [{lo:{digits}}–{hi:{digits}}]"
-
-
-def markdown(rows):
-    table, configs, providers, kinds = _index(rows)
-    first = rows[0]
-    lines = [f"# Adam step benchmark: {first['device_name']} ({first['device']})", ""]
-    if first["quick"]:
-        lines += ["**Quick mode**: scaled-down configs and few iterations; a check that the "
+def _header(first, title):
+    lines = [f"# {title}: {first['device_name']} ({first['device']})", ""]
+    if first.get("quick"):
+        lines += ["**Quick mode**: scaled-down configs and few rounds; a check that the "
                   "machinery works, not numbers to quote.", ""]
-    lines += [
-        f"Hardware: {first['hardware']}",
-        "",
-        f"torch {first['torch']}, triton {first['triton']}, numba {first['numba']}, "
-        f"git {first['git_sha']}, {first['timestamp']}.",
-        "",
-        "Step = `optimizer.step()` alone, after a real backward (fresh gradients from autograd "
-        "every iteration); median [p20–p80] of the timed rounds, subjects interleaved round-robin"
-        + (f", pooled over {first['allocations']} fresh allocations of every subject's buffers. "
-           if first.get("allocations", 1) > 1 else ". ") +
-        "GB/s = bytes per parameter x parameters / median step time: 28 B for fp32 (read param, "
-        "grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq); `:bf16-states` (fp32 "
-        "params, bf16 moments) 20 B; `:bf16-master` (bf16 params, fp32 master and moments) 28 B; "
-        "`torch-fused:bf16` (bf16 params and moments) 14 B. Roofline = a no-math kernel moving the same 28 B/param in "
-        "the same run, after a stand-in backward that reads its params and writes its gradients "
-        "(on a config that fits in the last-level cache it runs partly from cache, faster than "
-        "memory); `copy_` moves 8 B/element and is shown for reference. Iteration = forward "
-        "+ backward of a cheap loss over all parameters + step + zero_grad.",
-        "",
-        "| config | provider | step ms median [p20–p80] | GB/s | % of roofline | "
-        "speedup vs torch-fused | iteration ms median [p20–p80] |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for config in configs:
-        detail = next(r for r in rows if r["config"] == config)
-        label = f"{config} ({detail['n_params']:,} params, {_tensors(detail['n_tensors'])})"
-        for provider in providers:
-            cell = table.get((config, provider))
-            if not cell:
-                continue
-            if "skipped" in cell:
-                lines.append(f"| {label} | {provider} | skipped: {cell['skipped'].get('reason')} "
-                             "| | | | |")
-                continue
-            frac = cell.get("roofline_fraction", {}).get("value")
-            speed = cell.get("speedup_vs_torch_fused", {}).get("value")
-            lines.append(
-                f"| {label} | {provider} | {_ms(cell, 'step_ms')} | "
-                f"{_fmt(cell['GBps']['value'], '.1f')} | "
-                f"{'—' if frac is None else f'{100 * frac:.0f}%'} | "
-                f"{'—' if speed is None else f'{speed:.2f}x'} | {_ms(cell, 'iter_ms')} |")
-    details = {r["config"]: r["config_detail"] for r in rows}
-    lines += ["", "Configs: " + "; ".join(f"`{c}` = {d}" for c, d in details.items()) + "."]
-    huge = {(r["config"], r["provider"]): r["value"] for r in rows
-            if r["metric"] == "huge_page_fraction"}
-    if huge:
-        lines += ["", "Share of params and optimizer state backed by transparent huge pages "
-                  "(the roofline's arrays and fused_adam's arena are numpy-allocated, which asks "
-                  "for them; torch's allocator does not): " + ", ".join(
-                      f"{p} on {c} {100 * v:.0f}%" for (c, p), v in huge.items()) + "."]
+    load = first.get("load_average_at_start")
+    lines += [f"Hardware: {first['hardware']}", "",
+              f"torch {first['torch']}, triton {first['triton']}, numba {first['numba']}, "
+              f"git {first['git_sha']}, {first['timestamp']}"
+              + (f"; load average {load:.1f} on {first['cpu_count']} cores at the start"
+                 + (" (other work was running: read the times as noisy)"
+                    if load is not None and first.get("cpu_count")
+                    and load > 0.5 * first["cpu_count"] else "")
+                 if load is not None else "") + ".", ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# The step benchmark
+
+def _ordered(table):
+    """Providers in the run's order (its --providers), then the roofline subjects."""
+    order = table.first().get("settings", {}).get("providers") or []
+    rank = lambda p: (order.index(p) if p in order else  # noqa: E731
+                      len(order) + (0 if table.kinds.get(p) == "optimizer" else 1))
+    return sorted(table.providers, key=rank)
+
+
+def _ours(table, device):
+    compiled = COMPILED.get(device, "fused_adam-numba")
+    return compiled if compiled in table.providers else next(
+        (p for p in table.providers if p.startswith("fused_adam-") and ":" not in p), None)
+
+
+def headline_markdown(rows):
+    """The compact table: per config, torch-fused's step, FusedAdam's, the speedup, its share of
+    the roofline, and the bf16-moment mode."""
+    table = results.Table([r for r in rows if r["command"] == "step"])
+    first = table.first()
+    ours = _ours(table, first["device"])
+    bf16 = f"{ours}:bf16-states"
+    lines = ["| config | torch-fused step | FusedAdam step | speedup | FusedAdam GB/s "
+             "(% of roofline) | bf16 moments step (speedup) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    # torch-fused's time in FusedAdam's own pair, so that a row's two times give its speedup
+    # (on a busy machine the pairs ran at different paces).
+    for config in table.configs:
+        label = _config_label(table, config, short=True)
+        if table.get(config, ANCHOR, "step_ms_median") is None:
+            reason = (table.row(config, ANCHOR, "skipped") or {}).get("reason", "not measured")
+            lines.append(f"| {label} | {reason} | | | | |")
+            continue
+        fraction = table.get(config, ours, "roofline_fraction")
+        gbps = table.get(config, ours, "GBps")
+        speed = table.get(config, ours, "speedup_vs_torch_fused")
+        bf16_ms = table.get(config, bf16, "step_ms_median")
+        lines.append(
+            f"| {label} | {fmt_ms(table.get(config, ours, 'torch_fused_step_ms_in_pair'))} ms | "
+            f"{fmt_ms(table.get(config, ours, 'step_ms_median'))} ms | "
+            + ("—" if speed is None else _speed(table, config, ours)) + " | "
+            + ("—" if gbps is None else f"{gbps:.1f}")
+            + ("" if fraction is None else f" ({100 * fraction:.0f}%)") + " | "
+            + ("—" if bf16_ms is None else f"{fmt_ms(bf16_ms)} ms ({_speed(table, config, bf16)})")
+            + " |")
+    if any(noisy(table, c, p) for c in table.configs for p in table.providers):
+        lines += ["", f"\\* a noisy pair: torch-fused's median in it was more than "
+                  f"{NOISY_PAIR:g}x off its median over all pairs (the machine's load changed "
+                  "under it); rerun it alone to quote it."]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
-    """Grouped bars of GB/s per provider per config; the roofline (and copy_) as lines over each
-    group; each optimizer bar labelled with its speedup over torch-fused."""
+def step_markdown(rows):
+    table = results.Table(rows)
+    first = table.first()
+    settings = first.get("settings", {})
+    lines = _header(first, "Adam step benchmark")
+    lines += ["## Headline", "", f"FusedAdam = `{_ours(table, first['device'])}`; torch-fused "
+              "and FusedAdam step = medians over the rounds the two shared, speedup = their "
+              "ratio; the bf16-moment mode's speedup is from its own pair.", "",
+              headline_markdown(rows), "## Every subject", ""]
+    lines += [
+        "Step = `optimizer.step()` alone, after a real backward (fresh gradients from autograd "
+        "every iteration). Every subject is timed in a pair with torch-fused, the two "
+        "interleaved round by round (order alternating); x torch-fused is the ratio of their "
+        "medians over the rounds they shared"
+        + (f", each pair rebuilt and pooled over {settings['allocations']} allocations"
+           if settings.get("allocations", 1) > 1 else "")
+        + ". torch-fused's own row pools its rounds from every pair. Step ms = median [p20–p80]. "
+        "GB/s = bytes the mode must move per parameter x parameters / median: 28 B for fp32 "
+        "(read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq); "
+        "`:bf16-states` (fp32 params, bf16 moments) 20 B; `:bf16-master` (bf16 params, fp32 "
+        "master and moments) 28 B; `torch-fused:bf16` 14 B. Roofline = a no-math kernel moving "
+        "28 B per element (capped at 2^26 elements on CPU: bandwidth no longer depends on size "
+        "there), after a stand-in backward; its % is chained through torch-fused (each link "
+        "one pair's shared rounds). `copy_` moves 8 B per element, for reference. Iteration = "
+        "forward + backward of a cheap loss + step + zero_grad. Peak = the process's peak "
+        "resident memory during the pair, sampled every 50 ms (CUDA: peak allocated). The plot "
+        "draws each subject at torch-fused's pace (its bytes x its ratio to torch-fused / "
+        "torch-fused's median over all pairs), so that on a busy machine, where "
+        "pairs ran at different paces, bars and roofline compare as the ratios do; on a quiet "
+        "one that is its own GB/s.", "",
+        "| config | provider | step ms median [p20–p80] | x torch-fused (same rounds) | "
+        "rounds | GB/s | % of roofline | iteration ms | peak GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for config in table.configs:
+        label = _config_label(table, config)
+        for provider in _ordered(table):
+            if not table.has(config, provider):
+                continue
+            skipped = table.row(config, provider, "skipped")
+            if skipped:
+                lines.append(f"| {label} | {provider} | skipped: {skipped.get('reason')} "
+                             "| | | | | | |")
+                continue
+            if table.get(config, provider, "step_ms_median") is None:
+                continue
+            speed = table.get(config, provider, "speedup_vs_torch_fused")
+            fraction = table.get(config, provider, "roofline_fraction")
+            peak = table.get(config, provider, "peak_memory_GB")
+            rounds = table.row(config, provider, "step_ms_median")["samples"]
+            speed_cell = ("—" if speed is None or table.kinds[provider] == "copy"
+                          else "1 (reference)" if provider == ANCHOR
+                          else _speed(table, config, provider))
+            drift = noisy(table, config, provider)
+            if drift and table.kinds[provider] != "copy":
+                speed_cell += (f" (torch-fused {drift:.1f}x its usual time in this pair)")
+            lines.append(
+                f"| {label} | {provider} | {_spread(table, config, provider, 'step')} | "
+                f"{speed_cell} | {rounds} | {table.get(config, provider, 'GBps'):.1f} | "
+                f"{'—' if fraction is None else f'{100 * fraction:.0f}%'} | "
+                f"{_spread(table, config, provider, 'iter')} | "
+                f"{'—' if peak is None else f'{peak:.1f}'} |")
+    details = {}
+    for r in rows:
+        load = r.get("load_average_at_config_start")
+        details.setdefault(r["config"], r["config_detail"]
+                           + ("" if load is None else f"; load average {load:.1f} when it began"))
+    lines += ["", "Configs: " + "; ".join(f"`{c}` = {d}" for c, d in details.items()) + "."]
+    huge = [(r["config"], r["provider"], r["value"]) for r in rows
+            if r["metric"] == "huge_page_fraction"]
+    if huge:
+        lines += ["", "Share of params and optimizer state backed by transparent huge pages "
+                  "(fused_adam's arena and the roofline's arrays are numpy-allocated, which asks "
+                  "for them; torch's allocator does not): " + ", ".join(
+                      f"{p} on {c} {100 * v:.0f}%" for c, p, v in huge) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# A pair whose torch-fused median strays this far from torch-fused's median over all pairs ran
+# on a machine that changed under it (other work starting or stopping): its ratio is marked.
+NOISY_PAIR = 1.5
+
+
+def noisy(table, config, provider):
+    """torch-fused's median in `provider`'s pair over its median over all pairs, when that is
+    beyond NOISY_PAIR either way (else None)."""
+    in_pair = table.get(config, provider, "torch_fused_step_ms_in_pair")
+    pooled = table.get(config, ANCHOR, "step_ms_median")
+    if provider == ANCHOR or not in_pair or not pooled:
+        return None
+    drift = in_pair / pooled
+    return drift if not 1 / NOISY_PAIR <= drift <= NOISY_PAIR else None
+
+
+def _speed(table, config, provider):
+    """`1.13x`, with a mark when the pair was noisy (see `noisy`)."""
+    speed = table.get(config, provider, "speedup_vs_torch_fused")
+    if speed is None:
+        return "—"
+    return f"{speed:.2f}x" + ("*" if noisy(table, config, provider) else "")
+
+
+def paced_gbps(table, config, provider):
+    """`provider`'s GB/s as if its pair had run at torch-fused's pace: its bytes per step over
+    (torch-fused's median over all pairs / its ratio to torch-fused in its own pair). On a quiet
+    machine that is its own GB/s; on a busy one, where pairs ran at different paces, these (not
+    the raw GB/s) compare with each other and with the roofline as the ratios do."""
+    speedup = table.get(config, provider, "speedup_vs_torch_fused")
+    row = table.row(config, provider, "GBps")
+    anchor_ms = table.get(config, ANCHOR, "step_ms_median")
+    if speedup is None or row is None or not anchor_ms:
+        return None
+    return row["bytes_per_step"] * speedup / anchor_ms / 1e6
+
+
+def step_plot(rows, path):
+    """One panel per config: a horizontal bar per optimizer (GB/s, the bytes its mode moves over
+    its median step), labelled with its speedup over torch-fused; the roofline and copy_ as
+    vertical lines. Horizontal bars keep every label on its own line, whatever the count."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table, configs, providers, kinds = _index(rows)
-    optimizers = [p for p in providers if kinds[p] == OPTIMIZER_KIND
-                  and any("GBps" in table.get((c, p), {}) for c in configs)]
-    hatches = ["", "//", "\\\\", "..", "xx", "--", "++"]
-    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD", "#8C8C8C"]
-    width = 0.8 / max(len(optimizers), 1)
-    fig, ax = plt.subplots(figsize=(max(7, 2.6 * len(configs) + 2), 5.2))
-    for i, provider in enumerate(optimizers):
-        xs, ys, labels = [], [], []
-        for j, config in enumerate(configs):
-            cell = table.get((config, provider), {})
-            if "GBps" not in cell:
-                continue
-            xs.append(j - 0.4 + width * (i + 0.5))
-            ys.append(cell["GBps"]["value"])
-            speed = cell.get("speedup_vs_torch_fused", {}).get("value")
-            labels.append("" if speed is None else f"{speed:.2f}x")
-        bars = ax.bar(xs, ys, width * 0.95, label=provider, color=colors[i % len(colors)],
-                      hatch=hatches[i % len(hatches)], edgecolor="black", linewidth=0.5)
-        ax.bar_label(bars, labels=labels, fontsize=7, padding=2, zorder=4,
-                     bbox=dict(facecolor="white", edgecolor="none", alpha=0.75, pad=0.6))
-    for kind, style, label in ((ROOFLINE_KIND, "-", "roofline: no-math kernel, 28 B/param"),
-                               (COPY_KIND, ":", "copy_ bandwidth, 8 B/element")):
-        for name in (p for p in providers if kinds[p] == kind):
-            for j, config in enumerate(configs):
-                cell = table.get((config, name), {})
-                if "GBps" in cell:
-                    ax.hlines(cell["GBps"]["value"], j - 0.45, j + 0.45, colors="black",
-                              linestyles=style, linewidth=1.6, label=label)
-                    label = None  # one legend entry per line kind
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room for the labels above the tallest bar
-    ax.set_xticks(range(len(configs)))
-    firsts = {c: next(r for r in rows if r["config"] == c) for c in configs}
-    ax.set_xticklabels([f"{c}\n({firsts[c]['n_params'] / 1e6:.1f} M params, "
-                        f"{_tensors(firsts[c]['n_tensors'])})" for c in configs], fontsize=9)
-    ax.set_ylabel("effective bandwidth of optimizer.step(), GB/s\n(bytes the mode moves per parameter / median time)")
-    first = rows[0]
+    table = results.Table(rows)
+    configs = [c for c in table.configs if table.get(c, ANCHOR, "GBps") is not None]
+
+    def gbps(config, provider):
+        return paced_gbps(table, config, provider)
+
+    first = table.first()
+    optimizers = [p for p in _ordered(table) if table.kinds[p] == "optimizer"
+                  and any(table.get(c, p, "GBps") is not None for c in configs)]
+    if not configs:
+        return None
+    colors = {p: ("#8C8C8C" if p.startswith("torch") else "#4C72B0") for p in optimizers}
+    for p in optimizers:
+        if ":bf16" in p:
+            colors[p] = "#55A868" if p.startswith("fused_adam") else "#BBBBBB"
+        if p == "fused_adam-torch":
+            colors[p] = "#9DB4D8"
+    height = 0.9 + 0.32 * len(optimizers)
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.3 * len(configs) + 2.2, height + 1.6),
+                             sharey=True, squeeze=False)
+    ys = list(range(len(optimizers)))
+    for ax, config in zip(axes[0], configs):
+        values = [gbps(config, p) for p in optimizers]
+        bars = ax.barh(ys, [v or 0 for v in values], height=0.7,
+                       color=[colors[p] for p in optimizers], edgecolor="black", linewidth=0.4)
+        labels = []
+        for p, v in zip(optimizers, values):
+            speed = table.get(config, p, "speedup_vs_torch_fused")
+            labels.append("" if v is None else "ref." if p == ANCHOR else
+                          "" if speed is None else _speed(table, config, p))
+        for y, p in zip(ys, optimizers):
+            if table.row(config, p, "skipped") is not None:
+                ax.text(0, y, " not run (see results.md)", va="center", fontsize=7,
+                        color="#666666")
+        texts = ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
+        for text in texts:  # a roofline line through a label must not strike it out
+            text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
+            text.set_zorder(5)
+        top = max([v or 0 for v in values] + [0])
+        for name, style in ((ROOFLINE, "-"), (COPY, ":")):
+            line = gbps(config, name)
+            if line is not None:
+                ax.axvline(line, color="black", linestyle=style, linewidth=1.3)
+                top = max(top, line)
+        ax.set_xlim(0, top * 1.25)
+        ax.set_title(_config_label(table, config, short=True), fontsize=9)
+        ax.set_xlabel("GB/s: bytes moved / step time, at torch-fused's pace", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+    axes[0][0].set_yticks(ys, optimizers, fontsize=8)
+    axes[0][0].invert_yaxis()
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color="black", linestyle="-", label="roofline: no-math kernel, "
+                      "28 B/element"),
+               Line2D([], [], color="black", linestyle=":", label="copy_, 8 B/element")]
     title = f"Adam step bandwidth on {first['device_name']} ({first['device']})"
-    if first["quick"]:
-        title += " - QUICK MODE (scaled-down configs)"
-    ax.set_title(title + "\nbar labels: speedup of step time over torch-fused", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.tight_layout()
+    if first.get("quick"):
+        title += ": QUICK MODE, scaled-down configs"
+    fig.suptitle(title + "\nbar labels: speedup of the step over torch-fused (same rounds)",
+                 fontsize=10)
+    if any(noisy(table, c, p) for c in configs for p in optimizers):
+        handles.append(Line2D([], [], linestyle="none", label=f"* noisy pair: torch-fused's "
+                              f"time in it strayed over {NOISY_PAIR:g}x (see results.md)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_rows(rows, out_dir):
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    path.write_text(json.dumps(rows, indent=1) + "\n")
     return path
 
 
-def write_all(rows, out_dir):
-    """results.json, results.md and results.png in `out_dir`; returns their paths."""
+# ------------------------------------------------------------------------------------------------
+# The step breakdown (`python -m bench breakdown`)
+
+BREAKDOWN_PARTS = (  # (provider, metric, label), in the report's order
+    (ANCHOR, "step", "torch-fused step"),
+    ("FusedAdam", "step", "FusedAdam step"),
+    ("FusedAdam", "visit", "FusedAdam: visit of every parameter (Python)"),
+    ("FusedAdam", "visit_warm", "FusedAdam: the same visit again, warm"),
+    ("FusedAdam", "launch", "FusedAdam: kernel launch and new state"),
+    (ROOFLINE, "step", "no-math roofline"),
+)
+
+
+def _breakdown_values(rows):
+    table = results.Table(rows)
+    config = table.configs[0]
+    out = []
+    for provider, metric, label in BREAKDOWN_PARTS:
+        stats = {q: table.get(config, provider, f"{metric}_ms_{q}") for q in results.QUANTILES}
+        out.append((label, stats))
+    return table, config, out
+
+
+def breakdown_markdown(rows):
+    table, config, parts = _breakdown_values(rows)
+    first = table.first()
+    settings = first.get("settings", {})
+    median = {label: s["median"] for label, s in parts}
+    labels = [label for _, _, label in BREAKDOWN_PARTS]
+    torch_ms = median[labels[0]]
+    step, visit, warm, launch, roof = (median[label] for label in labels[1:])
+    lines = _header(first, f"Where the step's time goes, {config} ({first['config_detail']})")
+    n = table.row(config, ANCHOR, "step_ms_median")["samples"]
+    pooled = (f", pooled over {settings['allocations']} allocations"
+              if settings.get("allocations", 1) > 1 else "")
+    lines += [f"{settings.get('ours')}; medians of {n} rounds{pooled}, each part timed in "
+              "rounds of its own right after a backward, the subjects interleaved.", "",
+              "| what | ms median [p20–p80] | x torch-fused's step time |", "|---|---:|---:|"]
+    for label, s in parts:
+        lines.append(f"| {label} | {s['median']:.3f} [{s['p20']:.3f}–{s['p80']:.3f}] | "
+                     f"{s['median'] / torch_ms:.3f} |")
+    lines += ["",
+              f"- Step: {torch_ms / step:.2f}x torch-fused. Visit + launch = "
+              f"{visit + launch:.3f} ms; the other {step - visit - launch:.3f} ms of the step "
+              "are around them (torch's `Optimizer.step` wrapper, `no_grad`, the group rows).",
+              f"- The visit takes {visit:.3f} ms after a backward and {warm:.3f} ms straight "
+              "after itself: the difference is waiting for parameter metadata that the backward "
+              "pushed out of cache.",
+              f"- 10x torch-fused would be a {torch_ms / 10:.3f} ms step. Visit + roofline = "
+              f"{visit + roof:.3f} ms ({torch_ms / (visit + roof):.1f}x torch-fused): what an "
+              f"optimizer that reads {first['n_tensors']} gradients this way and moves 28 B/param "
+              "with no math would take."]
+    return "\n".join(lines) + "\n"
+
+
+def breakdown_plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table, config, parts = _breakdown_values(rows)
+    first = table.first()
+    labels = [label for label, _ in parts]
+    medians = [s["median"] for _, s in parts]
+    errors = np.array([[s["median"] - s["p20"] for _, s in parts],
+                       [s["p80"] - s["median"] for _, s in parts]])
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
+    colors = ["#888888", "#1f77b4", "#9ecae1", "#deebf7", "#9ecae1", "#2ca02c"]
+    ax.barh(range(len(labels)), medians, xerr=errors, color=colors, edgecolor="#555555",
+            capsize=3)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    target = medians[0] / 10
+    ax.axvline(target, color="#d62728", linestyle="--",
+               label=f"10x torch-fused ({target:.2f} ms)")
+    ax.set_xlabel("ms (median, p20–p80)")
+    ax.set_title(f"{config}: {first['config_detail']}, {first['device_name']}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient layouts (`python -m bench grad-layout`)
+
+GRAD_LAYOUT_PHASES = ("zero", "forward", "backward", "step")
+GRAD_LAYOUT_BYTES = {
+    "torch-fused": "backward writes a fresh grad (4 B), step reads it (4 B)",
+    "fused_adam grads-in-place": "backward writes a fresh grad (4 B), step reads it in place (4 B)",
+    "fused_adam flat-grads": "zero_() writes 4 B, backward adds into the view (read 4 B, write "
+                             "4 B; plus the fresh product it adds), step reads 4 B",
+}
+
+
+def grad_layout_markdown(rows):
+    table = results.Table(rows)
+    first = table.first()
+    lines = _header(first, "Gradient layout: whole iteration")
+    n = next(r["samples"] for r in rows if r["metric"] == "iter_ms_median")
+    lines += [f"Medians of {n} rounds, the variants interleaved; ms.", "",
+              "| config | variant | zero | forward | backward | step | iteration [p20–p80] |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for config in table.configs:
+        detail = table.first(config)["config_detail"]
+        for variant in table.providers:
+            if not table.has(config, variant):
+                continue
+            cells = [f"{table.get(config, variant, f'{p}_ms_median'):.2f}"
+                     for p in GRAD_LAYOUT_PHASES]
+            lines.append(f"| {config} ({detail}) | {variant} | {' | '.join(cells)} | "
+                         f"{_spread(table, config, variant, 'iter')} |")
+    lines += ["", "Gradient bytes per fp32 parameter per iteration:"]
+    lines += [f"- {name}: {note}." for name, note in GRAD_LAYOUT_BYTES.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training (`python -m bench train`)
+
+TRAIN_PHASES = ("zero_grad", "forward", "backward", "step")
+
+
+def _losses(rows, provider):
+    points = sorted((r["iteration"], r["value"]) for r in rows
+                    if r["metric"] == "loss" and r["provider"] == provider)
+    return [v for _, v in points]
+
+
+def train_markdown(rows):
+    table = results.Table(rows)
+    first = table.first()
+    s = first["settings"]
+    config = table.configs[0]
+    runs = [p for p in table.providers if table.get(config, p, "step_ms_median") is not None]
+    lines = _header(first, "Training comparison")
+    lines += [
+        f"Char GPT {s['model']}, {first['n_params']:,} params, batch {s['batch_size']}, "
+        f"{s['dtype']}, {s['iters']} iterations on {s['text_bytes'] / 2**20:.1f} MiB of Python's "
+        f"standard library; medians over iterations {s['untimed_first_iters']}+."
+        + (f" DDP over {s['world_size']} ranks, each on its own batches (rank 0's times and "
+           f"losses); gradient_as_bucket_view={s['gradient_as_bucket_view']}; gradients "
+           f"FusedAdamW copied: {s['grad_copies']}." if s.get("world_size", 1) > 1 else ""), "",
+        "| optimizer | zero_grad ms | forward ms | backward ms | step ms | iteration ms | "
+        "final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        label = table.row(config, run, "step_ms_median")["label"]
+        cells = [f"{table.get(config, run, f'{p}_ms_median'):.2f}" for p in TRAIN_PHASES]
+        lines.append(f"| {label} | {' | '.join(cells)} | "
+                     f"{table.get(config, run, 'iter_ms_median'):.2f} | "
+                     f"{_losses(rows, run)[-1]:.4f} |")
+    lines += ["", f"Max |loss difference| between the runs: "
+              f"{table.get(config, 'both', 'max_abs_loss_diff'):.3g} (final iteration: "
+              f"{table.get(config, 'both', 'final_loss_diff'):.3g})."]
+    return "\n".join(lines) + "\n"
+
+
+def train_plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table = results.Table(rows)
+    first = table.first()
+    config = table.configs[0]
+    fig, (ax, ax_diff) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
+                                      gridspec_kw=dict(height_ratios=(3, 1)))
+    # A wide pale line under a thin dashed one: where the curves coincide, both stay visible.
+    styles = {"fused_adam": dict(color="#B3A6DA", linewidth=4.0),
+              "torch": dict(color="#7A1F22", linewidth=1.2, linestyle="--")}
+    for run in ("fused_adam", "torch"):
+        label = table.row(config, run, "step_ms_median")["label"]
+        step_ms = table.get(config, run, "step_ms_median")
+        ax.plot(_losses(rows, run), label=f"{label}: step {step_ms:.2f} ms (median)",
+                **styles[run])
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_title(f"Char GPT ({first['n_params'] / 1e6:.2f} M params) on Python's stdlib, "
+                 f"{first['settings']['dtype']}, {first['device_name']} ({first['device']})",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    diff = np.abs(np.subtract(_losses(rows, "fused_adam"), _losses(rows, "torch")))
+    ax_diff.semilogy(np.maximum(diff, 1e-12), color="black", linewidth=1)
+    ax_diff.set_ylabel("|loss difference|")
+    ax_diff.set_xlabel("iteration")
+    ax_diff.set_title(f"max {diff.max():.2g} (values below 1e-12 drawn at 1e-12)", fontsize=9)
+    ax_diff.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+# command -> (markdown, plot or None, plot file name suffix)
+_MAKERS = {
+    "step": (step_markdown, step_plot, ".png"),
+    "breakdown": (breakdown_markdown, breakdown_plot, ".png"),
+    "grad-layout": (grad_layout_markdown, None, None),
+    "train": (train_markdown, train_plot, "_loss.png"),
+    "train-ddp": (train_markdown, train_plot, "_loss.png"),
+}
+
+
+def write(rows, out_dir, command, *, plot=True):
+    """`<stem>.json` and `<stem>.md` (and the plot, unless `plot=False`) in `out_dir`; returns
+    the paths written."""
     out_dir = Path(out_dir)
-    paths = {name: out_dir / f"results.{name}" for name in ("json", "md", "png")}
-    write_rows(rows, out_dir)
-    paths["md"].write_text(markdown(rows))
-    plot(rows, paths["png"])
+    stem = results.STEMS[command]
+    markdown, plotter, suffix = _MAKERS[command]
+    paths = [results.write(rows, out_dir, command)]
+    md = out_dir / f"{stem}.md"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(markdown(rows))
+    tmp.replace(md)
+    paths.append(md)
+    if plot and plotter is not None:
+        png = out_dir / f"{stem}{suffix}"
+        tmp = out_dir / f".{stem}{suffix}"
+        if plotter(rows, tmp) is not None:
+            tmp.replace(png)
+            paths.append(png)
     return paths
 
 
 def redraw(out_dir):
-    """Rebuild results.md and results.png from an existing results.json."""
+    """Rebuild every table and plot in `out_dir` from the JSON files there; returns the paths."""
     out_dir = Path(out_dir)
-    rows = json.loads((out_dir / "results.json").read_text())
-    return write_all(rows, out_dir)
+    written = []
+    for command, stem in results.STEMS.items():
+        path = out_dir / f"{stem}.json"
+        if path.exists():
+            rows = results.read(path)
+            if rows and "command" in rows[0]:
+                written += write(rows, out_dir, command)
+    if not written:
+        raise SystemExit(f"no result files in the current format in {out_dir}")
+    return written

@@ -10,15 +10,32 @@ does not), and the report says how much of them huge pages back. On CUDA it is a
 
 These are timed inside the providers' round robin, so they see the same cache and clock state.
 """
+import importlib
+
 import numpy as np
 import torch
 from numba import njit, prange
 
-# Same chunk as fused_adam's Numba kernel (16K fp32: four 64 KiB streams stay in L2).
-CHUNK_ELEMENTS = 1 << 14
+from bench.memory import Footprint
+
+
+def _library_constant(name):
+    """A constant the library owns, wherever it keeps it (the shared constants module, or the
+    numba kernel's), so that it is written down once."""
+    for module in ("fused_adam.kernels", "fused_adam.kernels.numba_adam"):
+        value = getattr(importlib.import_module(module), name, None)
+        if value is not None:
+            return value
+    raise ImportError(f"fused_adam defines no {name}")
+
+
+# fused_adam's Numba chunk (16K fp32: four 64 KiB streams stay in L2), so that the roofline and
+# the kernel split the work alike.
+CHUNK_ELEMENTS = _library_constant("CHUNK_ELEMENTS")
 # Beyond a few times the last-level cache, bandwidth no longer depends on size; capping the
-# roofline arrays keeps its memory small next to the providers' (2^30 on a GPU would add 16 GiB).
-MAX_ELEMENTS = {"cpu": 1 << 27, "cuda": 1 << 28}
+# roofline's arrays keeps its memory small next to the providers' (2^26 fp32 is 256 MiB a
+# buffer, 8x a 32 MiB L3; 2^30 on a GPU would add 16 GiB).
+MAX_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
 ADAM_BYTES_PER_ELEMENT = 28
 COPY_BYTES_PER_ELEMENT = 8
 
@@ -76,6 +93,7 @@ class NoMathRoofline(_PseudoProvider):
 
     name = "roofline (no-math)"
     kind = "roofline"
+    footprint = Footprint(16, 0)  # four fp32 buffers
 
     def __init__(self, n, device):
         super().__init__(n, device, ADAM_BYTES_PER_ELEMENT, (0.01, 1e-6, 0.02, 0.03))
@@ -101,6 +119,7 @@ class CopyBandwidth(_PseudoProvider):
 
     name = "copy_ (reference)"
     kind = "copy"
+    footprint = Footprint(8, 0)  # two fp32 buffers
 
     def __init__(self, n, device):
         super().__init__(n, device, COPY_BYTES_PER_ELEMENT, (1.0, 2.0))
@@ -109,7 +128,20 @@ class CopyBandwidth(_PseudoProvider):
         self.buffers[1].copy_(self.buffers[0])
 
 
-def roofline_subjects(n_params, device):
-    """The no-math kernel and the copy, sized like a config (capped, see MAX_ELEMENTS)."""
-    n = min(n_params, MAX_ELEMENTS.get(device.type, MAX_ELEMENTS["cpu"]))
-    return [NoMathRoofline(n, device), CopyBandwidth(n, device)]
+SUBJECTS = {NoMathRoofline.name: NoMathRoofline, CopyBandwidth.name: CopyBandwidth}
+
+
+def elements(n_params, device_type):
+    """How many elements the roofline subjects of a config of `n_params` hold (capped)."""
+    return min(n_params, MAX_ELEMENTS.get(device_type, MAX_ELEMENTS["cpu"]))
+
+
+def footprint(name, device_type):
+    """SUBJECTS[name]'s memory per element (see `bench.memory`), capped like its buffers."""
+    f = SUBJECTS[name].footprint
+    return Footprint(f.resident, f.transient, max_elements=MAX_ELEMENTS.get(device_type))
+
+
+def build(name, n_params, device):
+    """The roofline subject `name`, sized like a config of `n_params` (capped: MAX_ELEMENTS)."""
+    return SUBJECTS[name](elements(n_params, device.type), device)

@@ -1,11 +1,14 @@
-"""What machine and software a result came from: device name, the one-sentence hardware line for
-results.md, library versions, the git commit, and how much of a set of tensors transparent huge
-pages back (on CPU the same step runs 15-25% faster with them, so a result should say).
+"""What machine and software a result came from, made in one place: `run_metadata()` (the fields
+every result row carries: device, hardware sentence, versions, git sha, time, load), the results
+folder a run writes to (`new_results_dir()`: device, date, time and sha in its name, never an
+existing folder), and how much of a set of tensors transparent huge pages back (on CPU the same
+step runs 15-25% faster with them, so a result should say).
 
 Everything here degrades to "unknown" rather than failing: the GPU machine runs a copy of the
 working tree that may have no .git, and not every kernel exposes /proc/self/smaps.
 """
 import bisect
+import datetime
 import os
 import platform
 import re
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_ROOT = REPO_ROOT / "bench" / "results"
 
 
 def cpu_model():
@@ -34,8 +38,27 @@ def device_name(device):
 
 
 def device_slug(device):
-    """`cpu-amd-epyc`, `cuda-nvidia-h100-80gb-hbm3`: a folder name for the results."""
-    return re.sub(r"[^a-z0-9]+", "-", f"{device.type} {device_name(device)}".lower()).strip("-")
+    """`cpu-intel-xeon-2core`, `cuda-nvidia-h100-80gb-hbm3`: a folder name for the results."""
+    name = re.sub(r"\((r|tm)\)|\b(cpu|processor)\b|@.*$", " ", device_name(device).lower())
+    if device.type == "cpu":
+        name += f" {os.cpu_count()}core"
+    return re.sub(r"[^a-z0-9]+", "-", f"{device.type} {name}").strip("-")
+
+
+def new_results_dir(device, suffix=""):
+    """`bench/results/<device>-<YYYY-MM-DD-HHMMSS>-<sha>[-suffix]/`, created now; a name already
+    taken (two runs in one second) gets `-2`, `-3`: a run never writes into another's folder."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    sha = git_sha().replace("-dirty", "+")[:13]
+    base = f"{device_slug(device)}-{stamp}-{sha}" + (f"-{suffix}" if suffix else "")
+    for attempt in range(1, 1000):
+        path = RESULTS_ROOT / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free results folder name under {RESULTS_ROOT} for {base}")
 
 
 def _read(path):
@@ -67,6 +90,33 @@ def hardware_sentence(device):
     return (f"{cpu_model()} CPU, {os.cpu_count()} logical cores (torch uses {threads} threads, "
             f"numba {numba_threads}), {_memory_gib():.0f} GiB RAM, transparent huge pages: "
             f"{thp_mode()}.")
+
+
+def load_average():
+    """The 1-minute load average (runnable threads; over the core count means contention)."""
+    try:
+        return float(_read("/proc/loadavg").split()[0])
+    except (AttributeError, ValueError, IndexError):
+        return None
+
+
+def run_metadata(device, command, *, quick=False, **settings):
+    """The fields every result row of a run carries (see `bench.results`), made once per run:
+    where it ran, on what software, at which commit, when, and how loaded the machine was."""
+    versions_ = versions()
+    return {
+        "command": command,
+        "device": device.type,
+        "device_name": device_name(device),
+        "hardware": hardware_sentence(device),
+        **versions_,
+        "git_sha": git_sha(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_average(),
+        "quick": bool(quick),
+        "settings": settings,
+    }
 
 
 def _memory_gib():

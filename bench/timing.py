@@ -1,17 +1,18 @@
-"""Timing: every subject (optimizer or roofline kernel) runs one training-shaped iteration per
-round, the subjects interleaved round-robin so that each round's cache, clock and neighbour noise
-falls on all of them alike; the order rotates every round so no subject always follows the same
-one.
+"""The one timing harness of bench/: `interleave()` runs subjects round-robin and collects what
+each round of each subject measured. Every command (step, breakdown, grad-layout, train) times
+through it.
 
-An iteration is forward, backward, step, zero_grad(set_to_none=True). That is the usual
-`zero_grad, forward, backward, step` loop read from a different starting point, so it costs the
-same; freeing the gradients at the end means only one subject holds gradients at a time, which
-is what lets five copies of a 2^30-element config fit on one GPU.
+Interleaving: each round runs every subject once, in an order that rotates every round, so that
+each round's cache, clock and neighbour noise falls on all of them alike and no subject always
+follows the same one. A ratio between two subjects is only quoted from rounds they shared.
 
-Only `step()` is the step time; the device is synchronized on both sides of it. On CUDA the time
-comes from CUDA events recorded after a synchronize, so it includes the host's launch cost (which
-is what fusion removes) but not the backward still in flight. The whole iteration is a second
-metric, on the host clock, synchronized at its end.
+A subject is anything with a `name` and a `measure(round_index)` that runs one round of it and
+returns {metric: value} (seconds for times; `train` also returns its loss). Helpers below time a
+callable with the device synchronized on both sides; a training-shaped iteration
+(`iteration()`) times `step()` alone and the whole forward + backward + step + zero_grad.
+
+On CUDA a step's time comes from CUDA events recorded after a synchronize, so it includes the
+host's launch cost (which is what fusion removes) but not the backward still in flight.
 """
 import time
 
@@ -33,8 +34,12 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def run_iteration(subject, device):
-    """One iteration of `subject`: (step seconds, whole-iteration seconds)."""
+def iteration(subject, device):
+    """One training-shaped iteration of `subject` (forward_backward, step, zero_grad):
+    {"step": seconds of step() alone, "iter": seconds of the whole iteration}.
+
+    zero_grad(set_to_none=True) comes last, so only the subject iterating holds gradients: that
+    is what lets two large subjects share one machine's memory."""
     sync(device)
     t0 = time.perf_counter()
     subject.forward_backward()
@@ -52,26 +57,46 @@ def run_iteration(subject, device):
         subject.step()
         step_s = time.perf_counter() - t1
         subject.zero_grad()
-    return step_s, time.perf_counter() - t0
+    return {"step": step_s, "iter": time.perf_counter() - t0}
 
 
-def measure(subjects, device, *, warmup, iters, progress=None):
-    """Round-robin `warmup` untimed then `iters` timed rounds; {name: {"step": [s], "iter": [s]}}."""
-    samples = {s.name: {"step": [], "iter": []} for s in subjects}
-    for round_index in range(warmup + iters):
+class Subject:
+    """A name and a `measure(round_index) -> {metric: value}`, for `interleave()`."""
+
+    def __init__(self, name, measure):
+        self.name, self.measure = name, measure
+
+
+def interleave(subjects, *, warmup, iters, first_round=0, on_round=None):
+    """`warmup` untimed then `iters` timed rounds of every subject, the order rotating each round.
+
+    Returns {subject name: {metric: [value per timed round]}}. `first_round` continues the
+    rotation of an earlier call (a caller that decides `iters` after timing the warm-up calls
+    this twice); `on_round(round_index, seconds)` is called after each round (progress)."""
+    samples = {s.name: {} for s in subjects}
+    for round_index in range(first_round, first_round + warmup + iters):
+        start = time.perf_counter()
         shift = round_index % len(subjects)
         for subject in subjects[shift:] + subjects[:shift]:
-            step_s, iter_s = run_iteration(subject, device)
-            if round_index >= warmup:
-                samples[subject.name]["step"].append(step_s)
-                samples[subject.name]["iter"].append(iter_s)
-            if progress is not None:
-                progress.update(1)
+            values = subject.measure(round_index)
+            if round_index >= first_round + warmup:
+                for metric, value in values.items():
+                    samples[subject.name].setdefault(metric, []).append(value)
+        if on_round is not None:
+            on_round(round_index, time.perf_counter() - start)
     return samples
 
 
+def merge(into, samples):
+    """Append `samples` ({name: {metric: [values]}}) to `into`, in place; returns `into`."""
+    for name, metrics in samples.items():
+        for metric, values in metrics.items():
+            into.setdefault(name, {}).setdefault(metric, []).extend(values)
+    return into
+
+
 def summarize(seconds):
-    """Median and p20/p80 in milliseconds."""
-    ms = np.asarray(seconds) * 1e3
+    """Median and p20/p80 in milliseconds, and the number of samples."""
+    ms = np.asarray(seconds, dtype=float) * 1e3
     return {"median": float(np.median(ms)), "p20": float(np.percentile(ms, 20)),
             "p80": float(np.percentile(ms, 80)), "n": int(ms.size)}

@@ -16,22 +16,22 @@ With `--ddp`, under `torchrun --nproc_per_node=N`, both models are DistributedDa
 writes `train_ddp.*`, with how many gradients FusedAdamW had to copy (0: it reads DDP's
 all-reduced gradients in place, bucket views included with `--bucket-view`).
 """
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import system
+from bench import report, results, system
 from bench.model import GPT
-from bench.timing import summarize, timed
+from bench.providers import backend_names
+from bench.timing import Subject, interleave, timed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODEL = dict(n_layer=4, n_head=4, n_embd=128, n_ctx=64)
 HYPER = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 TEXT_BYTES = 4 << 20
-PHASES = ("zero_grad", "forward", "backward", "step")
+PHASES = report.TRAIN_PHASES
 
 
 def stdlib_text(max_bytes=TEXT_BYTES):
@@ -124,7 +124,7 @@ def run(args):
         if name == "fused_adam":
             optimizer = fused_adam.FusedAdamW(model.parameters(), lr=args.lr,
                                               master_weights=args.master_weights, **HYPER)
-            kernels = ", ".join(sorted(set(optimizer.backends.values())))
+            kernels = ", ".join(sorted(backend_names(optimizer)))
             master = ", fp32 master weights" if args.master_weights else ""
             label = f"fused_adam.FusedAdamW ({kernels}, {args.dtype}{master})"
         else:
@@ -132,118 +132,69 @@ def run(args):
             label += ", fp32"
         if args.ddp:
             model = DDP(model, gradient_as_bucket_view=args.bucket_view)
-        runs[name] = dict(model=model, optimizer=optimizer, label=label, losses=[],
-                          times={phase: [] for phase in PHASES})
+        runs[name] = dict(model=model, optimizer=optimizer, label=label)
     n_params = sum(p.numel() for p in runs["torch"]["model"].parameters())
     log(f"{n_params:,} parameters; " + "; ".join(r["label"] for r in runs.values()))
 
-    order = list(runs)
-    for i in range(args.iters):
-        idx, targets = batch(i)
-        for name in (order if i % 2 == 0 else order[::-1]):
-            r = runs[name]
+    last_loss = {}  # for the log line, as the run goes
+
+    def subject(name):
+        r = runs[name]
+
+        def measure(i):
+            idx, targets = batch(i)
             _, t_zero = timed(lambda: r["optimizer"].zero_grad(set_to_none=True), device)
             loss, t_forward = timed(lambda: r["model"](idx, targets), device)
             _, t_backward = timed(loss.backward, device)
             _, t_step = timed(r["optimizer"].step, device)
-            for phase, t in zip(PHASES, (t_zero, t_forward, t_backward, t_step)):
-                r["times"][phase].append(t)
-            r["losses"].append(loss.float().item())
+            last_loss[name] = loss.float().item()
+            return dict(zip(PHASES, (t_zero, t_forward, t_backward, t_step)),
+                        loss=last_loss[name])
+        return Subject(name, measure)
+
+    def on_round(i, _seconds):
         if i % max(1, args.iters // 10) == 0 or i == args.iters - 1:
-            log(f"iter {i:4d}  loss fused_adam {runs['fused_adam']['losses'][-1]:.4f}  "
-                f"torch {runs['torch']['losses'][-1]:.4f}")
+            log(f"iter {i:4d}  loss fused_adam {last_loss['fused_adam']:.4f}  "
+                f"torch {last_loss['torch']:.4f}")
+
+    subjects = [subject(name) for name in runs]
+    samples = interleave(subjects, warmup=0, iters=args.iters, on_round=on_round)
 
     # The first iterations load kernels (numba's cache, torch's fused kernels): not timed.
     skip = min(5, args.iters // 5)
-    summary = {}
-    for name, r in runs.items():
-        phases = {phase: summarize(r["times"][phase][skip:]) for phase in PHASES}
-        total = summarize(np.sum([r["times"][p][skip:] for p in PHASES], axis=0))
-        summary[name] = dict(optimizer=r["label"], phase_ms=phases, iteration_ms=total,
-                             losses=r["losses"])
-    diff = np.abs(np.subtract(runs["fused_adam"]["losses"], runs["torch"]["losses"]))
-    result = dict(
-        model=MODEL, hyperparameters=dict(lr=args.lr, **HYPER), batch_size=args.batch_size,
-        iters=args.iters, untimed_first_iters=skip, dtype=args.dtype,
-        master_weights=args.master_weights, seed=args.seed, world_size=world_size,
+    losses = {name: samples[name]["loss"] for name in runs}
+    diff = np.abs(np.subtract(losses["fused_adam"], losses["torch"]))
+    grad_copies = runs["fused_adam"]["optimizer"].grad_copies
+    meta = system.run_metadata(
+        device, "train-ddp" if args.ddp else "train", model=MODEL,
+        hyperparameters=dict(lr=args.lr, **HYPER), batch_size=args.batch_size, iters=args.iters,
+        untimed_first_iters=skip, dtype=args.dtype, master_weights=args.master_weights,
+        seed=args.seed, world_size=world_size,
         gradient_as_bucket_view=args.bucket_view if args.ddp else None,
-        grad_copies=runs["fused_adam"]["optimizer"].grad_copies,
-        vocab_size=len(chars), text_bytes=len(text), n_params=n_params,
-        device=device.type, device_name=system.device_name(device),
-        hardware=system.hardware_sentence(device), git_sha=system.git_sha(), **system.versions(),
-        max_abs_loss_diff=float(diff.max()), final_loss_diff=float(diff[-1]), runs=summary)
+        grad_copies=grad_copies, vocab_size=len(chars), text_bytes=len(text))
+    where = results.config_fields("char-gpt", f"char GPT {MODEL}", n_params,
+                                  len(list(runs["torch"]["model"].parameters())))
+    rows = []
+    for name, r in runs.items():
+        for phase in PHASES:
+            rows += results.time_rows(meta, where, name, phase, samples[name][phase][skip:],
+                                      label=r["label"])
+        total = np.sum([samples[name][p][skip:] for p in PHASES], axis=0)
+        rows += results.time_rows(meta, where, name, "iter", total, label=r["label"])
+        rows += [results.row(meta, where, name, "loss", value, None, iteration=i,
+                             label=r["label"]) for i, value in enumerate(losses[name])]
+    rows += [results.row(meta, where, "both", "max_abs_loss_diff", float(diff.max()), None),
+             results.row(meta, where, "both", "final_loss_diff", float(diff[-1]), None)]
 
     if args.ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
         if rank != 0:
-            return result
-    stem = "train_ddp" if args.ddp else "train"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = _markdown(result)
-    (out / f"{stem}.md").write_text(md)
-    _plot(result, out / f"{stem}_loss.png")
-    print(md)
+            return rows
+    paths = report.write(rows, Path(args.out), "train-ddp" if args.ddp else "train")
+    print(report.train_markdown(rows))
     print(f"max |loss difference| over {args.iters} iterations: {diff.max():.3g} "
-          f"(final {diff[-1]:.3g}); gradients FusedAdamW copied: {result['grad_copies']}")
-    for name in (f"{stem}.json", f"{stem}.md", f"{stem}_loss.png"):
-        print(f"wrote {out / name}")
-    return result
-
-
-def _markdown(result):
-    lines = [
-        f"# Training comparison: {result['device_name']} ({result['device']})", "",
-        f"Char GPT {result['model']}, {result['n_params']:,} params, batch "
-        f"{result['batch_size']}, {result['dtype']}, {result['iters']} iterations on "
-        f"{result['text_bytes'] / 2**20:.1f} MiB of Python's standard library; medians over "
-        f"iterations {result['untimed_first_iters']}+."
-        + (f" DDP over {result['world_size']} ranks, each on its own batches (rank 0's "
-           "times and losses); gradient_as_bucket_view="
-           f"{result['gradient_as_bucket_view']}; gradients FusedAdamW copied: "
-           f"{result['grad_copies']}." if result.get("world_size", 1) > 1 else "")
-        + f" Hardware: {result['hardware']}", "",
-        "| optimizer | zero_grad ms | forward ms | backward ms | step ms | iteration ms | "
-        "final loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for run in result["runs"].values():
-        cells = [f"{run['phase_ms'][p]['median']:.2f}" for p in PHASES]
-        lines.append(f"| {run['optimizer']} | {' | '.join(cells)} | "
-                     f"{run['iteration_ms']['median']:.2f} | {run['losses'][-1]:.4f} |")
-    lines += ["", f"Max |loss difference| between the runs: {result['max_abs_loss_diff']:.3g} "
-              f"(final iteration: {result['final_loss_diff']:.3g})."]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_diff) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
-                                      gridspec_kw=dict(height_ratios=(3, 1)))
-    # A wide pale line under a thin dashed one: where the curves coincide, both stay visible.
-    styles = {"fused_adam": dict(color="#B3A6DA", linewidth=4.0),
-              "torch": dict(color="#7A1F22", linewidth=1.2, linestyle="--")}
-    for name, run in result["runs"].items():
-        step_ms = run["phase_ms"]["step"]["median"]
-        ax.plot(run["losses"], label=f"{run['optimizer']}: step {step_ms:.2f} ms (median)",
-                **styles[name])
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title(f"Char GPT ({result['n_params'] / 1e6:.2f} M params) on Python's stdlib, "
-                 f"{result['dtype']}, {result['device_name']} ({result['device']})", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    diff = np.abs(np.subtract(result["runs"]["fused_adam"]["losses"],
-                              result["runs"]["torch"]["losses"]))
-    ax_diff.semilogy(np.maximum(diff, 1e-12), color="black", linewidth=1)
-    ax_diff.set_ylabel("|loss difference|")
-    ax_diff.set_xlabel("iteration")
-    ax_diff.set_title(f"max {diff.max():.2g} (values below 1e-12 drawn at 1e-12)", fontsize=9)
-    ax_diff.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+          f"(final {diff[-1]:.3g}); gradients FusedAdamW copied: {grad_copies}")
+    for path in paths:
+        print(f"wrote {path}")
+    return rows

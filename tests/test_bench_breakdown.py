@@ -1,11 +1,9 @@
-"""`python -m bench breakdown` times a FusedAdam step as its two parts (`_SplitStep`, which calls
-the optimizer's `_gather_grads` and `_launch`). Those parts must add up to the real step, or the
-breakdown measures something else."""
-import json
-
+"""`python -m bench breakdown` times a FusedAdam step as its phases (`breakdown.split_step`, the
+one function that knows the optimizer's private `_gather_grads` and `_launch`). Those phases must
+add up to the real step, or the breakdown measures something else."""
 import torch
 
-from bench import breakdown, configs, providers
+from bench import breakdown, configs, providers, results
 from bench.__main__ import main
 
 CPU = torch.device("cpu")
@@ -15,15 +13,14 @@ TINY = configs.Config("tiny", ((3, 5), (5,)) * 3, "3 x (3x5 weight, 5 bias)")
 def test_split_step_updates_exactly_as_step():
     stepped = providers.build("fused_adam-numba", TINY, CPU)
     split = providers.build("fused_adam-numba", TINY, CPU)
-    split_step = breakdown._SplitStep(split, CPU)
     for _ in range(4):
         stepped.forward_backward()
         stepped.step()
         stepped.zero_grad()
         split.forward_backward()
-        seconds = split_step()
+        seconds = breakdown.split_step(split.optimizer, CPU)
         split.zero_grad()
-        assert set(seconds) == {breakdown.VISIT, breakdown.VISIT_WARM, breakdown.LAUNCH}
+        assert set(seconds) == {"visit", "visit_warm", "launch"}
         assert all(s > 0 for s in seconds.values())
     for a, b in zip(stepped.params, split.params):
         assert torch.equal(a, b)
@@ -38,9 +35,16 @@ def test_split_step_updates_exactly_as_step():
 def test_breakdown_writes_its_report(tmp_path):
     main(["breakdown", "--device", "cpu", "--warmup", "1", "--iters", "2", "--out",
           str(tmp_path)])
-    result = json.loads((tmp_path / "breakdown.json").read_text())
-    assert result["config"] == "small-800"
-    assert set(result["stats_ms"]) == set(breakdown.NAMES)
-    assert all(s["n"] == 2 and s["median"] > 0 for s in result["stats_ms"].values())
+    rows = results.read(tmp_path / "breakdown.json")
+    table = results.Table(rows)
+    assert table.configs == ["small-800"]
+    assert {r["command"] for r in rows} == {"breakdown"}
+    medians = {(r["provider"], r["metric"]): r for r in rows if r["metric"].endswith("_median")}
+    assert set(medians) == {("torch-fused", "step_ms_median"),
+                            ("roofline (no-math)", "step_ms_median"),
+                            ("FusedAdam", "step_ms_median"), ("FusedAdam", "visit_ms_median"),
+                            ("FusedAdam", "visit_warm_ms_median"),
+                            ("FusedAdam", "launch_ms_median")}
+    assert all(r["samples"] == 2 and r["value"] > 0 for r in medians.values())
     assert (tmp_path / "breakdown.png").stat().st_size > 0
     assert "10x torch-fused would be" in (tmp_path / "breakdown.md").read_text()
