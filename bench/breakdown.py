@@ -1,55 +1,77 @@
 """`python -m bench breakdown`: where a FusedAdam step's time goes, on one config.
 
-A step does two things: it visits every parameter to read where its gradient and its storage
-are (`FusedAdam._gather_grads`: Python, one attribute read after another), then launches one
-kernel per arena and creates any new state (`FusedAdam._launch`). Each part is timed alone
-here, starting from the state a training step starts from: right after a real backward, with
-the other subjects' iterations in between as in the step benchmark. Each part gets rounds of its
-own, because whichever part runs first brings the other's metadata into cache. The visit is
-timed a second time straight after the first, warm, which shows how much of it is the reading
-and how much the waiting for memory. The same rounds time the whole step (which adds torch's
-`Optimizer.step` wrapper and `no_grad` to the two parts), torch-fused's step and the no-math
-roofline.
+A step runs in phases (`FusedAdam._step`, which runs each under a clock it is given; an ordinary
+step's clock does nothing): it follows edits of `param_groups` and `state`, takes back replaced
+params, visits every parameter's gradient, checks each gradient fits its parameter, collects
+their addresses, creates new state, bumps the params' autograd version counters, launches one
+kernel per arena and writes back params whose memory others hold. Here a clock of our own times
+each phase, from the state a training step starts from: right after a real backward, with the
+other subjects' iterations in between as in the step benchmark. The same rounds time the whole
+step (which adds torch's `Optimizer.step` wrapper and `no_grad` to the phases), torch-fused's
+step and the no-math roofline.
 
 With hundreds of small tensors the visit is not negligible: after a backward each parameter's
 metadata (tensor, autograd record, gradient, storage) is out of cache, so reading it costs
-memory latencies. torch's Adam reads every `p.grad` too.
+memory latencies. torch's Adam reads every `p.grad` too. The phases that keep FusedAdam a
+drop-in for torch's Adam (`report.DROP_IN_CHECKS`: following edits of groups and state,
+checking the gradients, bumping version counters) are summed in the report, as a share of the
+step.
 """
+import time
+from collections import defaultdict
+
 import torch
 
 from bench import configs, memory, providers, report, results, roofline, system
-from bench.timing import Subject, interleave, merge, timed
+from bench.timing import Subject, interleave, merge, sync, timed
 
 ROUNDS = (5, 30)  # (warm-up, timed)
 ANCHOR = providers.ANCHOR
 OURS = "FusedAdam"  # the provider name its rows carry (the backend is in the settings)
 
 
-# --- The library seam this command times. -------------------------------------------------------
-# FusedAdam's step is timed here as its two phases through private methods,
-# `FusedAdam._gather_grads()` (the visit) and `FusedAdam._launch()` (the kernels and new state).
-# Those methods are going away (issue 13: the benchmark must time the optimizer through a seam
-# the library owns); this function is the one place that knows them, to be switched to the new
-# seam. It must update exactly as `step()` does (tests/test_bench_breakdown.py checks that).
+class PhaseClock:
+    """The clock `FusedAdam._step` runs its phases under: seconds per phase, the device
+    synchronized around each; a phase met in several arenas adds up."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self._phase = device, defaultdict(float), None
+
+    def __call__(self, phase):
+        self._phase = phase
+        return self
+
+    def __enter__(self):
+        sync(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exception):
+        sync(self.device)
+        self.seconds[self._phase] += time.perf_counter() - self._start
+        return False
+
 
 @torch.no_grad()
-def split_step(optimizer, device):
-    """One step of `optimizer` as its phases, each timed alone: {"visit": s, "visit_warm": s,
-    "launch": s}. The visit runs twice (the second time warm); the launch uses the second."""
-    addresses, visit = timed(optimizer._gather_grads, device)
-    addresses, visit_warm = timed(optimizer._gather_grads, device)
-    _, launch = timed(lambda: optimizer._launch(addresses), device)
-    return {"visit": visit, "visit_warm": visit_warm, "launch": launch}
-# -------------------------------------------------------------------------------------------------
+def timed_phases(optimizer, device):
+    """One step of `optimizer` through the library's own seam, each phase timed:
+    {phase: seconds}."""
+    clock = PhaseClock(device)
+    optimizer._step(None, None, clock)
+    return dict(clock.seconds)
+
+
+def metric_of(phase):
+    """The row metric for a phase: "phase:<phase>"."""
+    return f"phase:{phase}"
 
 
 def _subjects(config, device, seed):
-    """The interleaved subjects: torch-fused's step, the roofline's, FusedAdam's whole step, and
-    FusedAdam's step split (once counting only the visit and its warm repeat, once only the
-    launch: whichever part runs first brings the other's metadata into cache, so each part gets
-    rounds of its own, each right after a backward)."""
+    """The interleaved subjects: torch-fused's step, the roofline's, FusedAdam's whole step,
+    and FusedAdam's step timed phase by phase (rounds of its own: timing adds a little)."""
     torch_fused = providers.build(ANCHOR, config, device, seed)
     ours = providers.build(providers.COMPILED[device.type], config, device, seed)
+    phased = providers.build(providers.COMPILED[device.type], config, device, seed)
     no_math = roofline.NoMathRoofline(config.n_params, device)
 
     def iteration(subject, measure):
@@ -60,10 +82,9 @@ def _subjects(config, device, seed):
             return seconds
         return run
 
-    def visit():
-        seconds = split_step(ours.optimizer, device)
-        del seconds["launch"]
-        return seconds
+    def phases():
+        return {metric_of(phase): seconds
+                for phase, seconds in timed_phases(phased.optimizer, device).items()}
 
     subjects = [
         Subject(ANCHOR, iteration(torch_fused, lambda: {"step": timed(torch_fused.step,
@@ -71,11 +92,9 @@ def _subjects(config, device, seed):
         Subject(roofline.NoMathRoofline.name,
                 iteration(no_math, lambda: {"step": timed(no_math.step, device)[1]})),
         Subject(OURS, iteration(ours, lambda: {"step": timed(ours.step, device)[1]})),
-        Subject(f"{OURS} visit", iteration(ours, visit)),
-        Subject(f"{OURS} launch", iteration(ours, lambda: {
-            "launch": split_step(ours.optimizer, device)["launch"]})),
+        Subject(f"{OURS} phases", iteration(phased, phases)),
     ]
-    return subjects, ours
+    return subjects, (ours, phased)
 
 
 def run(args):
@@ -97,7 +116,8 @@ def run(args):
             subjects, ours = _subjects(config, device, args.seed)
             merge(pooled, interleave(subjects, warmup=warmup, iters=iters,
                                      on_round=lambda *_: progress.update(1)))
-            assert ours.optimizer.grad_copies == 0, "the ordinary loop copied a gradient"
+            assert all(subject.optimizer.grad_copies == 0 for subject in ours), \
+                "the ordinary loop copied a gradient"
             del subjects, ours
             memory.release(device)
     where = results.config_fields(config.name, config.detail, config.n_params, config.n_tensors)

@@ -51,23 +51,27 @@ class GradientReader:
         self._addresses = AddressTable(arena.device) if form == "addresses" else None
         self.copies = 0  # gradients copied because they could not be read in place, all steps
 
-    def read(self):
-        """This step's gradients; raises RuntimeError, before anything changes, for one the
-        kernel must not read."""
-        grads = list(map(self._grad_of, self._params))
-        if any(map(operator.is_, grads, itertools.repeat(None))):
-            has_grad = np.fromiter(map(operator.is_not, grads, itertools.repeat(None)), bool,
-                                   len(grads))
-            present = [g for g in grads if g is not None]
-        else:
-            has_grad, present = np.ones(len(grads), dtype=bool), grads
-        self._check(present, has_grad)
-        if self._form == "tensors":
-            copies = []
-            readable = [None if g is None else _flat_real(self._readable_in_place(i, g, copies))
-                        for i, g in enumerate(grads)]
-            return Gradients(readable, has_grad, copies)
-        return self._addresses_of(grads, present, has_grad)
+    def read(self, clock):
+        """This step's gradients, each phase under `clock(phase)` (see `FusedAdam._step`);
+        raises RuntimeError, before anything changes, for one the kernel must not read."""
+        with clock("visit gradients"):
+            grads = list(map(self._grad_of, self._params))
+            if any(map(operator.is_, grads, itertools.repeat(None))):
+                has_grad = np.fromiter(map(operator.is_not, grads, itertools.repeat(None)),
+                                       bool, len(grads))
+                present = [g for g in grads if g is not None]
+            else:
+                has_grad, present = np.ones(len(grads), dtype=bool), grads
+        with clock("check gradients"):
+            self._check(present, has_grad)
+        with clock("gradient addresses"):
+            if self._form == "tensors":
+                copies = []
+                readable = [None if g is None
+                            else _flat_real(self._readable_in_place(i, g, copies))
+                            for i, g in enumerate(grads)]
+                return Gradients(readable, has_grad, copies)
+            return self._addresses_of(grads, present, has_grad)
 
     def _check(self, present, has_grad):
         """Every gradient has its parameter's dtype, size and device (torch's own Adam raises

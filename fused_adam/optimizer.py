@@ -21,6 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from fused_adam import dispatch
+from fused_adam.clock import NO_CLOCK
 from fused_adam.flat import MASTER_KEY, MAX_KEY, Arena, check_steppable, real_dtype, table_device
 from fused_adam.grads import GradientReader
 from fused_adam.groups import (
@@ -41,7 +42,7 @@ def _disable_dynamo(function):
     return disable(function)
 
 
-def _bump_versions(params):
+def bump_versions(params):
     """What an in-place op does to autograd's version counters, for the params a step wrote:
     a backward through a graph that saved one of them before the step then raises, as it does
     after torch's Adam."""
@@ -275,23 +276,23 @@ class FusedAdam(Optimizer):
             found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
             return loss  # skipped, as torch skips it: no state is created either
-        self._follow_groups()
-        self._follow_state()
-        gradients = self._read_gradients()
-        self._launch(gradients, grad_scale, found_inf)
+        self._step(grad_scale, found_inf, NO_CLOCK)
         return loss
 
-    def _read_gradients(self):
-        """Every arena's gradients, all read and checked before any arena is stepped, so that
-        an error (a sparse gradient, a wrong dtype) leaves everything as it was."""
+    def _step(self, grad_scale, found_inf, clock):
+        """A step's phases, each under `clock(phase)`, a context manager: `step` passes one that
+        does nothing, `bench breakdown` one that times each phase (a phase met in several
+        arenas adds up). Every gradient is read and checked before any arena is stepped, so
+        that an error (a sparse gradient, a wrong dtype) leaves everything as it was."""
+        with clock("follow param_groups"):
+            self._follow_groups()
+        with clock("follow state edits"):
+            self._follow_state()
         gradients = {}
         for key, arena in self._arenas.items():
-            arena.adopt_moved_params()
-            gradients[key] = self._readers[key].read()
-        return gradients
-
-    def _launch(self, gradients, grad_scale=None, found_inf=None):
-        """Create the state torch would create, then one kernel launch per arena."""
+            with clock("adopt replaced params"):
+                arena.adopt_moved_params()
+            gradients[key] = self._readers[key].read(clock)
         rows = [group_row(group) for group in self.param_groups]
         amsgrad = np.array([group["amsgrad"] for group in self.param_groups], dtype=bool)
         for key, arena in self._arenas.items():
@@ -303,21 +304,26 @@ class FusedAdam(Optimizer):
                 raise KeyError(MAX_KEY)
         for key, arena in self._arenas.items():
             has_grad = gradients[key].has_grad
-            if amsgrad[arena.groups].any():
-                arena.ensure_max_buffer()
-            self._create_state(arena, has_grad, amsgrad)
-            # Before the kernel: a step interrupted between the two must not leave a changed
-            # parameter looking unchanged to autograd.
-            _bump_versions(list(itertools.compress(arena.params_in_order, has_grad)))
-            _, adam_step = self._launchers[key]
-            device = table_device(arena.device)
-            adam_step(
-                arena.record, grads=gradients[key].for_backend,
-                group_table=self._group_tables.table(device, rows, self.param_groups),
-                inv_grad_scale=(None if grad_scale is None
-                                else grad_scale.to(device, torch.float64).reciprocal()),
-                found_inf=None if found_inf is None else found_inf.to(device))
-            arena.write_back()
+            with clock("create state"):
+                if amsgrad[arena.groups].any():
+                    arena.ensure_max_buffer()
+                self._create_state(arena, has_grad, amsgrad)
+            with clock("version counters"):
+                # Before the kernel: a step interrupted between the two must not leave a
+                # changed parameter looking unchanged to autograd.
+                bump_versions(arena.params_in_order if has_grad.all()
+                              else list(itertools.compress(arena.params_in_order, has_grad)))
+            with clock("kernel"):
+                _, adam_step = self._launchers[key]
+                device = table_device(arena.device)
+                adam_step(
+                    arena.record, grads=gradients[key].for_backend,
+                    group_table=self._group_tables.table(device, rows, self.param_groups),
+                    inv_grad_scale=(None if grad_scale is None
+                                    else grad_scale.to(device, torch.float64).reciprocal()),
+                    found_inf=None if found_inf is None else found_inf.to(device))
+            with clock("write back"):
+                arena.write_back()
 
     def _create_state(self, arena, has_grad, amsgrad):
         """torch creates a parameter's state at its first gradient; so do we (as arena views).

@@ -1,15 +1,14 @@
-"""Run a nogil Numba function over parts of a range on threads of our own, fork-safely.
+"""CPU threads for the Numba kernel: how many, whether this process is a fork() child, and a
+fork-safe pool of our own that splits a nogil function's range between the calling thread and
+N-1 daemon threads.
 
-Numba's `parallel=True` runs on a process-wide threading layer, and none of its layers suits a
-library: with GNU OpenMP (the default on Linux) a process forked after a parallel launch is
-killed when it launches one itself, and a grandchild hangs; workqueue aborts the process when two
-threads launch at once; TBB is an extra dependency that numba often does not find in a venv; and
-choosing a layer changes it for the user's own Numba code too. So the CPU kernel is serial and
-`nogil`, and this module splits its range between the calling thread and N-1 daemon threads it
-owns, made anew in a forked child. Measured on the development machine (2 cores, other work
-running), 800 small tensors: 0.97 ms [0.83-1.34] against OpenMP's 0.85 ms back to back, 1.45 ms
-against TBB's 1.70 ms with 10 ms between steps as in training; under load OpenMP fell to 8.0 ms
-and this to 2.3 ms. One tensor of 2^24 elements: 11.0 ms against 11.1 ms.
+Numba's `parallel=True` runs on a process-wide threading layer, OpenMP on Linux without TBB,
+and GNU OpenMP does not survive fork(): a child that opens a parallel region after its parent
+did is killed by numba's check or hangs (a torch op hangs there just the same). So a process
+forked after `import fused_adam` runs the kernel on this module's pool instead, made anew in
+each child. Measured by a study on the development machine (2 cores, other work running),
+kernel alone: 800 small tensors 0.97 ms [0.83-1.34] against OpenMP's 0.85 ms back to back;
+one tensor of 2^24 elements 11.0 ms against 11.1 ms.
 """
 import _thread
 import contextlib
@@ -17,24 +16,33 @@ import os
 import signal
 import threading
 
-import numba
 import torch
 
 # Below this many elements, waking a worker costs more than it saves (measured: 30-50K).
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
-# Read, never set: numba.config honours NUMBA_NUM_THREADS and the affinity mask without
-# starting numba's threading layer (numba.get_num_threads() would).
-_CORES = max(1, min(numba.config.NUMBA_NUM_THREADS,
-                    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                    else os.cpu_count() or 1))
+_cores = None
+_forked = False  # set in every child forked after this module was imported
+
+
+def forked():
+    """Whether this process is a fork() child of one that imported fused_adam."""
+    return _forked
 
 
 def _max_threads():
-    """torch's thread count caps ours, so `torch.set_num_threads(1)` (in a DataLoader worker,
-    say) holds here too."""
-    return max(1, min(_CORES, torch.get_num_threads()))
+    """The cores we may use, capped by torch's thread count, so that `torch.set_num_threads(1)`
+    (in a DataLoader worker, say) holds here too."""
+    global _cores
+    if _cores is None:
+        import numba  # numba.config honours NUMBA_NUM_THREADS and the affinity mask without
+        # starting numba's threading layer, as numba.get_num_threads() would
+
+        affinity = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1)
+        _cores = max(1, min(numba.config.NUMBA_NUM_THREADS, affinity))
+    return max(1, min(_cores, torch.get_num_threads()))
 
 
 def _worker(go, done, slot):
@@ -97,8 +105,8 @@ _pool_lock = _thread.allocate_lock()
 
 def _after_fork_in_child():
     # The workers did not come along, and a lock may be held by a thread that no longer exists.
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, _thread.allocate_lock()
+    global _pool, _pool_lock, _forked
+    _pool, _pool_lock, _forked = None, _thread.allocate_lock(), True
 
 
 if hasattr(os, "register_at_fork"):

@@ -1,11 +1,9 @@
-"""Adam for CPU tensors: one Numba pass over a whole arena, every group and parameter, split
-across threads by `cpu_threads` (not numba's `parallel=True`: see there why).
+"""Adam for CPU tensors: one Numba pass over a whole arena, every group and parameter.
 
 Gradients are read where autograd left them, by address, so the pass runs over *chunks* (a slice
-of one segment, at most `CHUNK_ELEMENTS` long) rather than straight over elements: each thread
-takes a range of chunks of about equal elements, and the loop inside a chunk is a plain
-contiguous loop that LLVM vectorizes. One table lookup per chunk is the price of never copying a
-gradient.
+of one segment, at most `CHUNK_ELEMENTS` long) rather than straight over elements: threads take
+chunks, and the loop inside a chunk is a plain contiguous loop that LLVM vectorizes. One table
+lookup per chunk is the price of never copying a gradient. Which threads: see `adam_step`.
 
 16-bit buffers arrive as integer views (numpy has no bfloat16): bf16 as uint16, fp16 as int16.
 They widen to fp32 on load and round to nearest even on store, with bit operations for bf16 and
@@ -19,7 +17,7 @@ import numba
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from fused_adam.kernels import cpu_threads
@@ -183,53 +181,72 @@ def _advance_steps(grad_addresses, steps):
             steps[segment] += 1
 
 
+@njit(inline="always", **_JIT)
+def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments,
+                chunks, grad_addresses, group_table, inv_grad_scale):
+    """Chunk `chunk`, if its segment has a gradient: `_update_chunk` with its group's settings
+    and its segment's (already advanced) step."""
+    segment = chunks.segments[chunk]
+    address = grad_addresses[segment]
+    if address == 0:
+        return
+    offset, n = chunks.offsets[chunk], chunks.lengths[chunk]
+    grad = numba.carray(_pointer_like(address + offset * params.itemsize, params), n)
+    start = segments.starts[segment] + offset
+    end = start + n
+    group = group_table[segments.groups[segment]]
+    lr, beta1, beta2, weight_decay = group[LR], group[BETA1], group[BETA2], group[WEIGHT_DECAY]
+    decoupled = group[DECOUPLED_WD] != 0
+    step = np.float64(segments.steps[segment])
+    # Bias corrections in float64, then cast, as torch computes them in Python floats.
+    lerp_weight = _compute(1.0 - beta1, params)
+    c = Coefficients(
+        grad_scale=_compute(-inv_grad_scale if group[MAXIMIZE] != 0 else inv_grad_scale, params),
+        l2_weight_decay=_compute(0.0 if decoupled else weight_decay, params),
+        param_decay=_compute(1.0 - lr * weight_decay if decoupled else 1.0, params),
+        lerp_weight=lerp_weight,
+        one_minus_lerp_weight=_compute(1.0, params) - lerp_weight,
+        beta2=_compute(beta2, params),
+        one_minus_beta2=_compute(1.0 - beta2, params),
+        step_size=_compute(lr / (1.0 - beta1 ** step), params),
+        bias_correction2_sqrt=_compute(np.sqrt(1.0 - beta2 ** step), params),
+        eps=_compute(group[EPS], params))
+    # `master_params is None` is decided at compile time: one specialization each.
+    master = None if master_params is None else master_params[start:end]
+    # amsgrad as a literal at each call: the loop is compiled once with and once without it. A
+    # run-time flag left the branch inside the loop, which the vectorizer executes masked for
+    # every element: with bf16 moments that doubled the step (257 us vs 129 us for 1M elements
+    # in cache).
+    if group[AMSGRAD] != 0:
+        _update_chunk(params[start:end], master, grad, exp_avg[start:end],
+                      exp_avg_sq[start:end], max_exp_avg_sq[start:end], True, c)
+    else:
+        _update_chunk(params[start:end], master, grad, exp_avg[start:end],
+                      exp_avg_sq[start:end], max_exp_avg_sq[start:end], False, c)
+
+
+@njit(parallel=True, **_JIT)
+def _adam_pass(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
+               grad_addresses, group_table, inv_grad_scale):
+    """The whole pass in one call on numba's threading layer (see `adam_step`): steps first,
+    then every chunk."""
+    _advance_steps(grad_addresses, segments.steps)
+    for chunk in prange(chunks.segments.shape[0]):
+        _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                    segments, chunks, grad_addresses, group_table, inv_grad_scale)
+
+
 @njit(**_JIT)
 def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
                  grad_addresses, group_table, inv_grad_scale, advance, first, last):
-    """For each chunk `first` .. `last - 1` of a segment with a gradient, `_update_chunk` with
-    its group's settings and its segment's step, advanced first here if `advance` (a pass in
-    one call) or before the call (a pass split across threads: every part reads the steps)."""
+    """Chunks `first` .. `last - 1` on this thread, the steps advanced first here if `advance`
+    (a pass in one call) or before the call (a pass split across threads: every part reads
+    the steps)."""
     if advance:
         _advance_steps(grad_addresses, segments.steps)
     for chunk in range(first, last):
-        segment = chunks.segments[chunk]
-        address = grad_addresses[segment]
-        if address == 0:
-            continue
-        offset, n = chunks.offsets[chunk], chunks.lengths[chunk]
-        grad = numba.carray(_pointer_like(address + offset * params.itemsize, params), n)
-        start = segments.starts[segment] + offset
-        end = start + n
-        group = group_table[segments.groups[segment]]
-        lr, beta1, beta2, weight_decay = group[LR], group[BETA1], group[BETA2], group[WEIGHT_DECAY]
-        decoupled = group[DECOUPLED_WD] != 0
-        step = np.float64(segments.steps[segment])
-        # Bias corrections in float64, then cast, as torch computes them in Python floats.
-        lerp_weight = _compute(1.0 - beta1, params)
-        c = Coefficients(
-            grad_scale=_compute(-inv_grad_scale if group[MAXIMIZE] != 0 else inv_grad_scale,
-                                params),
-            l2_weight_decay=_compute(0.0 if decoupled else weight_decay, params),
-            param_decay=_compute(1.0 - lr * weight_decay if decoupled else 1.0, params),
-            lerp_weight=lerp_weight,
-            one_minus_lerp_weight=_compute(1.0, params) - lerp_weight,
-            beta2=_compute(beta2, params),
-            one_minus_beta2=_compute(1.0 - beta2, params),
-            step_size=_compute(lr / (1.0 - beta1 ** step), params),
-            bias_correction2_sqrt=_compute(np.sqrt(1.0 - beta2 ** step), params),
-            eps=_compute(group[EPS], params))
-        # `master_params is None` is decided at compile time: one specialization each.
-        master = None if master_params is None else master_params[start:end]
-        # amsgrad as a literal at each call: the loop is compiled once with and once without
-        # it. A run-time flag left the branch inside the loop, which the vectorizer executes
-        # masked for every element: with bf16 moments that doubled the step (257 us vs 129 us
-        # for 1M elements in cache).
-        if group[AMSGRAD] != 0:
-            _update_chunk(params[start:end], master, grad, exp_avg[start:end],
-                          exp_avg_sq[start:end], max_exp_avg_sq[start:end], True, c)
-        else:
-            _update_chunk(params[start:end], master, grad, exp_avg[start:end],
-                          exp_avg_sq[start:end], max_exp_avg_sq[start:end], False, c)
+        _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                    segments, chunks, grad_addresses, group_table, inv_grad_scale)
 
 
 def _numpy(tensor):
@@ -291,8 +308,20 @@ _LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:7
 
 
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
-    """Run `_adam_chunks` over every chunk of `arena`, split across threads (see
-    `fused_adam.kernels` for the contract)."""
+    """One pass over every chunk of `arena` (see `fused_adam.kernels` for the contract), on
+    the threads `cpu_threads` picks:
+
+    - one thread (torch allowed one, or the arena is small): `_adam_chunks` in one call;
+    - the process that imported fused_adam: `_adam_pass`, one call on numba's threading
+      layer. Where numba's layer is OpenMP (Linux without TBB) and torch was imported first,
+      numba's OpenMP is torch's own libgomp, so the pass runs on the very threads torch's
+      backward just used, still spinning: measured after a backward on the development
+      machine, a 2^26-element arena steps in 45.6-47.5 ms there against 50.5-51.7 ms on
+      threads of our own, whose worker waited 2-5 ms for a core;
+    - a forked child: threads of our own (`cpu_threads.run_parts`). GNU OpenMP does not survive
+      fork(): a child that runs a parallel region after its parent did hangs, torch's own ops
+      included (which is why DataLoader workers run torch on one thread).
+    """
     assert arena.params.device.type == "cpu" and arena.params.dtype in PARAM_DTYPES
     assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
     if found_inf is not None and float(found_inf) != 0:
@@ -307,7 +336,9 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
     if parts == 1:
         # One call, steps and updates together: nothing can stop it half-way.
         _adam_chunks(*arguments, True, 0, derived.n_chunks)
-        return
-    with cpu_threads.interrupts_deferred():
-        _advance_steps(grad_addresses, derived.steps)
-        cpu_threads.run_parts(_adam_chunks, (*arguments, False), derived.bounds(parts))
+    elif not cpu_threads.forked():
+        _adam_pass(*arguments)
+    else:
+        with cpu_threads.interrupts_deferred():
+            _advance_steps(grad_addresses, derived.steps)
+            cpu_threads.run_parts(_adam_chunks, (*arguments, False), derived.bounds(parts))

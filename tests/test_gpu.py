@@ -27,7 +27,7 @@ def test_triton_matches_torch_on_gpu(dtype, variant):
     shapes = [(1,), (4097,), (1823, 781), (64, 64), (3,), (0,)]
     ours_params, torch_params = _cuda_twins(shapes, dtype)
     ours = FusedAdam(ours_params, lr=1e-2, **VARIANTS[variant])
-    assert set(ours.backends.values()) == {"triton_adam"}
+    assert set(ours.backends.values()) == {"triton"}
     theirs = torch.optim.Adam(torch_params, lr=1e-2, foreach=False, **VARIANTS[variant])
     skip = lambda step, index: (step + index) % 4 == 0  # noqa: E731
     train(ours, ours_params, 25, skip=skip)
@@ -104,3 +104,32 @@ def test_capturable_step_replays_in_a_cuda_graph():
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
         assert ours.state[p]["step"].item() == theirs.state[q]["step"].item() == 12
+
+
+def test_cuda_params_and_states_own_their_storages():
+    """On CUDA too every parameter and state tensor is a tensor over the arena with a storage
+    of just itself (made through __cuda_array_interface__), updated in place by the kernel,
+    and saved by torch.save as exactly its own bytes."""
+    import io
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 3)).cuda()
+    twin = copy.deepcopy(model)
+    ours = FusedAdam(model.parameters(), lr=1e-2, amsgrad=True)
+    theirs = torch.optim.Adam(twin.parameters(), lr=1e-2, amsgrad=True, foreach=False)
+    x = torch.randn(8, 16, device="cuda")
+    for net, optimizer in ((model, ours), (twin, theirs)):
+        for _ in range(5):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    tensors = list(model.parameters())
+    tensors += [v for state in ours.state.values() for v in state.values()]
+    for t in tensors:
+        assert t.is_cuda and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        assert t.untyped_storage().data_ptr() == t.data_ptr()
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    buffer = io.BytesIO()
+    torch.save(model[1].state_dict(), buffer)
+    assert buffer.tell() < 4096, f"a 99-parameter state_dict took {buffer.tell()} bytes"
+    assert_same_trajectory(ours, theirs, list(model.parameters()), list(twin.parameters()),
+                           dtype=torch.float32)

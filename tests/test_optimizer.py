@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fused_adam import FusedAdam, FusedAdamW, dispatch
+from fused_adam.clock import NO_CLOCK
 from fused_adam.flat import Arena
 from fused_adam.grads import GradientReader
 from helpers import (
@@ -193,7 +194,7 @@ def test_reader_holds_the_gradient_copies_it_hands_out(backend):
     reader = GradientReader(arena, form=kernels.GRADS, alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
     strided.grad = torch.randn(4, 12)[:, ::2].t()
     plain.grad = torch.randn(5)
-    gradients = reader.read()
+    gradients = reader.read(NO_CLOCK)
     (copy,) = gradients.copies
     assert copy.is_contiguous() and torch.equal(copy, strided.grad) and reader.copies == 1
     if kernels.GRADS == "tensors":
@@ -204,7 +205,7 @@ def test_reader_holds_the_gradient_copies_it_hands_out(backend):
     assert copy.data_ptr() == addresses[0] != strided.grad.data_ptr()
 
     strided.grad = torch.randn(6, 4)
-    gradients = reader.read()
+    gradients = reader.read(NO_CLOCK)
     assert gradients.for_backend.tolist() == [strided.grad.data_ptr(), plain.grad.data_ptr()]
     assert gradients.copies == [] and reader.copies == 1
 
