@@ -1,12 +1,19 @@
+import re
 from pathlib import Path
 
 from setuptools import setup
 
+HERE = Path(__file__).parent
+# One source for the version: the package's own __version__.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "fused_adam" / "__init__.py").read_text(),
+                    re.M).group(1)
+
 setup(
     name="fused-adam",
-    version="0.1.0",
-    description="Fused Adam/AdamW for PyTorch: one pass over flat buffers (Triton on GPU, Numba on CPU)",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    version=VERSION,
+    description=("Fused Adam/AdamW for PyTorch: one pass over flat buffers (Triton on GPU, "
+                 "Numba on CPU)"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # The top-level kernels/ folder ships as fused_adam.kernels: a top-level module named
@@ -16,8 +23,10 @@ setup(
     install_requires=["torch>=2.4", "numba>=0.59", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        # matplotlib and tqdm: the tests run a benchmark command (bench breakdown) end to end.
-        "test": ["pytest", "hypothesis", "triton>=3.6", "psutil", "matplotlib", "tqdm"],
+        # matplotlib and tqdm: the tests run the benchmark commands end to end. The libraries
+        # people train with: tests/test_integrations.py runs FusedAdam inside each of them.
+        "test": ["pytest", "hypothesis", "triton>=3.6", "psutil", "matplotlib", "tqdm",
+                 "safetensors>=0.4", "accelerate>=1.0", "transformers>=4.46", "lightning>=2.0"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "triton>=3.6"],
     },
 )

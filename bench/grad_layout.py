@@ -1,4 +1,5 @@
-"""`python -m bench grad-layout`: where should gradients live? DESIGN.md's measurement.
+"""`python -m bench grad-layout`: where should gradients live? The measurement behind
+reading them in place (bench/RESULTS.md).
 
 A flat gradient buffer lets a kernel stream gradients, but it changes what autograd does: with
 `p.grad` already a tensor, backward *adds into* it (read 4 B, read 4 B, write 4 B per element)
