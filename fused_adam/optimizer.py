@@ -12,20 +12,21 @@ step first follows them (`_follow_groups`, `_follow_state`), at the cost of one 
 per parameter when nothing changed.
 """
 import itertools
-import operator
 import warnings
-from collections import defaultdict
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from fused_adam import dispatch
+from fused_adam.arenas import Arenas
 from fused_adam.clock import NO_CLOCK
-from fused_adam.flat import MASTER_KEY, MAX_KEY, Arena, check_steppable, real_dtype, table_device
-from fused_adam.grads import GradientReader
+from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
-    GroupTables, group_row, normalized_group, validate_hyperparameters,
+    GroupTables,
+    group_row,
+    normalized_group,
+    validate_hyperparameters,
 )
 from fused_adam.state import TrackedState
 
@@ -97,16 +98,11 @@ class FusedAdam(Optimizer):
 
     def _start_machinery(self):
         """The optimizer's own parts, none of which torch's Optimizer knows about."""
-        self._arenas = {}  # (device, real dtype) -> Arena
-        self._readers = {}  # (device, real dtype) -> GradientReader
-        self._launchers = {}  # (device, real dtype) -> (backend name, its adam_step)
+        self._arenas = Arenas(**self._settings)
         self._group_tables = GroupTables()
-        # What the arenas were built from: [(group, list of its params)], None before the first.
-        self._layout_of = None
         self._params_seen = set()  # every param of every group (for add_param_group's check)
         self._constructed = False
         self._loading = None  # the checkpoint load_state_dict is loading, while it runs
-        self._copies_before = 0  # grad copies counted by readers of arenas since rebuilt
 
     # ----------------------------------------------------------------------------------------
     # Param groups
@@ -141,82 +137,36 @@ class FusedAdam(Optimizer):
         seen.update(params)
         self._params_seen = seen
 
-    def _groups_unchanged(self):
-        """Whether `param_groups` holds the groups and params the arenas were built from (an
-        identity check per parameter)."""
-        layout = self._layout_of
-        if layout is None or len(layout) != len(self.param_groups):
-            return False
-        for group, (built_group, built_params) in zip(self.param_groups, layout):
-            params = group["params"]
-            if (group is not built_group or len(params) != len(built_params)
-                    or not all(map(operator.is_, params, built_params))):
-                return False
-        return True
-
     def _follow_groups(self):
         """Rebuild the arenas if `param_groups` changed (a group added, a parameter appended to
         or removed from a group's list), carrying every state over through `self.state`."""
-        if self._groups_unchanged():
+        if self._arenas.unchanged(self.param_groups):
             return
-        members = self._members()
-        if self._layout_of is not None and members == self._members_of_arenas():
-            # The same params in the same groups (new group dicts, after load_state_dict, say).
-            self._layout_of = self._snapshot()
+        replaced = self._arenas.follow(self.param_groups)
+        if replaced is None:
             return
-        arenas, readers, launchers = {}, {}, {}
-        for key, arena_members in members.items():
-            name = dispatch.backend_name(self._settings["backend"], *key)
-            kernels = dispatch.kernel_module(name)
-            launchers[key] = (name, kernels.adam_step)
-            if key in self._arenas:
-                self._arenas[key].forget_views()
-            arenas[key] = Arena(*key, arena_members, state_dtype=self._settings["state_dtype"],
-                                master_weights=self._settings["master_weights"])
-            readers[key] = GradientReader(arenas[key], form=kernels.GRADS,
-                                          alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
-        old_arenas = self._arenas
-        self._copies_before = self.grad_copies
-        self._arenas, self._readers, self._launchers = arenas, readers, launchers
         kept = {p for arena in self._arenas.values() for p in arena.params_in_order}
-        for arena in old_arenas.values():
+        for arena in replaced.values():
             for index, p in enumerate(arena.params_in_order):
                 if p not in kept:  # removed from the groups: its memory becomes its own
                     arena.release(index)
                     if p in self.state:
                         self.state.put(p, {name: value.clone() if torch.is_tensor(value)
                                            else value for name, value in self.state[p].items()})
-        self._layout_of = self._snapshot()
         self._params_seen = kept
         self._follow_state(everything=True)
-
-    def _members(self):
-        """{(device, real dtype): [(param, group index, position in group)]}, each param once."""
-        members, seen = defaultdict(list), set()
-        for group_index, group in enumerate(self.param_groups):
-            for position, p in enumerate(group["params"]):
-                if p not in seen:
-                    seen.add(p)
-                    members[(p.device, real_dtype(p.dtype))].append((p, group_index, position))
-        return members
-
-    def _members_of_arenas(self):
-        return {key: arena.members for key, arena in self._arenas.items()}
-
-    def _snapshot(self):
-        return [(group, list(group["params"])) for group in self.param_groups]
 
     @property
     def backends(self):
         """{(device, dtype): backend name ("numba", "triton" or "torch")} of every arena."""
         self._follow_groups()
-        return {key: name for key, (name, _) in self._launchers.items()}
+        return self._arenas.backends
 
     @property
     def grad_copies(self):
         """How many gradients were copied because they could not be read in place (the ordinary
         `zero_grad(); backward(); step()` loop copies none)."""
-        return self._copies_before + sum(reader.copies for reader in self._readers.values())
+        return self._arenas.grad_copies
 
     # ----------------------------------------------------------------------------------------
     # State
@@ -292,7 +242,7 @@ class FusedAdam(Optimizer):
         for key, arena in self._arenas.items():
             with clock("adopt replaced params"):
                 arena.adopt_moved_params()
-            gradients[key] = self._readers[key].read(clock)
+            gradients[key] = self._arenas.reader(key).read(clock)
         rows = [group_row(group) for group in self.param_groups]
         amsgrad = np.array([group["amsgrad"] for group in self.param_groups], dtype=bool)
         for key, arena in self._arenas.items():
@@ -314,7 +264,7 @@ class FusedAdam(Optimizer):
                 bump_versions(arena.params_in_order if has_grad.all()
                               else list(itertools.compress(arena.params_in_order, has_grad)))
             with clock("kernel"):
-                _, adam_step = self._launchers[key]
+                adam_step = self._arenas.launcher(key)
                 device = table_device(arena.device)
                 adam_step(
                     arena.record, grads=gradients[key].for_backend,
