@@ -48,6 +48,7 @@ class Arenas:
         return self._readers[key]
 
     def launcher(self, key):
+        """The backend module stepping arena `key` (its `adam_step`, `grad_power_sum`)."""
         return self._launchers[key][1]
 
     @property
@@ -83,7 +84,7 @@ class Arenas:
         for key, arena_members in members.items():
             name = dispatch.backend_name(self._backend, *key)
             kernels = dispatch.kernel_module(name)
-            launchers[key] = (name, kernels.adam_step)
+            launchers[key] = (name, kernels)
             if key in self._arenas:
                 self._arenas[key].forget_views()
             arenas[key] = Arena(*key, arena_members, state_dtype=self._state_dtype,

@@ -34,6 +34,16 @@ def local_grad_of(p):
     return grad._local_tensor if isinstance(grad, DTensor) else grad
 
 
+def shard_groups(p):
+    """The process groups of the mesh dimensions DTensor `p` is sharded on, in mesh order (the
+    same on every rank: collectives over them must be issued in one order); () for a tensor."""
+    if not isinstance(p, DTensor):
+        return ()
+    mesh = p.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements)
+                 if placement.is_shard())
+
+
 def local_data_ptr(p):
     return local_shard(p).data_ptr()
 

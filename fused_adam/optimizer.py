@@ -20,6 +20,14 @@ from torch.optim import Optimizer
 
 from fused_adam import dispatch
 from fused_adam.arenas import Arenas
+from fused_adam.clipping import (
+    PendingClip,
+    clip_coefficient,
+    norm_dtype,
+    shard_groups,
+    torch_total_norm,
+    total_norm,
+)
 from fused_adam.clock import NO_CLOCK
 from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
@@ -28,6 +36,7 @@ from fused_adam.groups import (
     normalized_group,
     validate_hyperparameters,
 )
+from fused_adam.kernels import supported_norm_type
 from fused_adam.state import TrackedState
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
@@ -100,6 +109,7 @@ class FusedAdam(Optimizer):
         """The optimizer's own parts, none of which torch's Optimizer knows about."""
         self._arenas = Arenas(**self._settings)
         self._group_tables = GroupTables()
+        self._pending_clip = PendingClip()
         self._params_seen = set()  # every param of every group (for add_param_group's check)
         self._constructed = False
         self._loading = None  # the checkpoint load_state_dict is loading, while it runs
@@ -225,8 +235,10 @@ class FusedAdam(Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
+            self._pending_clip.clear()
             return loss  # skipped, as torch skips it: no state is created either
         self._step(grad_scale, found_inf, NO_CLOCK)
+        self._pending_clip.clear()
         return loss
 
     def _step(self, grad_scale, found_inf, clock):
@@ -264,14 +276,15 @@ class FusedAdam(Optimizer):
                 bump_versions(arena.params_in_order if has_grad.all()
                               else list(itertools.compress(arena.params_in_order, has_grad)))
             with clock("kernel"):
-                adam_step = self._arenas.launcher(key)
+                kernels = self._arenas.launcher(key)
                 device = table_device(arena.device)
-                adam_step(
+                kernels.adam_step(
                     arena.record, grads=gradients[key].for_backend,
                     group_table=self._group_tables.table(device, rows, self.param_groups),
                     inv_grad_scale=(None if grad_scale is None
                                     else grad_scale.to(device, torch.float64).reciprocal()),
-                    found_inf=None if found_inf is None else found_inf.to(device))
+                    found_inf=None if found_inf is None else found_inf.to(device),
+                    clip_factor=self._pending_clip.factor(device))
             with clock("write back"):
                 arena.write_back()
 
@@ -285,6 +298,69 @@ class FusedAdam(Optimizer):
             self.state.put(arena.params_in_order[index], arena.state_entry(index, with_max))
             arena.has_max[index] = with_max
         arena.has_state |= new
+
+    def zero_grad(self, set_to_none=True):
+        """torch's `zero_grad`; it also drops a clipping factor no step has applied."""
+        self._pending_clip.clear()
+        super().zero_grad(set_to_none)
+
+    # ----------------------------------------------------------------------------------------
+    # Gradient clipping
+
+    @_disable_dynamo
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
+                       process_group=None):
+        """`torch.nn.utils.clip_grad_norm_` over every parameter of this optimizer that has a
+        gradient, folded into the next step: returns the total norm (a tensor, as torch's),
+        reading each gradient once, and leaves p.grad unclipped; the next `step()` multiplies
+        each gradient by min(1, max_norm / (norm + 1e-6)) inside its kernel. `zero_grad()` or a
+        step drops the factor. Call it where torch's would be called (after
+        `GradScaler.unscale_`, before `step`).
+
+        `process_group`: where this optimizer holds only this rank's share of the parameters
+        and nothing tells it so (ZeroRedundancyOptimizer's local optimizer), the group whose
+        norms add up to the whole. DTensor (FSDP2) parameters need none: their mesh says.
+        """
+        norm_type, max_norm = float(norm_type), float(max_norm)
+        self._follow_groups()
+        self._follow_state()
+        readings = []
+        for key, arena in self._arenas.items():
+            arena.adopt_moved_params()
+            readings.append((key, arena, self._arenas.reader(key).read(NO_CLOCK)))
+        with_grads = [(key, arena, read) for key, arena, read in readings
+                      if read.has_grad.any()]
+        process_groups = shard_groups(p for _, arena, _ in with_grads if arena.is_distributed
+                                      for p in arena.params_in_order)
+        if process_group is not None:
+            process_groups = (*process_groups, process_group)
+        if not with_grads and not process_groups:
+            return torch.tensor(0.0)  # torch's answer when no parameter has a gradient
+        complex_p = norm_type != 2.0 and any(arena.is_complex.any() for _, arena, _ in with_grads)
+        if supported_norm_type(norm_type) and not complex_p:
+            device = (with_grads[0][1] if with_grads else readings[0][1]).device
+            norm = total_norm(
+                [self._arenas.launcher(key).grad_power_sum(
+                    arena.record, grads=read.for_backend, norm_type=norm_type)
+                 for key, arena, read in with_grads],
+                norm_type, process_groups=process_groups, device=device,
+                dtype=norm_dtype([arena.dtype for _, arena, _ in with_grads] or [torch.float32]))
+        elif process_groups:
+            raise NotImplementedError(
+                f"FusedAdam.clip_grad_norm: norm_type={norm_type} over sharded parameters; "
+                "use norm_type 2, 1, inf or another p > 0")
+        else:
+            norm = torch_total_norm([p.grad for group in self.param_groups
+                                     for p in group["params"] if p.grad is not None], norm_type)
+        if self._pending_clip.armed:  # clipped twice: the gradients count as scaled once
+            norm = (norm.double() * self._pending_clip.factor(norm.device)).to(norm.dtype)
+        coefficient = clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type)
+        self._pending_clip.set(coefficient, {table_device(arena.device)
+                                             for _, arena, _ in readings} | {norm.device})
+        return norm
+
+    clip_grad_norm_ = clip_grad_norm
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints and copies

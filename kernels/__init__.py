@@ -1,8 +1,10 @@
 """The kernel contract: what every backend's launcher reads, as plain data. No optimizer logic.
 
-Each backend module (`numba_adam`, `triton_adam`, `reference`) has one launcher:
+Each backend module (`numba_adam`, `triton_adam`, `reference`) has two launchers:
 
-    adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
+    adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
+              clip_factor=None)
+    grad_power_sum(arena, *, grads, norm_type)
 
 - `arena` is an `ArenaTensors`: the flat 1-D buffers of one (device, dtype) and the per-segment
   tables (one segment per parameter). A launcher reads nothing else of the optimizer; what it
@@ -17,11 +19,13 @@ Each backend module (`numba_adam`, `triton_adam`, `reference`) has one launcher:
 - `group_table`: float64 [n_groups, GROUP_COLUMNS], columns below, on the segment tables' device.
 - `inv_grad_scale`: None, a float, or a 1-element tensor on the device (GradScaler's 1/scale);
   `found_inf`: None or a 1-element tensor; nonzero means the whole step is skipped.
+- `clip_factor`: None or a 1-element float64 tensor on the device, the gradient clipping
+  coefficient, already rounded to the dtype torch's `clip_grad_norm_` would compute it in.
 
 For every segment with a gradient (unless `found_inf` is nonzero) a launcher adds 1 to `steps`
 and applies, with that segment's step t and group:
 
-    g = grad * inv_grad_scale;  g = -g (maximize)
+    g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g (maximize)
     g = g + wd * p (L2)   or   p = p * (1 - lr * wd) (decoupled)
     m = lerp(m, g, 1 - b1)  (torch's lerp: m + w * (g - m) for w < 0.5, else g - (g - m) * (1 - w))
     v = b2 * v + ((1 - b2) * g) * g
@@ -30,7 +34,13 @@ and applies, with that segment's step t and group:
 
 in fp32 (fp64 for fp64 params), in this order of rounding (torch's), with p read from and
 written to `master_params` where there is one (then `params` is its rounding); every value stored
-in a narrower dtype is rounded to nearest even.
+in a narrower dtype is rounded to nearest even. (The two gradient products round one after the
+other, as torch's `GradScaler.unscale_` and then `clip_grad_norm_` do; a factor of 1 is exact.)
+
+`grad_power_sum` reads every gradient once and returns a 0-d float64 tensor on the device, with
+no host read on CUDA: the sum over all elements of |g|^p for a finite `norm_type` p > 0, or the
+largest |g| for `norm_type` inf (NaN if any gradient element is NaN, as torch's norms). The
+optimizer combines arenas (and ranks) and takes the p-th root.
 """
 import dataclasses
 from typing import Optional
@@ -40,6 +50,12 @@ import torch
 # Columns of the per-group hyperparameter table every kernel reads.
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE, AMSGRAD, DECOUPLED_WD = range(8)
 GROUP_COLUMNS = 8
+
+# norm_type values every backend's `grad_power_sum` reduces in one pass (others fall back to
+# torch's own norms in the optimizer).
+def supported_norm_type(norm_type):
+    return norm_type > 0  # finite p > 0, or inf (NaN is not > 0)
+
 
 # Every segment starts on a multiple of this many elements (64 B for fp32), so that every
 # load and store of a kernel can be 128-bit.

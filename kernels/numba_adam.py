@@ -41,6 +41,9 @@ NUMPY_VIEWS = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloa
 # unspecified accuracy; torch's are IEEE).
 _FASTMATH = {"nsz", "contract"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH)
+# The gradient norm's sums may be reordered (that is what lets LLVM vectorize a reduction):
+# they accumulate in float64, where any order is within 1e-15 of any other.
+_REDUCTION_JIT = dict(_JIT, fastmath=_FASTMATH | {"reassoc"})
 
 
 @intrinsic
@@ -129,7 +132,7 @@ def _compute_overload(value, params):
 
 # Per-chunk scalars of the update, in the compute dtype.
 Coefficients = namedtuple("Coefficients", [
-    "grad_scale", "l2_weight_decay", "param_decay", "lerp_weight", "one_minus_lerp_weight",
+    "grad_scale", "clip_factor", "l2_weight_decay", "param_decay", "lerp_weight", "one_minus_lerp_weight",
     "beta2", "one_minus_beta2", "step_size", "bias_correction2_sqrt", "eps"])
 # The per-segment tables and the chunk table (derived once per layout, see `_derived`).
 Segments = namedtuple("Segments", ["starts", "groups", "steps"])
@@ -138,7 +141,7 @@ Chunks = namedtuple("Chunks", ["segments", "offsets", "lengths"])
 
 @njit(inline="always", **_JIT)
 def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c):
-    """g = grad * grad_scale (+ l2 * p);  p *= param_decay;  m = lerp(m, g, w);
+    """g = grad * grad_scale * clip_factor (+ l2 * p);  p *= param_decay;  m = lerp(m, g, w);
     v = b2 * v + ((1 - b2) * g) * g;  p -= step_size * m / (sqrt(max(v_max, v)) / bc2_sqrt + eps)
     with p the fp32 master copy where there is one (then param = round(p)). `master_param` is
     None or an array and `amsgrad` a literal: numba compiles each case apart, with no branch
@@ -148,7 +151,8 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
             p = _widen(param[i])
         else:
             p = master_param[i]
-        g = _widen(grad[i]) * c.grad_scale
+        # Two roundings, as torch's unscale_ then clip_grad_norm_ (x * 1 is exact).
+        g = _widen(grad[i]) * c.grad_scale * c.clip_factor
         if c.l2_weight_decay != 0:
             g = g + c.l2_weight_decay * p
         p = p * c.param_decay
@@ -183,7 +187,7 @@ def _advance_steps(grad_addresses, steps):
 
 @njit(inline="always", **_JIT)
 def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments,
-                chunks, grad_addresses, group_table, inv_grad_scale):
+                chunks, grad_addresses, group_table, inv_grad_scale, clip_factor):
     """Chunk `chunk`, if its segment has a gradient: `_update_chunk` with its group's settings
     and its segment's (already advanced) step."""
     segment = chunks.segments[chunk]
@@ -202,6 +206,7 @@ def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_s
     lerp_weight = _compute(1.0 - beta1, params)
     c = Coefficients(
         grad_scale=_compute(-inv_grad_scale if group[MAXIMIZE] != 0 else inv_grad_scale, params),
+        clip_factor=_compute(clip_factor, params),
         l2_weight_decay=_compute(0.0 if decoupled else weight_decay, params),
         param_decay=_compute(1.0 - lr * weight_decay if decoupled else 1.0, params),
         lerp_weight=lerp_weight,
@@ -227,18 +232,20 @@ def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_s
 
 @njit(parallel=True, **_JIT)
 def _adam_pass(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
-               grad_addresses, group_table, inv_grad_scale):
+               grad_addresses, group_table, inv_grad_scale, clip_factor):
     """The whole pass in one call on numba's threading layer (see `adam_step`): steps first,
     then every chunk."""
     _advance_steps(grad_addresses, segments.steps)
     for chunk in prange(chunks.segments.shape[0]):
         _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                    segments, chunks, grad_addresses, group_table, inv_grad_scale)
+                    segments, chunks, grad_addresses, group_table, inv_grad_scale,
+                    clip_factor)
 
 
 @njit(**_JIT)
 def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
-                 grad_addresses, group_table, inv_grad_scale, advance, first, last):
+                 grad_addresses, group_table, inv_grad_scale, clip_factor, advance, first,
+                 last):
     """Chunks `first` .. `last - 1` on this thread, the steps advanced first here if `advance`
     (a pass in one call) or before the call (a pass split across threads: every part reads
     the steps)."""
@@ -246,7 +253,8 @@ def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, seg
         _advance_steps(grad_addresses, segments.steps)
     for chunk in range(first, last):
         _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                    segments, chunks, grad_addresses, group_table, inv_grad_scale)
+                    segments, chunks, grad_addresses, group_table, inv_grad_scale,
+                    clip_factor)
 
 
 def _numpy(tensor):
@@ -285,6 +293,7 @@ class _Derived:
                               arena.steps.numpy()),
             chunks=chunks)
         self.steps = by_name["segments"].steps
+        self.params, self.chunks = by_name["params"], chunks
         self.arguments = tuple(by_name[name] for name in _LAYOUT_ARGUMENTS)
         self._elements_before = np.concatenate([[0], np.cumsum(chunks.lengths)])
         self.n_elements = int(self._elements_before[-1])
@@ -303,11 +312,19 @@ class _Derived:
 
 
 _derived = weakref.WeakKeyDictionary()  # ArenaTensors -> _Derived
+
+
+def _derived_for(arena):
+    derived = _derived.get(arena)
+    if derived is None:
+        derived = _derived[arena] = _Derived(arena)
+    return derived
 # `_adam_chunks`'s leading arguments, which `_Derived` makes once per layout.
 _LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:7]
 
 
-def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
+def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
+              clip_factor=None):
     """One pass over every chunk of `arena` (see `fused_adam.kernels` for the contract), on
     the threads `cpu_threads` picks:
 
@@ -326,12 +343,11 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
     assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
     if found_inf is not None and float(found_inf) != 0:
         return
-    derived = _derived.get(arena)
-    if derived is None:
-        derived = _derived[arena] = _Derived(arena)
+    derived = _derived_for(arena)
     grad_addresses = grads.numpy()
     arguments = (*derived.arguments, grad_addresses, group_table.numpy(),
-                 1.0 if inv_grad_scale is None else float(inv_grad_scale))
+                 1.0 if inv_grad_scale is None else float(inv_grad_scale),
+                 1.0 if clip_factor is None else float(clip_factor))
     parts = cpu_threads.parts_for(derived.n_elements)
     if parts == 1:
         # One call, steps and updates together: nothing can stop it half-way.
@@ -342,3 +358,76 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
         with cpu_threads.interrupts_deferred():
             _advance_steps(grad_addresses, derived.steps)
             cpu_threads.run_parts(_adam_chunks, (*arguments, False), derived.bounds(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient norm: one read of every gradient, chunk by chunk, partial sums in float64.
+
+@njit(inline="always", **_REDUCTION_JIT)
+def _chunk_power_sum(grad, norm_type):
+    """sum(|g|^p) over `grad` in float64, or max(|g|) for p = inf (NaN if any g is NaN). One
+    loop per norm type, so that each vectorizes on its own."""
+    total = 0.0
+    if norm_type == 2.0:
+        for i in range(grad.shape[0]):
+            x = np.float64(_widen(grad[i]))
+            total += x * x
+    elif norm_type == 1.0:
+        for i in range(grad.shape[0]):
+            total += abs(np.float64(_widen(grad[i])))
+    elif norm_type == np.inf:
+        for i in range(grad.shape[0]):
+            x = abs(np.float64(_widen(grad[i])))
+            if x > total or x != x:  # torch's max: NaN wins
+                total = x
+            if total != total:
+                break
+    else:
+        for i in range(grad.shape[0]):
+            total += abs(np.float64(_widen(grad[i]))) ** norm_type
+    return total
+
+
+@njit(inline="always", **_REDUCTION_JIT)
+def _power_sum_chunk(chunk, params, chunks, grad_addresses, norm_type, partials):
+    address = grad_addresses[chunks.segments[chunk]]
+    if address == 0:
+        partials[chunk] = 0.0
+        return
+    offset, n = chunks.offsets[chunk], chunks.lengths[chunk]
+    grad = numba.carray(_pointer_like(address + offset * params.itemsize, params), n)
+    partials[chunk] = _chunk_power_sum(grad, norm_type)
+
+
+@njit(parallel=True, **_REDUCTION_JIT)
+def _power_sum_pass(params, chunks, grad_addresses, norm_type, partials):
+    for chunk in prange(chunks.segments.shape[0]):
+        _power_sum_chunk(chunk, params, chunks, grad_addresses, norm_type, partials)
+
+
+@njit(**_REDUCTION_JIT)
+def _power_sum_chunks(params, chunks, grad_addresses, norm_type, partials, first, last):
+    for chunk in range(first, last):
+        _power_sum_chunk(chunk, params, chunks, grad_addresses, norm_type, partials)
+
+
+def grad_power_sum(arena, *, grads, norm_type):
+    """sum(|g|^p) over every gradient of `arena` (max |g| for p = inf), a 0-d float64 tensor
+    (see `fused_adam.kernels`): partial sums per chunk on the threads `adam_step` would use,
+    added up here (numpy's pairwise sum)."""
+    assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
+    derived = _derived_for(arena)
+    partials = np.empty(derived.n_chunks, dtype=np.float64)
+    arguments = (derived.params, derived.chunks, grads.numpy(), float(norm_type), partials)
+    parts = cpu_threads.parts_for(derived.n_elements)
+    if parts == 1:
+        _power_sum_chunks(*arguments, 0, derived.n_chunks)
+    elif not cpu_threads.forked():
+        _power_sum_pass(*arguments)
+    else:
+        cpu_threads.run_parts(_power_sum_chunks, arguments, derived.bounds(parts))
+    if norm_type == np.inf:
+        total = partials.max(initial=0.0) if not np.isnan(partials).any() else np.nan
+    else:
+        total = partials.sum()
+    return torch.tensor(total, dtype=torch.float64)

@@ -22,15 +22,17 @@ _host_tables = weakref.WeakKeyDictionary()
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2,
                 eps, weight_decay, amsgrad=False, maximize=False, decoupled_weight_decay=False,
-                inv_grad_scale=None):
+                inv_grad_scale=None, clip_factor=None):
     """Update `param` and its moments in place; `step` is the count after this update (>= 1).
 
-        g = grad * inv_grad_scale;  g = -g (maximize);  g += wd * p (L2) or p *= 1 - lr * wd (AdamW)
+        g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g (maximize);  g += wd * p (L2) or p *= 1 - lr * wd (AdamW)
         m = lerp(m, g, 1 - b1);  v = b2 * v + (1 - b2) * g * g;  v_max = max(v_max, v) (amsgrad)
         p -= lr / (1 - b1^t) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
     """
     if inv_grad_scale is not None:
         grad = grad * inv_grad_scale
+    if clip_factor is not None:
+        grad = grad * clip_factor
     if maximize:
         grad = -grad
     if weight_decay != 0:
@@ -60,13 +62,15 @@ def _segments(arena):
     return tables
 
 
-def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
+def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
+              clip_factor=None):
     """The launcher contract of `fused_adam.kernels`, one segment at a time. Math is fp32 for
     16-bit buffers (the kernels' contract), on the fp32 master copy where there is one."""
     if found_inf is not None and bool(found_inf.item()):
         return
     groups = group_table.tolist()
     inv_scale = None if inv_grad_scale is None else float(inv_grad_scale)
+    clip_factor = None if clip_factor is None else float(clip_factor)
     compute_dtype = torch.float64 if arena.params.dtype == torch.float64 else torch.float32
     for segment, ((start, length, group_index), grad) in enumerate(zip(_segments(arena), grads)):
         if grad is None:
@@ -92,9 +96,21 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
             beta2=group[BETA2], eps=group[EPS], weight_decay=group[WEIGHT_DECAY],
             amsgrad=amsgrad, maximize=bool(group[MAXIMIZE]),
             decoupled_weight_decay=bool(group[DECOUPLED_WD]), inv_grad_scale=inv_scale,
+            clip_factor=clip_factor,
         )
         targets, values = [*stored, step], [*working, new_step]
         if arena.master_params is not None:
             targets.append(param)
             values.append(working[0])
         torch._foreach_copy_(targets, values)
+
+
+def grad_power_sum(arena, *, grads, norm_type):
+    """sum(|g|^p) over every gradient (max |g| for p = inf), in float64, segment by segment."""
+    present = [grad.to(torch.float64).abs() for grad in grads
+               if grad is not None and grad.numel() > 0]
+    if not present:
+        return torch.zeros((), dtype=torch.float64, device=arena.params.device)
+    if norm_type == float("inf"):
+        return torch.stack([grad.max() for grad in present]).max()  # NaN propagates
+    return torch.stack([grad.pow(norm_type).sum() for grad in present]).sum()

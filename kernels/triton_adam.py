@@ -91,7 +91,7 @@ def _store_rounded(ptrs, x, mask):
 
 @triton.jit
 def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                max_exp_avg_sq_ptrs, mask, grad_scale, l2_weight_decay, decoupled_wd,
+                max_exp_avg_sq_ptrs, mask, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
                 param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
                 bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
                 HAS_MAX_EXP_AVG_SQ: tl.constexpr):
@@ -105,8 +105,10 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
     v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
 
     # grad_scale is GradScaler's inverse scale, negated for maximize: exactly +-1.0 without a
-    # scaler, so no rounding.
+    # scaler, so no rounding. Then the clipping factor (1.0 without clipping), rounded apart
+    # as torch's unscale_ then clip_grad_norm_ round.
     g = g * grad_scale.to(g.dtype)
+    g = g * clip_factor.to(g.dtype)
     if l2_weight_decay != 0:
         g = g + l2_weight_decay.to(g.dtype) * p
     if decoupled_wd:
@@ -141,12 +143,12 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
 def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                  chunk_table_ptr, segment_starts_ptr, segment_lengths_ptr, segment_groups_ptr,
                  steps_ptr, grad_addresses_ptr, group_table_ptr,
-                 inv_grad_scale_ptr, inv_grad_scale, found_inf_ptr,
+                 inv_grad_scale_ptr, inv_grad_scale, found_inf_ptr, clip_factor_ptr,
                  HAS_MASTER: tl.constexpr, HAS_MAX_EXP_AVG_SQ: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr):
     """For each element of this program's chunk, with t = steps[segment] (already advanced):
 
-    g = grad * inv_grad_scale;  g = -g if maximize
+    g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g if maximize
     g = g + wd * p                      (Adam, L2)      p = p * (1 - lr * wd)   (AdamW)
     m = m + (1 - b1) * (g - m)
     v = b2 * v + (1 - b2) * g * g
@@ -187,6 +189,7 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
     param_decay = 1.0 - lr * weight_decay
     grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
     grad_scale = tl.where(maximize, -grad_scale, grad_scale)
+    clip_factor = tl.load(clip_factor_ptr)
 
     grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
     # Chunk offsets are multiples of BLOCK_SIZE and segment starts of SEGMENT_ALIGNMENT (16)
@@ -221,6 +224,7 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
     if chunk_offset + BLOCK_SIZE <= length:
         _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
                     max_exp_avg_sq_ptrs, mask=None, grad_scale=grad_scale,
+                    clip_factor=clip_factor,
                     l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
                     param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
                     one_minus_beta2=1.0 - beta2, step_size=step_size,
@@ -229,6 +233,7 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
     else:
         _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
                     max_exp_avg_sq_ptrs, mask=in_segment < length, grad_scale=grad_scale,
+                    clip_factor=clip_factor,
                     l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
                     param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
                     one_minus_beta2=1.0 - beta2, step_size=step_size,
@@ -303,6 +308,7 @@ class _Derived:
         self.chunk_table = torch.stack([segment, chunk * self.block_size], dim=1).contiguous()
         device = arena.params.device
         self.one = torch.ones((), dtype=torch.float32, device=device)
+        self.no_clipping = torch.ones((), dtype=torch.float64, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
         self.advance = torch.empty(arena.steps.shape, dtype=torch.bool, device=device)
         self.no_inf = torch.empty((), dtype=torch.bool, device=device)
@@ -319,7 +325,7 @@ def _derived_for(arena):
 
 
 def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_scale,
-                     found_inf_ptr):
+                     found_inf_ptr, clip_factor_ptr):
     """`_adam_kernel`'s arguments by name for `arena`, and (grid size, compile options): what
     the launcher launches and what tests/test_triton_compile.py compiles ahead of time."""
     derived = _derived_for(arena)
@@ -333,12 +339,13 @@ def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_
         segment_lengths_ptr=arena.segment_lengths, segment_groups_ptr=arena.segment_groups,
         steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
         inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
-        found_inf_ptr=found_inf_ptr, HAS_MASTER=arena.master_params is not None,
+        found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr, HAS_MASTER=arena.master_params is not None,
         HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=derived.block_size)
     return arguments, derived.n_chunks, derived.options
 
 
-def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None):
+def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
+              clip_factor=None):
     """One Adam/AdamW step over every segment of `arena` (see `fused_adam.kernels`): advances
     `steps` where a grad is present (and found_inf is zero), then launches the kernel once.
     Nothing is read back to the host."""
@@ -370,10 +377,99 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None)
         inv_grad_scale_ptr = derived.one
         inv_grad_scale = 1.0 if inv_grad_scale is None else float(inv_grad_scale)
 
+    if clip_factor is None:
+        clip_factor = derived.no_clipping
+    else:
+        _check("clip_factor", clip_factor, torch.float64, device, 1)
+
     if derived.n_chunks == 0:
         return
     arguments, n_chunks, options = kernel_arguments(
         arena, grads=grads, group_table=group_table, inv_grad_scale_ptr=inv_grad_scale_ptr,
-        inv_grad_scale=inv_grad_scale, found_inf_ptr=found_inf)
+        inv_grad_scale=inv_grad_scale, found_inf_ptr=found_inf, clip_factor_ptr=clip_factor)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _adam_kernel[(n_chunks,)](**arguments, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient norm: one read of every gradient over the same chunk table, a float64 partial per
+# program, summed (or maxed) on the device by torch: no host read, so clipping can be captured
+# in a CUDA graph with the step.
+
+# NORM (constexpr) per norm_type: the common ones get a loop of their own.
+_NORM_INF, _NORM_ONE, _NORM_TWO, _NORM_P = 0, 1, 2, 3
+
+
+@triton.jit
+def _chunk_power_sum(g, norm_type, NORM: tl.constexpr):
+    g = g.to(tl.float64)
+    a = tl.abs(g)
+    if NORM == 2:
+        partial = tl.sum(a * a, axis=0)
+    elif NORM == 1:
+        partial = tl.sum(a, axis=0)
+    elif NORM == 0:
+        # tl.max drops NaN; torch's norms propagate it.
+        has_nan = tl.sum((g != g).to(tl.int32), axis=0) > 0
+        partial = tl.where(has_nan, float("nan"), tl.max(a, axis=0))
+    else:
+        # |g|^p as exp2(p * log2 |g|): inf -> inf, NaN -> NaN, and 0 -> 0 apart (no log of 0).
+        zero = a == 0
+        powers = tl.exp2(norm_type * tl.log2(tl.where(zero, 1.0, a)))
+        partial = tl.sum(tl.where(zero, 0.0, powers), axis=0)
+    return partial
+
+
+@triton.jit
+def _power_sum_kernel(param_ptr, chunk_table_ptr, segment_lengths_ptr, grad_addresses_ptr,
+                      partials_ptr, norm_type, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """partials[program] = sum(|g|^p) (max |g| for NORM 0) over this program's chunk."""
+    pid = tl.program_id(0).to(tl.int64)
+    segment = tl.load(chunk_table_ptr + 2 * pid)
+    chunk_offset = tl.load(chunk_table_ptr + 2 * pid + 1)
+    grad_address = tl.load(grad_addresses_ptr + segment)
+    if grad_address == 0:
+        tl.store(partials_ptr + pid, 0.0)
+        return
+    length = tl.load(segment_lengths_ptr + segment)
+    grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
+    ACCESS: tl.constexpr = 128 // param_ptr.dtype.element_ty.primitive_bitwidth
+    in_segment = chunk_offset + tl.arange(0, BLOCK_SIZE)
+    in_segment = tl.max_contiguous(tl.multiple_of(in_segment, BLOCK_SIZE), ACCESS)
+    grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptr + in_segment, 16), ACCESS)
+    # Whole chunks unmasked (128-bit loads), the segment's last one masked: see _adam_kernel.
+    if chunk_offset + BLOCK_SIZE <= length:
+        partial = _chunk_power_sum(tl.load(grad_ptrs), norm_type, NORM)
+    else:
+        partial = _chunk_power_sum(tl.load(grad_ptrs, mask=in_segment < length, other=0.0),
+                                   norm_type, NORM)
+    tl.store(partials_ptr + pid, partial)
+
+
+def power_sum_arguments(arena, *, grads, norm_type, partials):
+    """`_power_sum_kernel`'s arguments by name, and (grid size, compile options)."""
+    derived = _derived_for(arena)
+    norm = {float("inf"): _NORM_INF, 1.0: _NORM_ONE, 2.0: _NORM_TWO}.get(norm_type, _NORM_P)
+    arguments = dict(
+        param_ptr=arena.params, chunk_table_ptr=derived.chunk_table,
+        segment_lengths_ptr=arena.segment_lengths, grad_addresses_ptr=grads,
+        partials_ptr=partials, norm_type=float(norm_type), NORM=norm,
+        BLOCK_SIZE=derived.block_size)
+    return arguments, derived.n_chunks, derived.options
+
+
+def grad_power_sum(arena, *, grads, norm_type):
+    """sum(|g|^p) over every gradient of `arena` (max |g| for p = inf) as a 0-d float64 tensor
+    on its device (see `fused_adam.kernels`); nothing is read back to the host."""
+    derived = _derived_for(arena)
+    device = arena.params.device
+    _check("grads", grads, torch.int64, device, arena.n_segments)
+    partials = torch.empty(derived.n_chunks, dtype=torch.float64, device=device)
+    if derived.n_chunks == 0:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    arguments, n_chunks, options = power_sum_arguments(
+        arena, grads=grads, norm_type=norm_type, partials=partials)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _power_sum_kernel[(n_chunks,)](**arguments, **options)
+    # torch's max propagates NaN, as the norms it stands for do.
+    return partials.max() if norm_type == float("inf") else partials.sum()

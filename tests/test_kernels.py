@@ -320,6 +320,6 @@ def test_triton_kernel_offsets_within_a_segment_past_2_to_the_31():
         segment_groups_ptr=torch.tensor([0], **int64), steps_ptr=steps,
         grad_addresses_ptr=torch.tensor([grad.data_ptr()], **int64), group_table_ptr=table,
         inv_grad_scale_ptr=torch.ones(()), inv_grad_scale=1.0, found_inf_ptr=torch.zeros(()),
-        HAS_MASTER=False, HAS_MAX_EXP_AVG_SQ=True, BLOCK_SIZE=block_size)
+        clip_factor_ptr=torch.ones((), dtype=torch.float64), HAS_MASTER=False, HAS_MAX_EXP_AVG_SQ=True, BLOCK_SIZE=block_size)
     _check_far(buffers, at, n, expected, dtype, truncated=[at % 2 ** 32, at % 2 ** 31])
     assert not buffers[0][at + n:at + block_size].any(), "wrote past the segment's end"

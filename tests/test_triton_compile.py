@@ -99,7 +99,37 @@ def _kernel_arguments(triton_adam, spec):
     arguments, _, options = triton_adam.kernel_arguments(
         arena, grads=torch.zeros(1, dtype=torch.int64),
         group_table=torch.zeros(1, GROUP_COLUMNS, dtype=torch.float64),
-        inv_grad_scale_ptr=torch.ones(()), inv_grad_scale=1.0, found_inf_ptr=torch.zeros(()))
+        inv_grad_scale_ptr=torch.ones(()), inv_grad_scale=1.0, found_inf_ptr=torch.zeros(()),
+        clip_factor_ptr=torch.ones((), dtype=torch.float64))
+    return arguments, options
+
+
+# The gradient-norm kernel: (arch, grad dtype, norm type) for each reduction it specializes.
+NORM_TYPES = {"l2": 2.0, "linf": float("inf"), "l1": 1.0, "lp": 3.0}
+POWER_SPECS = [(arch, name, norm) for arch in ARCHS for name in DTYPES for norm in NORM_TYPES]
+
+
+def _power_spec_id(spec):
+    arch, name, norm = spec
+    return f"sm{arch}-{name}-{norm}"
+
+
+def _power_sum_arguments(triton_adam, spec):
+    """`_power_sum_kernel`'s arguments from the launcher's own `power_sum_arguments`."""
+    import torch
+    from fused_adam.kernels import ArenaTensors
+
+    _, name, norm = spec
+    dtype = getattr(torch, TORCH_DTYPES[name])
+    zeros = lambda dtype: torch.zeros(64, dtype=dtype)  # noqa: E731
+    arena = ArenaTensors(
+        params=zeros(dtype), exp_avg=zeros(dtype), exp_avg_sq=zeros(dtype),
+        segment_starts=torch.zeros(1, dtype=torch.int64),
+        segment_lengths=torch.tensor([16], dtype=torch.int64),
+        segment_groups=torch.zeros(1, dtype=torch.int64), steps=torch.zeros(1))
+    arguments, _, options = triton_adam.power_sum_arguments(
+        arena, grads=torch.zeros(1, dtype=torch.int64), norm_type=NORM_TYPES[norm],
+        partials=torch.zeros(1, dtype=torch.float64))
     return arguments, options
 
 
@@ -151,6 +181,19 @@ def _compile_arch(arch, out_dir):
         cubin.write_bytes(compiled.asm["cubin"])
         meta[_spec_id(spec)] = dict(block_size=block_size, num_warps=options["num_warps"],
                                     resources=_resource_usage(cubin))
+    for spec in POWER_SPECS:
+        if spec[0] != arch:
+            continue
+        arguments, options = _power_sum_arguments(triton_adam, spec)
+        signature, constexprs = _signature(triton_adam._power_sum_kernel, arguments)
+        attrs = {(i,): [["tt.divisibility", 16]]
+                 for i, ty in enumerate(signature.values()) if ty.startswith("*")}
+        src = ASTSource(fn=triton_adam._power_sum_kernel, signature=signature,
+                        constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        Path(out_dir, _power_spec_id(spec) + ".ptx").write_text(compiled.asm["ptx"])
+        meta[_power_spec_id(spec)] = dict(block_size=constexprs["BLOCK_SIZE"],
+                                          num_warps=options["num_warps"])
     Path(out_dir, f"meta-sm{arch}.json").write_text(json.dumps(meta))
 
 
@@ -193,7 +236,7 @@ def compiled(tmp_path_factory):
         meta.update(json.loads(Path(out_dir, f"meta-sm{arch}.json").read_text()))
 
     def get(spec):
-        spec_id = _spec_id(spec)
+        spec_id = _spec_id(spec) if len(spec) == 5 else _power_spec_id(spec)
         return Path(out_dir, spec_id + ".ptx").read_text(), meta[spec_id]
     return get
 
@@ -341,3 +384,20 @@ def test_address_math_is_64_bit(compiled, spec):
         shift = size.bit_length() - 1
         assert re.search(rf"\bshl\.b64\s+%rd\d+,\s*%rd\d+,\s*{shift};", ptx), \
             f"no 64-bit element-to-byte shift by {shift}"
+
+
+@pytest.mark.parametrize("spec", POWER_SPECS, ids=_power_spec_id)
+def test_gradient_norm_reads_whole_chunks_with_128_bit_loads(compiled, spec):
+    """The norm kernel reads 4 B a parameter (fp32): at the bus's speed only if its whole-chunk
+    loads are 128-bit like the step's, with 64-bit addressing and nothing spilled."""
+    ptx, meta = compiled(spec)
+    _, name, _ = spec
+    assert ".entry _power_sum_kernel" in ptx
+    assert "st.local" not in ptx and "ld.local" not in ptx, "registers spill to local memory"
+    per_thread = meta["block_size"] // (32 * meta["num_warps"])
+    per_access = 16 // ELEMENT_BYTES[name]
+    vector = "v2.b64" if name == "fp64" else "v4.b32"
+    found = len(re.findall(rf"\bld\.global(?:\.\w+)*\.{re.escape(vector)}\b", ptx))
+    assert found >= per_thread // per_access, \
+        f"only {found} ld.global.{vector}, expected {per_thread // per_access}"
+    assert not SIGN_EXTENSION.findall(ptx), "32-bit index widened by sign extension"

@@ -1,0 +1,122 @@
+"""Gradient-norm clipping folded into the step.
+
+torch's `clip_grad_norm_` reads every gradient for the norm (4 B a parameter in fp32), then reads
+and writes every gradient again to scale it (8 B), tensor by tensor. Here the norm is one read
+of the gradients where they live (each backend's `grad_power_sum`, one per arena), and the
+scaling is a factor the next step's kernel multiplies into each gradient as it reads it: the
+clip costs one read, and `p.grad` keeps its unclipped value.
+
+The numbers are torch's: the total norm from the same p-th powers (accumulated in float64, so
+closer to the exact norm than torch's own per-tensor fp32 norms), rounded to the dtype torch
+would return, and the factor computed from it by torch's own expression in that dtype.
+"""
+import functools
+
+import torch
+
+from fused_adam import distributed
+from fused_adam.kernels import supported_norm_type
+
+# torch's wording (torch/nn/utils/clip_grad.py), so that code matching on it keeps working.
+NONFINITE_NORM = ("The total norm of order {norm_type} for gradients from `parameters` is "
+                  "non-finite, so it cannot be clipped. To disable this error and scale the "
+                  "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
+
+
+def norm_dtype(dtypes):
+    """The dtype torch's `clip_grad_norm_` returns its norm in: the per-gradient norms' (real)
+    dtypes, promoted as `torch.stack` promotes them."""
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def total_norm(power_sums, norm_type, *, dtype, device, process_groups=()):
+    """The norm of order `norm_type` from per-arena `grad_power_sum`s (0-d float64 tensors):
+    combined on `device`, over each of `process_groups` (one all-reduce of a scalar each: ranks
+    that hold different shards of the parameters), then the p-th root, in `dtype`."""
+    inf = norm_type == float("inf")
+    if power_sums:
+        stacked = torch.stack([power.to(device) for power in power_sums])
+        combined = stacked.max() if inf else stacked.sum()  # torch's max propagates NaN
+    else:
+        combined = torch.zeros((), dtype=torch.float64, device=device)
+    for group in process_groups:
+        op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(combined, op=op, group=group)
+        if inf:
+            # all_reduce's MAX may drop a rank's NaN (it is not torch.max): carry it over a SUM.
+            nan = torch.isnan(combined).to(torch.float64)
+            torch.distributed.all_reduce(nan, group=group)
+            combined = torch.where(nan > 0, torch.nan, combined)
+    if inf:
+        norm = combined
+    elif norm_type == 2.0:
+        norm = combined.sqrt()
+    else:
+        norm = combined.pow(1.0 / norm_type)
+    return norm.to(dtype)
+
+
+def torch_total_norm(grads, norm_type):
+    """torch's own total norm (per-gradient norms, then the norm of those), for the norm types
+    the kernels do not reduce (p <= 0, -inf) and complex gradients under p != 2."""
+    if not grads:
+        return torch.tensor(0.0)
+    norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([norm.to(device) for norm in norms]), norm_type)
+
+
+def clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type):
+    """torch's `clip_grad_norm_` factor for `norm`, in its dtype: min(1, max_norm / (norm + 1e-6));
+    raises torch's RuntimeError for a non-finite norm if asked to."""
+    if error_if_nonfinite and torch.logical_or(norm.isnan(), norm.isinf()):
+        raise RuntimeError(NONFINITE_NORM.format(norm_type=norm_type))
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def shard_groups(params):
+    """The process groups over which these params' local shards add up to the whole: a mesh
+    dimension a DTensor is sharded on (FSDP2's `Shard(0)`); replicated dimensions hold copies
+    and are not summed. Raises if params disagree (one all-reduce must serve them all)."""
+    found = None
+    for p in params:
+        groups = distributed.shard_groups(p)
+        if found is None:
+            found = groups
+        elif groups != found:
+            raise NotImplementedError(
+                "FusedAdam.clip_grad_norm: the parameters are sharded over different process "
+                "groups; clip with torch.nn.utils.clip_grad_norm_ instead")
+    return found or ()
+
+
+class PendingClip:
+    """The factor `clip_grad_norm` leaves for the next step: one float64 scalar per device,
+    kept in buffers of its own (a step captured in a CUDA graph reads the same memory at every
+    replay). Cleared by the step that applies it and by `zero_grad()`."""
+
+    def __init__(self):
+        self._buffers = {}
+        self.armed = False
+
+    def set(self, coefficient, devices):
+        """Arm `coefficient` (a 0-d tensor) for arenas on `devices`; a second clip before the
+        step multiplies into the first (torch would scale the clipped gradients again)."""
+        for device in devices:
+            buffer = self._buffers.get(device)
+            if buffer is None:
+                buffer = self._buffers[device] = torch.ones((), dtype=torch.float64,
+                                                            device=device)
+            value = coefficient.to(device, torch.float64)
+            if self.armed:
+                buffer.mul_(value)
+            else:
+                buffer.copy_(value)
+        self.armed = True
+
+    def factor(self, device):
+        """The armed factor for arenas on `device`, or None."""
+        return self._buffers[device] if self.armed else None
+
+    def clear(self):
+        self.armed = False
