@@ -3,6 +3,7 @@
 # child (see fused_adam.kernels.cpu_threads).
 from fused_adam.kernels import cpu_threads  # noqa: F401
 from fused_adam.optimizer import FusedAdam, FusedAdamW
+from fused_adam.wrapped import clip_grad_norm_
 
-__all__ = ["FusedAdam", "FusedAdamW"]
+__all__ = ["FusedAdam", "FusedAdamW", "clip_grad_norm_"]
 __version__ = "0.1.0"
