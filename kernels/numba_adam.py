@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from fused_adam.kernels import cpu_threads
@@ -69,6 +70,18 @@ def _float32_as_bits(typingctx, value):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _nan_max(typingctx, a, b):
+    """LLVM's `llvm.maximum`: the larger, NaN if either is NaN (torch.max's rule), and a
+    reduction over it vectorizes (a compare-and-select that keeps NaN does not)."""
+    def codegen(context, builder, signature, args):
+        double = ir.DoubleType()
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(double, [double, double]), "llvm.maximum.f64")
+        return builder.call(function, args)
+    return types.float64(types.float64, types.float64), codegen
 
 
 @intrinsic
@@ -377,11 +390,7 @@ def _chunk_power_sum(grad, norm_type):
             total += abs(np.float64(_widen(grad[i])))
     elif norm_type == np.inf:
         for i in range(grad.shape[0]):
-            x = abs(np.float64(_widen(grad[i])))
-            if x > total or x != x:  # torch's max: NaN wins
-                total = x
-            if total != total:
-                break
+            total = _nan_max(total, abs(np.float64(_widen(grad[i]))))
     else:
         for i in range(grad.shape[0]):
             total += abs(np.float64(_widen(grad[i]))) ** norm_type
