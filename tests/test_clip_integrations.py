@@ -60,6 +60,32 @@ def fused_clips(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def torch_clips(monkeypatch):
+    """The norms torch.nn.utils.clip_grad_norm_ returned (what the libraries call to clip)."""
+    norms = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(*args, **kwargs):
+        norm = original(*args, **kwargs)
+        norms.append(norm)
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return norms
+
+
+def assert_norms_as_torchs(calls, torch_norms):
+    """The fused clips' norms against the torch run's: the first (the same params and
+    gradients) within 1e-6 relative, the rest within fp32 tolerance (the params have parted by
+    fp32 rounding since)."""
+    ours = [float(call["norm"]) for call in calls]
+    theirs = [float(norm) for norm in torch_norms]
+    assert len(ours) == len(theirs), f"{len(ours)} fused clips, {len(theirs)} torch clips"
+    assert _relative(ours[0], theirs[0]) <= 1e-6, f"first norm {ours[0]!r} vs {theirs[0]!r}"
+    assert_losses(ours, theirs, what="grad norms", tolerance=FP32)
+
+
 def assert_fused_clips(calls, steps, max_norm):
     """One fused clip a step, each returning torch's norm, clipping, and leaving p.grad as it was."""
     assert len(calls) == steps, f"FusedAdam.clip_grad_norm ran {len(calls)} times, not {steps}"
@@ -103,7 +129,8 @@ def trainer_run(transformers, spec, output_dir, *, fused_clipping):
             [entry["grad_norm"] for entry in logged])
 
 
-def test_trainer_max_grad_norm_runs_the_fused_clip(transformers, fused_clips, tmp_path):
+def test_trainer_max_grad_norm_runs_the_fused_clip(transformers, fused_clips, torch_clips,
+                                                   tmp_path):
     """Trainer clips through `self.accelerator.clip_grad_norm_(model.parameters(), ...)`
     (transformers/trainer.py, Trainer._clip_grad_norm): after `use_fused_clipping(trainer)` that
     is the fused clip, with the Trainer's two param groups (weight decay 0.1 and 0). The logged
@@ -111,14 +138,14 @@ def test_trainer_max_grad_norm_runs_the_fused_clip(transformers, fused_clips, tm
     ours_trainer, ours, our_losses, our_norms = trainer_run(
         transformers, FUSED, tmp_path / "fused", fused_clipping=True)
     assert_fused_clips(fused_clips, STEPS, TRAINER_MAX_NORM)
+    assert not torch_clips, "torch's clip ran too"
     assert our_norms == [float(call["norm"]) for call in fused_clips]
     assert len(ours_trainer.optimizer.param_groups) == 2
 
     theirs_trainer, theirs, their_losses, their_norms = trainer_run(
         transformers, TORCH, tmp_path / "torch", fused_clipping=False)
-    assert len(fused_clips) == STEPS
-    assert _relative(our_norms[0], their_norms[0]) <= 1e-6  # the same params and gradients
-    assert_losses(our_norms, their_norms, what="grad norms", tolerance=FP32)
+    assert their_norms == [float(norm) for norm in torch_clips]
+    assert_norms_as_torchs(fused_clips, torch_clips)
     assert_losses(our_losses, their_losses, what="loss curve", tolerance=FP32)
     assert_tensors(detached_state_dict(ours), detached_state_dict(theirs), what="model",
                    tolerance=FP32)
@@ -167,14 +194,15 @@ def accelerate_run(transformers, make_accelerator, spec, *, fused_clipping, clip
 
 
 def test_accelerate_clip_grad_norm_runs_the_fused_clip(transformers, fresh_accelerator,
-                                                       fused_clips):
+                                                       fused_clips, torch_clips):
     ours, our_optimizer, our_norms = accelerate_run(transformers, fresh_accelerator, FUSED,
                                                     fused_clipping=True)
     assert_fused_clips(fused_clips, STEPS, ACCELERATE_MAX_NORM)
+    assert not torch_clips, "torch's clip ran too"
     assert [float(n) for n in our_norms] == [float(call["norm"]) for call in fused_clips]
-    theirs, their_optimizer, their_norms = accelerate_run(transformers, fresh_accelerator, TORCH,
-                                                          fused_clipping=False)
-    assert _relative(our_norms[0], their_norms[0]) <= 1e-6
+    theirs, their_optimizer, _ = accelerate_run(transformers, fresh_accelerator, TORCH,
+                                                fused_clipping=False)
+    assert_norms_as_torchs(fused_clips, torch_clips)
     assert_tensors(detached_state_dict(ours), detached_state_dict(theirs), what="model",
                    tolerance=FP32)
     assert_optimizer_states(our_optimizer, their_optimizer, what="optimizer", tolerance=FP32)
@@ -211,9 +239,16 @@ LIGHTNING_MAX_NORM = 0.2
 
 def lightning_fit(lightning, spec, *, fused_clipping, precision="32-true",
                   algorithm=None, manual_torch_clip=False):
-    """8 steps of test_integrations' tiny MLP under `Trainer(gradient_clip_val=0.2)`. With
+    """6 steps of test_integrations' tiny MLP under `Trainer(gradient_clip_val=0.2)`. With
     `manual_torch_clip`, the module's configure_gradient_clipping calls torch's clip_grad_norm_
-    over the optimizer's params itself (what Lightning's clip would do, without its refusal)."""
+    over the optimizer's params itself (what Lightning's clip would do, without its refusal).
+    precision="16-mixed-scaler": fp16 autocast and a GradScaler on the CPU, through Lightning's
+    MixedPrecision plugin (Trainer(precision="16-mixed") on a CPU falls back to bf16-mixed)."""
+    plugins = None
+    if precision == "16-mixed-scaler":
+        from lightning.pytorch.plugins.precision import MixedPrecision
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        precision, plugins = None, [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     bases = ((fused_adam.integrations.FusedGradientClipping, lightning.LightningModule)
              if fused_clipping else (lightning.LightningModule,))
 
@@ -241,6 +276,7 @@ def lightning_fit(lightning, spec, *, fused_clipping, precision="32-true",
     module = TinyModule()
     trainer = lightning.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=1, logger=False, precision=precision,
+        plugins=plugins,
         gradient_clip_val=LIGHTNING_MAX_NORM, gradient_clip_algorithm=algorithm,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(torch.arange(4 * STEPS), batch_size=4))
@@ -258,14 +294,32 @@ def assert_same_lightning_runs(ours, theirs, tolerance):
                             what="optimizer", tolerance=tolerance)
 
 
-def test_lightning_gradient_clip_val_runs_the_fused_clip(lightning, fused_clips):
+def test_lightning_gradient_clip_val_runs_the_fused_clip(lightning, fused_clips, torch_clips):
     ours = lightning_fit(lightning, FUSED, fused_clipping=True)
     assert_fused_clips(fused_clips, STEPS, LIGHTNING_MAX_NORM)
+    assert not torch_clips, "torch's clip ran too"
     theirs = lightning_fit(lightning, TORCH, fused_clipping=False)
+    assert_norms_as_torchs(fused_clips, torch_clips)
     assert_same_lightning_runs(ours, theirs, FP32)
 
 
-def test_lightning_bf16_mixed_runs_the_fused_clip(lightning, fused_clips):
+def test_lightning_16_mixed_with_a_grad_scaler_unscales_before_the_fused_clip(
+        lightning, fused_clips, torch_clips):
+    """Under a GradScaler Lightning unscales before clipping only for optimizers that do not
+    unscale in their step (MixedPrecision.optimizer_step): the mixin unscales, so the norm is
+    that of the true gradients, and the scaler's step then hands FusedAdamW no scale. Without
+    the mixin Lightning refuses to clip."""
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        lightning_fit(lightning, FUSED, fused_clipping=False, precision="16-mixed-scaler")
+    ours = lightning_fit(lightning, FUSED, fused_clipping=True, precision="16-mixed-scaler")
+    assert_fused_clips(fused_clips, STEPS, LIGHTNING_MAX_NORM)
+    assert not torch_clips, "torch's clip ran too"
+    theirs = lightning_fit(lightning, TORCH, fused_clipping=False, precision="16-mixed-scaler")
+    assert_norms_as_torchs(fused_clips, torch_clips)
+    assert_same_lightning_runs(ours, theirs, FP32)
+
+
+def test_lightning_bf16_mixed_runs_the_fused_clip(lightning, fused_clips, torch_clips):
     """Lightning refuses to clip for any optimizer that unscales in its step, even under
     bf16-mixed where no scaler exists (MixedPrecision.clip_gradients, lightning/pytorch/plugins/
     precision/amp.py): without the mixin FusedAdamW raises there. With it, the fused clip runs,
@@ -280,10 +334,13 @@ def test_lightning_bf16_mixed_runs_the_fused_clip(lightning, fused_clips):
         lightning_fit(lightning, FUSED, fused_clipping=False, precision="bf16-mixed")
     ours = lightning_fit(lightning, FUSED, fused_clipping=True, precision="bf16-mixed")
     assert_fused_clips(fused_clips, STEPS, LIGHTNING_MAX_NORM)
+    assert not torch_clips, "torch's clip ran too"
     manual = lightning_fit(lightning, FUSED, fused_clipping=False, precision="bf16-mixed",
                            manual_torch_clip=True)
+    assert_norms_as_torchs(fused_clips, torch_clips)
     assert_same_lightning_runs(ours, manual, FP32)
     theirs = lightning_fit(lightning, TORCH, fused_clipping=False, precision="bf16-mixed")
+    assert_norms_as_torchs(fused_clips, torch_clips[STEPS:])
     assert_same_lightning_runs(ours, theirs, FP32)
 
 
