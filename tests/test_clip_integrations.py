@@ -173,23 +173,28 @@ def test_use_fused_clipping_follows_a_recreated_accelerator(transformers, tmp_pa
 ACCELERATE_MAX_NORM = 0.5
 
 
-def accelerate_run(transformers, make_accelerator, spec, *, fused_clipping, clip_params=None):
+def accelerate_run(transformers, make_accelerator, spec, *, fused_clipping, clip_params=None,
+                   accumulate=1):
     """A user loop: tiny Llama, `accelerator.clip_grad_norm_(model.parameters(), 0.5)` each step.
-    `clip_params(model)` picks other parameters to clip. Returns (model, optimizer, norms)."""
-    accelerator = make_accelerator()
+    `clip_params(model)` picks other parameters to clip. With `accumulate`, each step is that
+    many micro-batches under `accelerator.accumulate(model)`, clipped after each backward (as
+    a loop that forgets `if accelerator.sync_gradients:` does). Returns (model, optimizer,
+    norms)."""
+    accelerator = make_accelerator(gradient_accumulation_steps=accumulate)
     if fused_clipping:
         accelerator = fused_adam.integrations.use_fused_clipping(accelerator)  # the one line
     model = tiny_llama(transformers)
     model, optimizer = accelerator.prepare(model, build(spec, model.parameters()))
     tokens = TokenDataset().tokens
     norms = []
-    for step in range(STEPS):
-        optimizer.zero_grad()
-        batch = tokens[4 * (step % 4): 4 * (step % 4) + 4]
-        accelerator.backward(model(input_ids=batch, labels=batch).loss)
-        parameters = model.parameters() if clip_params is None else clip_params(model)
-        norms.append(accelerator.clip_grad_norm_(parameters, ACCELERATE_MAX_NORM))
-        optimizer.step()
+    for micro_step in range(STEPS * accumulate):
+        with accelerator.accumulate(model):
+            batch = tokens[4 * (micro_step % 4): 4 * (micro_step % 4) + 4]
+            accelerator.backward(model(input_ids=batch, labels=batch).loss)
+            parameters = model.parameters() if clip_params is None else clip_params(model)
+            norms.append(accelerator.clip_grad_norm_(parameters, ACCELERATE_MAX_NORM))
+            optimizer.step()
+            optimizer.zero_grad()
     return model, optimizer, norms
 
 
@@ -203,6 +208,24 @@ def test_accelerate_clip_grad_norm_runs_the_fused_clip(transformers, fresh_accel
     theirs, their_optimizer, _ = accelerate_run(transformers, fresh_accelerator, TORCH,
                                                 fused_clipping=False)
     assert_norms_as_torchs(fused_clips, torch_clips)
+    assert_tensors(detached_state_dict(ours), detached_state_dict(theirs), what="model",
+                   tolerance=FP32)
+    assert_optimizer_states(our_optimizer, their_optimizer, what="optimizer", tolerance=FP32)
+
+
+def test_accelerate_clip_between_micro_batches_is_accelerates(transformers, fresh_accelerator,
+                                                              fused_clips, torch_clips):
+    """Clipped after every micro-batch of an accumulated step: torch's clip scales the partial
+    gradients, which the next backward adds to, and a factor pending for the step cannot say
+    that; so the glue leaves those clips to accelerate and takes the last one, at
+    sync_gradients. The run is torch's AdamW with accelerate's clip throughout."""
+    ours, our_optimizer, _ = accelerate_run(transformers, fresh_accelerator, FUSED,
+                                            fused_clipping=True, accumulate=2)
+    assert_fused_clips(fused_clips, STEPS, ACCELERATE_MAX_NORM)
+    assert len(torch_clips) == STEPS
+    theirs, their_optimizer, _ = accelerate_run(transformers, fresh_accelerator, TORCH,
+                                                fused_clipping=False, accumulate=2)
+    assert_norms_as_torchs(fused_clips, torch_clips[STEPS + 1::2])
     assert_tensors(detached_state_dict(ours), detached_state_dict(theirs), what="model",
                    tolerance=FP32)
     assert_optimizer_states(our_optimizer, their_optimizer, what="optimizer", tolerance=FP32)
