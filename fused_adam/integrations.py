@@ -35,10 +35,13 @@ def use_fused_clipping(target):
     `transformers.Trainer` (whose accelerator is made in `__init__`, and made again by
     `hyperparameter_search`: that one is switched over too). Returns `target`.
     """
-    accelerator = getattr(target, "accelerator", None)
-    if accelerator is None:
+    if _is_accelerator(target):
         _patch_accelerator(target)
         return target
+    accelerator = getattr(target, "accelerator", None)
+    if not _is_accelerator(accelerator):
+        raise TypeError(f"use_fused_clipping: {type(target).__name__} is not an accelerate "
+                        "Accelerator and holds none as `.accelerator`")
     _patch_accelerator(accelerator)
     recreate = getattr(target, "create_accelerator_and_postprocess", None)
     if recreate is not None and not getattr(recreate, "_fused_adam_patched", False):
@@ -50,6 +53,10 @@ def use_fused_clipping(target):
         create_accelerator_and_postprocess._fused_adam_patched = True
         target.create_accelerator_and_postprocess = create_accelerator_and_postprocess
     return target
+
+
+def _is_accelerator(target):
+    return hasattr(target, "clip_grad_norm_") and hasattr(target, "_optimizers")
 
 
 def _patch_accelerator(accelerator):

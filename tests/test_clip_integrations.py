@@ -231,6 +231,11 @@ def test_accelerate_clip_between_micro_batches_is_accelerates(transformers, fres
     assert_optimizer_states(our_optimizer, their_optimizer, what="optimizer", tolerance=FP32)
 
 
+def test_use_fused_clipping_refuses_what_holds_no_accelerator():
+    with pytest.raises(TypeError, match="holds none"):
+        fused_adam.integrations.use_fused_clipping(torch.nn.Linear(2, 2))
+
+
 def test_accelerate_falls_back_where_the_norms_differ(transformers, fresh_accelerator,
                                                       fused_clips):
     """Clipping a subset of the parameters (here: all but the embedding) is accelerate's own
