@@ -139,14 +139,35 @@ class FusedGradientClipping:
         algorithm = (trainer.gradient_clip_algorithm if gradient_clip_algorithm is None
                      else gradient_clip_algorithm) or "norm"
         algorithm = str(getattr(algorithm, "value", algorithm)).lower()
-        if algorithm != "norm" or not max_norm or max_norm <= 0 or not _is_fused(optimizer):
+        plugin = trainer.precision_plugin
+        if (algorithm != "norm" or not max_norm or max_norm <= 0 or not _is_fused(optimizer)
+                or not _clips_with_torch(plugin)):
             self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
                                 gradient_clip_algorithm=gradient_clip_algorithm)
             return None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = getattr(plugin, "scaler", None)
         if scaler is not None:
             scaler.unscale_(optimizer)
         return clip_grad_norm_(optimizer, max_norm)
+
+
+# The Lightning precision plugins whose norm clip is torch's clip_grad_norm_ over the optimizer's
+# params (the base Precision's), maybe behind MixedPrecision's refusal of fused optimizers.
+# FSDPPrecision refuses for a reason that holds here too (each rank holds a shard of flat
+# params), DeepSpeedPrecision leaves clipping to the engine: those keep Lightning's own.
+_TORCH_CLIP = dict(clip_grad_by_norm=("Precision",), main_params=("Precision",),
+                   clip_gradients=("Precision", "MixedPrecision"))
+
+
+def _clips_with_torch(plugin):
+    """Whether `plugin` (a Lightning precision plugin) clips by norm with torch's clip over the
+    optimizer's params, told by the classes that define its clipping methods (both packages,
+    `lightning` and `pytorch_lightning`, name them alike)."""
+    for method, owners in _TORCH_CLIP.items():
+        owner = next((cls for cls in type(plugin).__mro__ if method in vars(cls)), None)
+        if owner is None or owner.__name__ not in owners:
+            return False
+    return True
 
 
 def _is_fused(optimizer):

@@ -372,6 +372,22 @@ def test_lightning_bf16_mixed_runs_the_fused_clip(lightning, fused_clips, torch_
     assert_same_lightning_runs(ours, theirs, FP32)
 
 
+def test_lightning_precision_plugins_that_clip_their_own_way_keep_it(lightning):
+    """The mixin takes over only where Lightning's clip is torch's clip_grad_norm_ over the
+    optimizer's params: FSDP's plugin (which refuses, each rank holding shards) and DeepSpeed's
+    (whose engine clips) keep their own."""
+    from lightning.pytorch.plugins.precision import (
+        DeepSpeedPrecision, DoublePrecision, FSDPPrecision, HalfPrecision, MixedPrecision,
+        Precision)
+    from fused_adam.integrations import _clips_with_torch
+    assert _clips_with_torch(Precision())
+    assert _clips_with_torch(MixedPrecision("bf16-mixed", "cpu"))
+    assert _clips_with_torch(DoublePrecision())
+    assert _clips_with_torch(HalfPrecision())
+    assert not _clips_with_torch(FSDPPrecision("bf16-mixed"))
+    assert not _clips_with_torch(DeepSpeedPrecision("bf16-mixed"))
+
+
 def test_lightning_clip_by_value_is_lightnings(lightning, fused_clips):
     """gradient_clip_algorithm="value" goes to Lightning's clip_grad_value_, bit for bit."""
     ours = lightning_fit(lightning, FUSED, fused_clipping=True, algorithm="value")
