@@ -87,7 +87,7 @@ def assert_norms_as_torchs(calls, torch_norms):
 
 
 def assert_fused_clips(calls, steps, max_norm):
-    """One fused clip a step, each returning torch's norm, clipping, and leaving p.grad as it was."""
+    """One fused clip a step, each returning torch's norm, clipping, leaving p.grad as it was."""
     assert len(calls) == steps, f"FusedAdam.clip_grad_norm ran {len(calls)} times, not {steps}"
     for step, call in enumerate(calls):
         assert call["max_norm"] == max_norm
