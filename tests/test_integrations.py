@@ -208,10 +208,10 @@ def fresh_accelerator(accelerate):
     """Accelerator() as a new process would make it (accelerate keeps process-wide state)."""
     from accelerate.state import AcceleratorState, GradientState
 
-    def make():
+    def make(**options):
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        return accelerate.Accelerator(cpu=True)
+        return accelerate.Accelerator(cpu=True, **options)
 
     yield make
     AcceleratorState._reset_state(reset_partial_state=True)
