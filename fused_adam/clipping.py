@@ -93,11 +93,16 @@ def shard_groups(params):
 class PendingClip:
     """The factor `clip_grad_norm` leaves for the next step: one float64 scalar per device,
     kept in buffers of its own (a step captured in a CUDA graph reads the same memory at every
-    replay). Cleared by the step that applies it and by `zero_grad()`."""
+    replay). Cleared by the step that applies it and by `zero_grad()`.
+
+    It also remembers which gradients it was computed from (each one's tensor and version):
+    a backward between the clip and the step would add to them, and torch would then step
+    with clipped old gradients plus unclipped new ones, which one factor cannot express."""
 
     def __init__(self):
         self._buffers = {}
         self.armed = False
+        self._watched = ()  # [(param, its gradient, the gradient's version)] at the clip
 
     def set(self, coefficient, devices):
         """Arm `coefficient` (a 0-d tensor) for arenas on `devices`; a second clip before the
@@ -114,9 +119,27 @@ class PendingClip:
                 buffer.copy_(value)
         self.armed = True
 
+    def watch(self, params):
+        """Remember the gradients of `params` as they are now (see the class docstring)."""
+        self._watched = [(p, grad, grad._version) for p in params
+                         for grad in (distributed.local_grad_of(p),) if grad is not None]
+
+    def check_unchanged(self):
+        """Raise RuntimeError if a gradient the factor was computed from has changed since."""
+        if not self.armed:
+            return
+        for p, grad, version in self._watched:
+            if distributed.local_grad_of(p) is not grad or grad._version != version:
+                raise RuntimeError(
+                    "FusedAdam: a gradient changed between clip_grad_norm() and step() (another "
+                    "backward?); the clipping factor no longer applies to it. Call "
+                    "clip_grad_norm() after the last backward of the step, or zero_grad() to "
+                    "drop the factor.")
+
     def factor(self, device):
         """The armed factor for arenas on `device`, or None."""
         return self._buffers[device] if self.armed else None
 
     def clear(self):
         self.armed = False
+        self._watched = ()

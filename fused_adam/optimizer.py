@@ -237,6 +237,7 @@ class FusedAdam(Optimizer):
         if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
             self._pending_clip.clear()
             return loss  # skipped, as torch skips it: no state is created either
+        self._pending_clip.check_unchanged()
         self._step(grad_scale, found_inf, NO_CLOCK)
         self._pending_clip.clear()
         return loss
@@ -358,6 +359,7 @@ class FusedAdam(Optimizer):
         coefficient = clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type)
         self._pending_clip.set(coefficient, {table_device(arena.device)
                                              for _, arena, _ in readings} | {norm.device})
+        self._pending_clip.watch(p for _, arena, _ in with_grads for p in arena.params_in_order)
         return norm
 
     clip_grad_norm_ = clip_grad_norm

@@ -318,3 +318,29 @@ def test_clip_factor_rounds_after_the_unscale(backend):
     assert_close(arena.params[:n], param.detach(), what="params", **TOLERANCES[torch.float32])
     assert_close(arena.exp_avg_sq[:n], theirs.state[param]["exp_avg_sq"], what="exp_avg_sq",
                  **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("change", ["backward", "new-grad", "in-place"])
+def test_a_gradient_changed_after_the_clip_is_refused(change):
+    """clip, then another backward (or a gradient replaced or edited): torch would step with
+    clipped old plus unclipped new gradients, which one factor cannot give. The step raises
+    before anything changes; zero_grad() drops the factor."""
+    params = _twins()[0]
+    optimizer = FusedAdam(params, lr=LR)
+    loss_of(params, 0, lambda s, i: False).backward()
+    optimizer.clip_grad_norm(0.1)
+    if change == "backward":
+        loss_of(params, 1, lambda s, i: False).backward()
+    elif change == "new-grad":
+        params[2].grad = params[2].grad.clone()
+    else:
+        params[0].grad.mul_(2)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert not optimizer.state
+    optimizer.zero_grad()
+    loss_of(params, 0, lambda s, i: False).backward()
+    optimizer.step()  # nothing armed any more
+    assert optimizer.state[params[0]]["step"].item() == 1
