@@ -58,6 +58,18 @@ def shard_groups(p):
                  if not placement.is_replicate())
 
 
+def collective_device(group):
+    """A device `group`'s collectives take tensors on: the host where its backend includes
+    gloo, else the current accelerator (NCCL and its kin take device tensors only). For a rank
+    that has nothing to reduce (a ZeRO rank whose partition is empty) but must still join."""
+    backend = str(torch.distributed.get_backend(group))
+    accelerator = getattr(torch, "accelerator", None)
+    if "gloo" in backend or accelerator is None or not accelerator.is_available():
+        return torch.device("cpu")
+    return torch.device(accelerator.current_accelerator().type,
+                        accelerator.current_device_index())
+
+
 def local_data_ptr(p):
     return local_shard(p).data_ptr()
 

@@ -117,6 +117,39 @@ def _zero_clip(rank):
             rank, label, max_norm)
         _assert_params(ours_model, their_model, rank, label, replicated=True)
         owned.append(sum(len(group["params"]) for group in ours.optim.param_groups))
+
+    # A non-finite gradient in one rank's partition: every rank's norm is non-finite (NaN
+    # carried past all_reduce's MAX for inf), and error_if_nonfinite raises on every rank.
+    for norm_type in MAX_NORM:
+        for poison in (float("nan"), INF):
+            model = _Net()
+            zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedAdam, lr=LR)
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.5)
+            if rank == 0:
+                zero.optim.param_groups[0]["params"][0].grad[0, 0] = poison
+            norm = fused_adam.clip_grad_norm_(zero, 1.0, norm_type)
+            assert norm.isnan() if poison != INF else float(norm) == INF, \
+                f"rank {rank}: {poison} in a gradient gives the {norm_type}-norm {norm}"
+            zero.zero_grad()
+            zero.optim.zero_grad()  # ZeRO's zero_grad is torch's: it does not reach ours
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.5)
+            if rank == 0:
+                zero.optim.param_groups[0]["params"][0].grad[0, 0] = poison
+            with pytest.raises(RuntimeError, match="non-finite"):
+                fused_adam.clip_grad_norm_(zero, 1.0, norm_type, error_if_nonfinite=True)
+
+    # Fewer params than ranks: rank 1's FusedAdam holds none, and still joins the all-reduce.
+    single = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    zero = ZeroRedundancyOptimizer([single], optimizer_class=FusedAdam, lr=LR)
+    single.grad = torch.tensor([3.0, 4.0])
+    for norm_type, expected in ((2.0, 5.0), (INF, 4.0)):
+        norm = fused_adam.clip_grad_norm_(zero, 1.0, norm_type)
+        assert float(norm) == expected, f"rank {rank}: the {norm_type}-norm is {float(norm)}"
+        zero.optim.zero_grad()
+        single.grad = torch.tensor([3.0, 4.0])
+    owned.append(len(zero.optim.param_groups[0]["params"]))
     return dict(params_owned=owned)
 
 
@@ -194,7 +227,8 @@ def test_clip_under_ddp(tmp_path):
 
 def test_clip_under_zero_redundancy_optimizer(tmp_path):
     results = _on_two_ranks(tmp_path, _zero_clip)
-    assert sorted(r["params_owned"] for r in results) == [[1, 1], [4, 4]]
+    # Each rank's count of params per case; the rank with 1 of _Net's holds the single param.
+    assert sorted(r["params_owned"] for r in results) == [[1, 1, 1], [4, 4, 0]]
 
 
 def test_clip_under_fsdp2_and_hsdp(tmp_path):
