@@ -40,13 +40,14 @@ def total_norm(power_sums, norm_type, *, dtype, device, process_groups=()):
     else:
         combined = torch.zeros((), dtype=torch.float64, device=device)
     for group in process_groups:
-        op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
-        torch.distributed.all_reduce(combined, op=op, group=group)
         if inf:
-            # all_reduce's MAX may drop a rank's NaN (it is not torch.max): carry it over a SUM.
-            nan = torch.isnan(combined).to(torch.float64)
-            torch.distributed.all_reduce(nan, group=group)
-            combined = torch.where(nan > 0, torch.nan, combined)
+            # all_reduce's MAX is not torch.max: it may drop a rank's NaN (gloo's drops rank
+            # 1's), so each rank's NaN flag travels beside its max, in the same all-reduce.
+            both = torch.stack([combined, torch.isnan(combined).to(torch.float64)])
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
+            combined = torch.where(both[1] > 0, torch.nan, both[0])
+        else:
+            torch.distributed.all_reduce(combined, group=group)
     if inf:
         norm = combined
     elif norm_type == 2.0:

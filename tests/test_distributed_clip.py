@@ -20,6 +20,8 @@ replicates them).
 
 Without the all-reduce (or with it over the replicas too) the ZeRO and FSDP2 tests fail.
 """
+import itertools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -118,27 +120,26 @@ def _zero_clip(rank):
         _assert_params(ours_model, their_model, rank, label, replicated=True)
         owned.append(sum(len(group["params"]) for group in ours.optim.param_groups))
 
-    # A non-finite gradient in one rank's partition: every rank's norm is non-finite (NaN
-    # carried past all_reduce's MAX for inf), and error_if_nonfinite raises on every rank.
-    for norm_type in MAX_NORM:
-        for poison in (float("nan"), INF):
-            model = _Net()
-            zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedAdam, lr=LR)
+    # A non-finite gradient in one rank's partition: every rank's norm is non-finite, and
+    # error_if_nonfinite raises on every rank. (gloo's MAX drops a NaN that comes from rank 1:
+    # the NaN carried past it in total_norm is what the inf-norm's case sees.)
+    for norm_type, poison, poisoned in itertools.product(MAX_NORM, (float("nan"), INF),
+                                                         range(WORLD_SIZE)):
+        model = _Net()
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedAdam, lr=LR)
+        for error_if_nonfinite in (False, True):
+            zero.optim.zero_grad()  # drops the factor: ZeRO's zero_grad is torch's, not ours
             for p in model.parameters():
                 p.grad = torch.full_like(p, 0.5)
-            if rank == 0:
+            if rank == poisoned:
                 zero.optim.param_groups[0]["params"][0].grad[0, 0] = poison
-            norm = fused_adam.clip_grad_norm_(zero, 1.0, norm_type)
-            assert norm.isnan() if poison != INF else float(norm) == INF, \
-                f"rank {rank}: {poison} in a gradient gives the {norm_type}-norm {norm}"
-            zero.zero_grad()
-            zero.optim.zero_grad()  # ZeRO's zero_grad is torch's: it does not reach ours
-            for p in model.parameters():
-                p.grad = torch.full_like(p, 0.5)
-            if rank == 0:
-                zero.optim.param_groups[0]["params"][0].grad[0, 0] = poison
-            with pytest.raises(RuntimeError, match="non-finite"):
-                fused_adam.clip_grad_norm_(zero, 1.0, norm_type, error_if_nonfinite=True)
+            what = f"rank {rank}: {poison} in rank {poisoned}'s gradients, the {norm_type}-norm"
+            if error_if_nonfinite:
+                with pytest.raises(RuntimeError, match="non-finite"):
+                    fused_adam.clip_grad_norm_(zero, 1.0, norm_type, error_if_nonfinite=True)
+            else:
+                norm = fused_adam.clip_grad_norm_(zero, 1.0, norm_type)
+                assert norm.isnan() if poison != INF else float(norm) == INF, f"{what}: {norm}"
 
     # Fewer params than ranks: rank 1's FusedAdam holds none, and still joins the all-reduce.
     single = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
