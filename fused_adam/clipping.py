@@ -76,9 +76,10 @@ def clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type):
 
 
 def shard_groups(params):
-    """The process groups over which these params' local shards add up to the whole: a mesh
-    dimension a DTensor is sharded on (FSDP2's `Shard(0)`); replicated dimensions hold copies
-    and are not summed. Raises if params disagree (one all-reduce must serve them all)."""
+    """The process groups over which these params' local shards add up to the whole: the mesh
+    dimensions a DTensor's gradient is sharded on (see `distributed.shard_groups`: FSDP2's
+    Shard, HSDP's shard dimension); replicated dimensions hold copies and are not summed.
+    Raises if params disagree (one all-reduce must serve them all)."""
     found = None
     for p in params:
         groups = distributed.shard_groups(p)

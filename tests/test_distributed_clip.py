@@ -19,6 +19,11 @@ replicates them).
   (Replicate(), Shard(0))) they must not add up over the replicate dimension.
 
 Without the all-reduce (or with it over the replicas too) the ZeRO and FSDP2 tests fail.
+
+Inside the same spawns: a NaN or inf gradient on either rank makes every rank's norm non-finite
+(and error_if_nonfinite raise everywhere); a ZeRO rank holding no param still joins the
+all-reduce; `distributed.shard_groups` sums over a `_StridedShard` dim (FSDP2 over tensor
+parallelism, 4 ranks to build for real) and refuses a Partial gradient.
 """
 import itertools
 
@@ -29,6 +34,8 @@ import torch.distributed as dist
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available",
                 allow_module_level=True)
+
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 import fused_adam  # noqa: E402
 from fused_adam import FusedAdam, distributed  # noqa: E402
@@ -44,8 +51,7 @@ MAX_NORM = {2.0: 0.1, INF: 0.02}
 
 
 def _full(tensor):
-    return tensor.full_tensor() if isinstance(tensor, torch.distributed.tensor.DTensor) \
-        else tensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _clip_and_train(ours_model, ours, ours_clip, their_model, theirs, their_clip, rank, label,
@@ -122,7 +128,7 @@ def _zero_clip(rank):
 
     # A non-finite gradient in one rank's partition: every rank's norm is non-finite, and
     # error_if_nonfinite raises on every rank. (gloo's MAX drops a NaN that comes from rank 1:
-    # the NaN carried past it in total_norm is what the inf-norm's case sees.)
+    # the inf-norm sees it through the NaN flag total_norm reduces beside the max.)
     for norm_type, poison, poisoned in itertools.product(MAX_NORM, (float("nan"), INF),
                                                          range(WORLD_SIZE)):
         model = _Net()
@@ -174,12 +180,10 @@ def _sharded(mesh, even):
 
 def _fsdp_clip(rank):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.placement_types import (
         Partial, Replicate, Shard, _StridedShard,
     )
 
-    placements = {}
     # torch's clip cannot take the inf norm of an empty shard (vector_norm has no identity for
     # max): the inf case trains _EvenNet, which leaves no rank an empty shard.
     for shape, norm_type in [((WORLD_SIZE,), 2.0), ((WORLD_SIZE,), INF), ((WORLD_SIZE, 1), 2.0)]:
