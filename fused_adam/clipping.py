@@ -40,13 +40,14 @@ def total_norm(power_sums, norm_type, *, dtype, device, process_groups=()):
     else:
         combined = torch.zeros((), dtype=torch.float64, device=device)
     for group in process_groups:
-        op = torch.distributed.ReduceOp.MAX if inf else torch.distributed.ReduceOp.SUM
-        torch.distributed.all_reduce(combined, op=op, group=group)
         if inf:
-            # all_reduce's MAX may drop a rank's NaN (it is not torch.max): carry it over a SUM.
-            nan = torch.isnan(combined).to(torch.float64)
-            torch.distributed.all_reduce(nan, group=group)
-            combined = torch.where(nan > 0, torch.nan, combined)
+            # all_reduce's MAX is not torch.max: it may drop a rank's NaN (gloo's drops rank
+            # 1's), so each rank's NaN flag travels beside its max, in the same all-reduce.
+            both = torch.stack([combined, torch.isnan(combined).to(torch.float64)])
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=group)
+            combined = torch.where(both[1] > 0, torch.nan, both[0])
+        else:
+            torch.distributed.all_reduce(combined, group=group)
     if inf:
         norm = combined
     elif norm_type == 2.0:
@@ -75,9 +76,10 @@ def clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type):
 
 
 def shard_groups(params):
-    """The process groups over which these params' local shards add up to the whole: a mesh
-    dimension a DTensor is sharded on (FSDP2's `Shard(0)`); replicated dimensions hold copies
-    and are not summed. Raises if params disagree (one all-reduce must serve them all)."""
+    """The process groups over which these params' local shards add up to the whole: the mesh
+    dimensions a DTensor's gradient is sharded on (see `distributed.shard_groups`: FSDP2's
+    Shard, HSDP's shard dimension); replicated dimensions hold copies and are not summed.
+    Raises if params disagree (one all-reduce must serve them all)."""
     found = None
     for p in params:
         groups = distributed.shard_groups(p)

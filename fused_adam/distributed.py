@@ -35,13 +35,39 @@ def local_grad_of(p):
 
 
 def shard_groups(p):
-    """The process groups of the mesh dimensions DTensor `p` is sharded on, in mesh order (the
-    same on every rank: collectives over them must be issued in one order); () for a tensor."""
+    """The process groups of the mesh dimensions DTensor `p`'s gradient (`p`, without one) is
+    sharded on, in mesh order (the same on every rank: collectives over them must be issued in
+    one order); () for a tensor. The local shards' p-th powers add up over these groups.
+
+    Placements, as torch 2.13's FSDP2 makes them (`FSDPParam._init_sharding_spec`; the
+    gradient gets the parameter's spec, `to_sharded_dtensor`): FSDP `(Shard(d),)` (d = 0 unless
+    `shard_placement_fn` says otherwise), HSDP `(Replicate(), Shard(d))` on a (replicate,
+    shard) mesh, whose replicate dim holds copies and is rightly left out, and FSDP over tensor
+    parallelism on the same dim `(_StridedShard(d), Shard(d))`. `_StridedShard` is not
+    `is_shard()` in torch 2.13, hence "not replicated". A Partial gradient's local values are
+    not its shard: their powers do not add up to the norm, so it is refused."""
     if not isinstance(p, DTensor):
         return ()
-    mesh = p.device_mesh
-    return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements)
-                 if placement.is_shard())
+    placed = p.grad if isinstance(p.grad, DTensor) else p
+    if any(placement.is_partial() for placement in placed.placements):
+        raise NotImplementedError(
+            f"FusedAdam.clip_grad_norm: a gradient placed {placed.placements} (Partial); "
+            "clip with torch.nn.utils.clip_grad_norm_ instead")
+    mesh = placed.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(placed.placements)
+                 if not placement.is_replicate())
+
+
+def collective_device(group):
+    """A device `group`'s collectives take tensors on: the host where its backend includes
+    gloo, else the current accelerator (NCCL and its kin take device tensors only). For a rank
+    that has nothing to reduce (a ZeRO rank whose partition is empty) but must still join."""
+    backend = str(torch.distributed.get_backend(group))
+    accelerator = getattr(torch, "accelerator", None)
+    if "gloo" in backend or accelerator is None or not accelerator.is_available():
+        return torch.device("cpu")
+    return torch.device(accelerator.current_accelerator().type,
+                        accelerator.current_device_index())
 
 
 def local_data_ptr(p):

@@ -29,6 +29,7 @@ from fused_adam.clipping import (
     total_norm,
 )
 from fused_adam.clock import NO_CLOCK
+from fused_adam.distributed import collective_device
 from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
     GroupTables,
@@ -340,7 +341,10 @@ class FusedAdam(Optimizer):
             return torch.tensor(0.0)  # torch's answer when no parameter has a gradient
         complex_p = norm_type != 2.0 and any(arena.is_complex.any() for _, arena, _ in with_grads)
         if supported_norm_type(norm_type) and not complex_p:
-            device = (with_grads[0][1] if with_grads else readings[0][1]).device
+            if with_grads or readings:
+                device = (with_grads[0][1] if with_grads else readings[0][1]).device
+            else:  # no parameter here (an empty ZeRO partition): this rank still reduces
+                device = collective_device(process_groups[0])
             norm = total_norm(
                 [self._arenas.launcher(key).grad_power_sum(
                     arena.record, grads=read.for_backend, norm_type=norm_type)

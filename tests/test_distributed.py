@@ -57,13 +57,16 @@ def _groups(model):
     return [dict(params=weights, weight_decay=0.05), dict(params=rest, betas=(0.8, 0.99))]
 
 
-def _train_step(model, optimizer, step, rank):
-    """One iteration on this rank's own batch: ranks see different data."""
+def _train_step(model, optimizer, step, rank, clip=None):
+    """One iteration on this rank's own batch: ranks see different data. `clip()`, if given,
+    runs between backward and step; its result is returned."""
     generator = torch.Generator().manual_seed(100 * step + rank)
     x, target = torch.randn(8, 7, generator=generator), torch.randn(8, 5, generator=generator)
     optimizer.zero_grad()
     ((model(x) - target) ** 2).mean().backward()
+    clipped = None if clip is None else clip()
     optimizer.step()
+    return clipped
 
 
 def _local(tensor):
@@ -231,6 +234,8 @@ def _fsdp_checkpoint(rank, out):
 # Two ranks per test
 
 def _rank_main(rank, name, args, out):
+    """`name`: a function of this module by name, or a module-level function of another test
+    module (pickled by reference, so that module is imported in the rank)."""
     # Two ranks share this machine's cores: one thread each, for numba and for torch (after
     # numba: starting numba's OpenMP pool can raise torch's count).
     import numba
@@ -239,7 +244,7 @@ def _rank_main(rank, name, args, out):
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank,
                             world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     try:
-        result = globals()[name](rank, *args)
+        result = (globals()[name] if isinstance(name, str) else name)(rank, *args)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
@@ -253,13 +258,13 @@ def _rank_main(rank, name, args, out):
 
 
 def _on_two_ranks(tmp_path, name, *args):
-    """Runs `name(rank, *args)` on two gloo ranks; a failure on either fails the test, with
-    that rank's traceback. Returns each rank's result."""
+    """Runs `name(rank, *args)` on two gloo ranks (`name` as `_rank_main` takes it); a failure
+    on either fails the test, with that rank's traceback. Returns each rank's result."""
     mp.start_processes(_rank_main, args=(name, args, str(tmp_path)), nprocs=WORLD_SIZE,
                        start_method="spawn")
     results = [json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
                for rank in range(WORLD_SIZE)]
-    print(f"{name}{args}: {results}")
+    print(f"{getattr(name, '__name__', name)}{args}: {results}")
     return results
 
 
