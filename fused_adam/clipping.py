@@ -15,7 +15,6 @@ import functools
 import torch
 
 from fused_adam import distributed
-from fused_adam.kernels import supported_norm_type
 
 # torch's wording (torch/nn/utils/clip_grad.py), so that code matching on it keeps working.
 NONFINITE_NORM = ("The total norm of order {norm_type} for gradients from `parameters` is "
@@ -126,17 +125,19 @@ class PendingClip:
         self._watched = [(p, grad, grad._version) for p in params
                          for grad in (distributed.local_grad_of(p),) if grad is not None]
 
+    def unchanged(self):
+        """Whether every gradient the factor was computed from is still there, unmodified."""
+        return all(distributed.local_grad_of(p) is grad and grad._version == version
+                   for p, grad, version in self._watched)
+
     def check_unchanged(self):
         """Raise RuntimeError if a gradient the factor was computed from has changed since."""
-        if not self.armed:
-            return
-        for p, grad, version in self._watched:
-            if distributed.local_grad_of(p) is not grad or grad._version != version:
-                raise RuntimeError(
-                    "FusedAdam: a gradient changed between clip_grad_norm() and step() (another "
-                    "backward?); the clipping factor no longer applies to it. Call "
-                    "clip_grad_norm() after the last backward of the step, or zero_grad() to "
-                    "drop the factor.")
+        if self.armed and not self.unchanged():
+            raise RuntimeError(
+                "FusedAdam: a gradient changed between clip_grad_norm() and step() (another "
+                "backward?); the clipping factor no longer applies to it. Call "
+                "clip_grad_norm() after the last backward of the step, or zero_grad() to "
+                "drop the factor.")
 
     def factor(self, device):
         """The armed factor for arenas on `device`, or None."""

@@ -325,6 +325,10 @@ class FusedAdam(Optimizer):
         norms add up to the whole. DTensor (FSDP2) parameters need none: their mesh says.
         """
         norm_type, max_norm = float(norm_type), float(max_norm)
+        if self._pending_clip.armed and not self._pending_clip.unchanged():
+            # The gradients it was computed from are gone (a step skipped, then a zero_grad
+            # that never reached this optimizer: ZeRO's, the model's): it applies to nothing.
+            self._pending_clip.clear()
         self._follow_groups()
         self._follow_state()
         readings = []

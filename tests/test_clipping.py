@@ -344,3 +344,21 @@ def test_a_gradient_changed_after_the_clip_is_refused(change):
     loss_of(params, 0, lambda s, i: False).backward()
     optimizer.step()  # nothing armed any more
     assert optimizer.state[params[0]]["step"].item() == 1
+
+
+def test_a_factor_whose_gradients_are_gone_is_dropped_by_the_next_clip():
+    """clip, then a step that never comes (GradScaler skipped it) and a zero_grad that never
+    reaches the optimizer (ZeRO's, the model's): the next clip measures the new gradients
+    alone, as torch's would."""
+    ours_params, torch_params = _twins()
+    ours = FusedAdam(ours_params, lr=LR)
+    for params in (ours_params, torch_params):
+        loss_of(params, 0, lambda s, i: False).backward()
+    ours.clip_grad_norm(0.1)
+    torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
+    for params in (ours_params, torch_params):
+        for p in params:
+            p.grad = None  # model.zero_grad()
+        loss_of(params, 1, lambda s, i: False).backward()
+    theirs = torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
+    assert _relative(ours.clip_grad_norm(0.1), theirs) <= 1e-6
