@@ -145,7 +145,8 @@ def _compute_overload(value, params):
 
 # Per-chunk scalars of the update, in the compute dtype.
 Coefficients = namedtuple("Coefficients", [
-    "grad_scale", "clip_factor", "l2_weight_decay", "param_decay", "lerp_weight", "one_minus_lerp_weight",
+    "grad_scale", "clip_factor", "l2_weight_decay", "param_decay", "lerp_weight",
+    "one_minus_lerp_weight",
     "beta2", "one_minus_beta2", "step_size", "bias_correction2_sqrt", "eps"])
 # The per-segment tables and the chunk table (derived once per layout, see `_derived`).
 Segments = namedtuple("Segments", ["starts", "groups", "steps"])

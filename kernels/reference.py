@@ -25,7 +25,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, b
                 inv_grad_scale=None, clip_factor=None):
     """Update `param` and its moments in place; `step` is the count after this update (>= 1).
 
-        g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g (maximize);  g += wd * p (L2) or p *= 1 - lr * wd (AdamW)
+        g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g (maximize)
+        g += wd * p (L2) or p *= 1 - lr * wd (AdamW)
         m = lerp(m, g, 1 - b1);  v = b2 * v + (1 - b2) * g * g;  v_max = max(v_max, v) (amsgrad)
         p -= lr / (1 - b1^t) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
     """

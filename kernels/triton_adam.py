@@ -339,7 +339,8 @@ def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_
         segment_lengths_ptr=arena.segment_lengths, segment_groups_ptr=arena.segment_groups,
         steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
         inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
-        found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr, HAS_MASTER=arena.master_params is not None,
+        found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr,
+        HAS_MASTER=arena.master_params is not None,
         HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=derived.block_size)
     return arguments, derived.n_chunks, derived.options
 

@@ -263,7 +263,8 @@ def _bare_arena(lengths, dtype):
     int64 = dict(dtype=torch.int64)
     return ArenaTensors(
         params=zeros(), exp_avg=zeros(), exp_avg_sq=zeros(),
-        segment_starts=torch.tensor(starts, **int64), segment_lengths=torch.tensor(lengths, **int64),
+        segment_starts=torch.tensor(starts, **int64),
+        segment_lengths=torch.tensor(lengths, **int64),
         segment_groups=torch.zeros(len(lengths), **int64), steps=torch.zeros(len(lengths)))
 
 
