@@ -143,8 +143,9 @@ def test_numba_pass_split_across_threads_is_the_one_pass():
     derived = numba_adam._Derived(one_pass)
     for _ in range(3):
         numba_adam.adam_step(arena, grads=addresses, group_table=table)
-        numba_adam._adam_chunks(*derived.arguments, addresses.numpy(), table.numpy(), 1.0,
-                                True, 0, derived.n_chunks)
+        numba_adam._adam_chunks(*derived.arguments, addresses.numpy(), table.numpy(),
+                                inv_grad_scale=1.0, clip_factor=1.0, advance=True, first=0,
+                                last=derived.n_chunks)
     for name in ("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
         assert torch.equal(getattr(arena, name), getattr(one_pass, name)), name
 
@@ -280,7 +281,7 @@ def test_numba_kernel_offsets_within_a_segment_past_2_to_the_31():
         chunks=numba_adam.Chunks(np.array([0], **int64), np.array([offset], **int64),
                                  np.array([n], **int64)),
         grad_addresses=np.array([grad.data_ptr()], **int64), group_table=table.numpy(),
-        inv_grad_scale=1.0, advance=False, first=0, last=1)
+        inv_grad_scale=1.0, clip_factor=1.0, advance=False, first=0, last=1)
     _check_far(buffers, at, n, expected, dtype, truncated=[at % 2 ** 32, at % 2 ** 31])
 
 
