@@ -106,6 +106,10 @@ def _train_parser():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="fused_adam's parameter dtype (the torch run stays fp32)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
+                        help="clip the gradients' total norm to X before each step (default "
+                             "1.0): FusedAdamW with its fused clip_grad_norm, torch's AdamW with "
+                             "torch.nn.utils.clip_grad_norm_(foreach=True); 0: no clipping")
     parser.add_argument("--master-weights", action="store_true",
                         help="fp32 master copy of bf16 parameters (FusedAdamW(master_weights=True))")
     parser.add_argument("--ddp", action="store_true",
