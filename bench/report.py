@@ -136,7 +136,8 @@ def headline_markdown(rows):
             + ("—" if gbps is None else f"{gbps:.1f}")
             + ("" if fraction is None else f" ({100 * fraction:.0f}%)") + " | "
             + ("—" if bf16_ms is None else f"{fmt_ms(bf16_ms)} ms ({_speed(table, config, bf16)})")
-            + " |" + (_clip_cells(table, config, ours) if clip else ""))
+            + " |"
+            + (_clip_cells(table, config, ours) if clip else ""))
     cost = clip_cost_line(table, ours) if clip else None
     if cost:
         lines += ["", cost]
@@ -375,7 +376,8 @@ def step_plot(rows, path):
                 top = max(top, line)
         ax.set_xlim(0, top * (1.45 if clip else 1.25))
         ax.set_title(_config_label(table, config, short=True), fontsize=9)
-        ax.set_xlabel("GB/s: bytes moved / step time, at torch-fused's pace", fontsize=8)
+        ax.set_xlabel("GB/s: the step's bytes / (clip+)step time, at torch-fused's pace" if clip
+                      else "GB/s: bytes moved / step time, at torch-fused's pace", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)

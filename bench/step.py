@@ -585,9 +585,11 @@ class StepBenchmark:
         if clip_ms is not None:
             line += f"; clip+step {report.fmt_ms(clip_ms)} ms"
             if name != ANCHOR:
-                line += (f" {table.get(config, name, 'clip_step_speedup_vs_torch_fused'):.2f}x "
-                         f"{ANCHOR}'s ({report.fmt_ms(table.get(config, name, 'torch_fused_clip_step_ms_in_pair'))} ms)")
-            line += f", the clip {100 * table.get(config, name, 'clip_cost_fraction'):+.0f}% of the step"
+                speed = table.get(config, name, "clip_step_speedup_vs_torch_fused")
+                pair_ms = table.get(config, name, "torch_fused_clip_step_ms_in_pair")
+                line += f" {speed:.2f}x {ANCHOR}'s ({report.fmt_ms(pair_ms)} ms)"
+            cost = table.get(config, name, "clip_cost_fraction")
+            line += f", the clip {100 * cost:+.0f}% of the step"
         if self.peaks.get(name):
             line += f"  peak {self.peaks[name] / memory.GB:.1f} GB"
         self.progress.write(line)

@@ -110,14 +110,15 @@ def test_clip_step_is_timed_for_every_optimizer_and_reported(tmp_path):
     for provider in ("torch-fused", "fused_adam-numba", "torch-foreach"):
         assert CLIP_METRICS <= metrics[provider], (provider, CLIP_METRICS - metrics[provider])
         assert table.get("small-800", provider, "clip_step_ms_median") > 0
-        # The same rounds as the step's: as many samples.
-        assert (table.row("small-800", provider, "clip_step_ms_median")["samples"]
-                == table.row("small-800", provider, "step_ms_median")["samples"])
         # It really clips: the stand-in backward's gradients are all ones.
         norm = table.row("small-800", provider, "grad_norm")
         assert norm["value"] == pytest.approx(1_664_000 ** 0.5, rel=1e-5)
         assert norm["value"] > norm["max_norm"]
     for provider in ("fused_adam-numba", "torch-foreach"):
+        # The same rounds as the step's: as many samples (torch-fused's step pools the
+        # roofline's pairs too, its clip+step only the optimizers').
+        assert (table.row("small-800", provider, "clip_step_ms_median")["samples"]
+                == table.row("small-800", provider, "step_ms_median")["samples"])
         assert table.get("small-800", provider, "clip_step_speedup_vs_torch_fused") > 0
         assert table.get("small-800", provider, "torch_fused_clip_step_ms_in_pair") > 0
     assert table.get("small-800", "torch-fused", "clip_step_speedup_vs_torch_fused") == 1.0
@@ -129,7 +130,7 @@ def test_clip_step_is_timed_for_every_optimizer_and_reported(tmp_path):
     assert ("| torch-fused clip+step | FusedAdam clip+step (speedup) |"
             in headline.splitlines()[0])
     row = next(line for line in headline.splitlines() if line.startswith("| small-800"))
-    assert row.count("|") == 10 and "x" in row.split("|")[-2]
+    assert row.count("|") == 9 and "x" in row.split("|")[-2]
     assert "Clip's own cost" in headline and "small-800 " in headline
     markdown = (tmp_path / "results.md").read_text()
     assert "clip+step ms median [p20–p80] (x torch-fused's) | clip (% of step) |" in markdown
