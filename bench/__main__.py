@@ -1,7 +1,8 @@
 """`python -m bench`: the command line.
 
     python -m bench [--quick] [--out DIR] [--device cpu|cuda] [--configs ...] [--providers ...]
-                    [--time-budget S] [--max-memory GB] [--allocations N] [--no-clip]
+                    [--time-budget S] [--max-memory GB] [--allocations N]
+                    [--clip-providers ...|all] [--no-clip]
     python -m bench train [--iters N] [--max-grad-norm X] [--device ...] [--out DIR]
     torchrun --nproc_per_node=2 -m bench train --ddp [--bucket-view] [--iters N]
     python -m bench grad-layout [--quick] [--device ...] [--out DIR]
@@ -85,11 +86,15 @@ def _step_parser():
     parser.add_argument("--allocations", type=int, default=1,
                         help="build every pair's buffers this many times and pool the "
                              "samples: a median over where memory landed (default 1)")
-    parser.add_argument("--no-clip", action="store_true",
-                        help="time the step only; by default every optimizer's pair also times "
-                             "clip+step (the gradients' norm clipped to 1.0: torch's "
-                             "clip_grad_norm_(foreach=True) for torch's optimizers, "
-                             "FusedAdam.clip_grad_norm for ours, then the step)")
+    parser.add_argument("--clip-providers", nargs="+", choices=ALL_PROVIDERS + ("all",),
+                        default=None,
+                        help="whose pairs also time clip+step (the gradients' norm clipped to "
+                             "1.0, then the step: torch's clip_grad_norm_(foreach=True) for "
+                             "torch's optimizers, FusedAdam.clip_grad_norm for ours), against "
+                             "torch-fused's clip+step in the same rounds (default: "
+                             "torch-foreach and fused_adam-numba (CPU) or fused_adam-triton "
+                             "(CUDA); all: every optimizer)")
+    parser.add_argument("--no-clip", action="store_true", help="time the step only")
     return parser
 
 

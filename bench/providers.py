@@ -54,6 +54,18 @@ _COST = {
     "fused_adam-triton": (2.0, 20),  # on CUDA; on CPU it is the interpreter, below
 }
 _INTERPRETED_TRITON_COST = (1000.0, 500)
+def default_clip_providers(device_type):
+    """Whose pairs time clip+step by default: torch-fused (the anchor: torch's
+    `clip_grad_norm_` foreach + fused Adam, the comparison that matters), torch-foreach and the
+    compiled backend in fp32. Every optimizer's would about double the default run's expected
+    time (140 s -> 265 s of a quiet machine's at full rounds, over the 300 s budget once real
+    runs' 1.2-1.7x is counted): on a loaded 2-core machine it pushed the whole `large` config
+    past the time limit; and our plain-torch backend's clip holds every gradient as float64 at
+    once (8 B per parameter), which took GPT-2's pair past the memory ceiling.
+    `--clip-providers all` times every optimizer's."""
+    return [ANCHOR, "torch-foreach", COMPILED[device_type]]
+
+
 # Providers whose rounds take several times the anchor's: they get fewer rounds.
 SLOW = ("torch-forloop", "torch-foreach", "fused_adam-torch")
 
@@ -167,12 +179,15 @@ class Provider:
         return out
 
 
-def footprint(name):
+def footprint(name, clip=False):
     """`name`'s memory in bytes per parameter (see `bench.memory`): params and moments
     (`resident`), plus during its own iteration its gradients and temporaries: the loss's and
     backward's (one tensor's worth, for the largest tensor), and for torch's for-loop Adam and our
     plain-torch backend the step's own (8 B more: sqrt and its quotient, one tensor at a time);
-    torch's foreach Adam makes a sqrt of every exp_avg_sq at once (4 B per parameter)."""
+    torch's foreach Adam makes a sqrt of every exp_avg_sq at once (4 B per parameter). With
+    `clip` (its pair times clip+step), our plain-torch backend's clip holds every gradient as
+    float64 at once (8 B per parameter) and its power, a tensor at a time (8 B more); torch's
+    `clip_grad_norm_` (foreach) and the compiled backends' clip need nothing per parameter."""
     provider, dtype, options, _ = parse(name)
     size = torch.tensor([], dtype=dtype).element_size()
     state_size = (torch.tensor([], dtype=options["state_dtype"]).element_size()
@@ -181,6 +196,9 @@ def footprint(name):
     resident = size + master + 2 * state_size
     transient = size + (4 if provider == "torch-foreach" else 0)
     per_largest = size + (8 if provider in ("torch-forloop", "fused_adam-torch") else 0)
+    if clip and provider == "fused_adam-torch":
+        transient += 8
+        per_largest += 8
     return Footprint(resident, transient, per_largest)
 
 

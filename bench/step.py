@@ -13,8 +13,9 @@ one gets fewer rounds (the report says how many each ratio rests on). Past the h
 (HARD_LIMIT x the budget) the pairs left are not run, and the report says which and why, so the
 run ends in bounded time whatever else the machine is doing.
 
-Clip+step: in every optimizer's pair (not the roofline's or copy_'s) two more subjects join the
-round robin, the same two optimizers each timed as a training loop that clips pays it: the
+Clip+step: in the pairs of the optimizers `--clip-providers` names (by default torch-foreach and
+the compiled FusedAdam, against torch-fused: see `providers.default_clip_providers`; `all`: every
+optimizer's; `--no-clip`: none) two more subjects join the round robin, the same two optimizers each timed as a training loop that clips pays it: the
 gradients' norm clipped to `providers.MAX_NORM` (torch's optimizers through
 `torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)`, ours through
 `FusedAdam.clip_grad_norm(max_norm)`), then `step()`, after the same stand-in backward. So each
@@ -162,7 +163,16 @@ class StepBenchmark:
                                key=self._priority)
         self.config_names = list(args.configs or configs_module.CONFIG_NAMES)
         self.allocations = max(1, args.allocations)
-        self.clip = not getattr(args, "no_clip", False)
+        chosen = getattr(args, "clip_providers", None)
+        if getattr(args, "no_clip", False):
+            chosen = []
+        elif chosen is None:
+            chosen = providers_module.default_clip_providers(self.device.type)
+        elif "all" in chosen:
+            chosen = list(self.providers)
+        # The anchor's clip+step is timed in the pairs of the others that clip.
+        self.clip_providers = [p for p in self.providers if p in chosen and p != ANCHOR]
+        self.clip = bool(self.clip_providers)
         self.time_budget = (args.time_budget if args.time_budget is not None
                             else TIME_BUDGET_S[key])
         self.out = args.out
@@ -170,7 +180,8 @@ class StepBenchmark:
             self.device, "step", quick=args.quick, allocations=self.allocations,
             providers=self.providers, configs=self.config_names, time_budget_s=self.time_budget,
             max_memory_gb=args.max_memory, seed=args.seed,
-            clip_max_norm=providers_module.MAX_NORM if self.clip else None)
+            clip_max_norm=providers_module.MAX_NORM if self.clip else None,
+            clip_providers=self.clip_providers)
         self.rows = []  # of finished configs
         self.current = []  # of the config being measured, rebuilt after each pair
         self.advanced = {}  # pair -> weight the progress bar already counted for it
@@ -194,8 +205,8 @@ class StepBenchmark:
         return roofline.SUBJECTS[name].kind if name in ROOFLINE_NAMES else "optimizer"
 
     def _clips(self, name):
-        """Whether `name`'s pair times clip+step too (every optimizer's, unless --no-clip)."""
-        return self.clip and self._kind(name) == "optimizer"
+        """Whether `name`'s pair times clip+step too (--clip-providers)."""
+        return name in self.clip_providers
 
     def _rounds_for(self, name):
         slow = name not in ROOFLINE_NAMES and providers_module.is_slow(name, self.device.type)
@@ -253,8 +264,9 @@ class StepBenchmark:
               f"machine needs about {_duration(sum(weights.values()))}); memory ceiling: "
               f"{ceiling}")
         if self.clip:
-            print(f"clip+step: every optimizer's pair also times a clip of the gradients' norm to "
-                  f"{providers_module.MAX_NORM:g} then the step (--no-clip: step only)")
+            print(f"clip+step: the pairs of {', '.join(self.clip_providers)} also time a clip of "
+                  f"the gradients' norm to {providers_module.MAX_NORM:g} then the step, against "
+                  f"{ANCHOR}'s (--clip-providers all: every optimizer's; --no-clip: none)")
         print(f"results folder: {self.out}")
         self.progress = Progress(self.schedule)
         try:
@@ -377,7 +389,7 @@ class StepBenchmark:
     def _footprint(self, name):
         if name in ROOFLINE_NAMES:
             return roofline.footprint(name, self.device.type)
-        return providers_module.footprint(name)
+        return providers_module.footprint(name, clip=self._clips(name))
 
     def _build(self, name, config):
         if name in ROOFLINE_NAMES:

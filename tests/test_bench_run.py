@@ -157,6 +157,25 @@ def test_clip_step_subjects_clip_alike():
         torch.testing.assert_close(a, b)
 
 
+def test_which_pairs_time_clip_step():
+    """By default torch-foreach's and the compiled FusedAdam's pairs (torch-fused's clip+step is
+    timed in theirs); `all` every optimizer's, never the roofline's; --no-clip none."""
+    from bench import step
+    from bench.__main__ import _step_parser
+
+    def chosen(*argv):
+        args = _step_parser().parse_args(["--device", "cpu", "--out", "unused", *argv])
+        return step.StepBenchmark(args).clip_providers
+
+    assert chosen() == ["torch-foreach", "fused_adam-numba"]
+    assert chosen("--clip-providers", "all") == [
+        "torch-forloop", "torch-foreach", "fused_adam-numba", "fused_adam-numba:bf16-states",
+        "fused_adam-numba:bf16-master", "fused_adam-torch"]
+    assert chosen("--clip-providers", "fused_adam-numba:bf16-states") == [
+        "fused_adam-numba:bf16-states"]
+    assert chosen("--no-clip") == []
+
+
 def test_no_clip_times_the_step_only(tmp_path):
     main([*TINY_RUN, "--no-clip", "--out", str(tmp_path)])
     rows = results.read(tmp_path / "results.json")
