@@ -333,26 +333,32 @@ def step_plot(rows, path):
             colors[p] = "#9DB4D8"
     clip = has_clip(table)
     height = 0.9 + (0.5 if clip else 0.32) * len(optimizers)
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.3 * len(configs) + 2.2, height + 1.6),
+    fig, axes = plt.subplots(1, len(configs),
+                             figsize=(max(4.3 * len(configs) + 2.2, 10.5), height + 1.6),
                              sharey=True, squeeze=False)
     ys = list(range(len(optimizers)))
     for ax, config in zip(axes[0], configs):
         values = [gbps(config, p) for p in optimizers]
         # With clip+step: two bars an optimizer, the step's above (solid), clip+step's below
         # (hatched, paler), each labelled with its own ratio to torch-fused's.
-        bar_height, offset = (0.4, 0.21) if clip else (0.7, 0.0)
-        bars = ax.barh([y - offset for y in ys], [v or 0 for v in values], height=bar_height,
+        # With clip+step: two bars an optimizer that timed it, the step's above (solid),
+        # clip+step's below (hatched, paler), each labelled with its own ratio to torch-fused's;
+        # one bar, as without, for the others.
+        clip_values = ([paced_clip_gbps(table, config, p) for p in optimizers] if clip
+                       else [None] * len(optimizers))
+        offset = [0.21 if v is not None else 0.0 for v in clip_values]
+        bars = ax.barh([y - o for y, o in zip(ys, offset)], [v or 0 for v in values],
+                       height=[0.4 if o else 0.7 for o in offset],
                        color=[colors[p] for p in optimizers], edgecolor="black", linewidth=0.4)
         labels = []
         for p, v in zip(optimizers, values):
             speed = table.get(config, p, "speedup_vs_torch_fused")
             labels.append("" if v is None else "ref." if p == ANCHOR else
                           "" if speed is None else _speed(table, config, p))
-        clip_values = []
-        if clip:
-            clip_values = [paced_clip_gbps(table, config, p) for p in optimizers]
-            clip_bars = ax.barh([y + offset for y in ys], [v or 0 for v in clip_values],
-                                height=bar_height, color=[colors[p] for p in optimizers],
+        if any(v is not None for v in clip_values):
+            clip_bars = ax.barh([y + o for y, o in zip(ys, offset)],
+                                [v or 0 for v in clip_values], height=0.4,
+                                color=[colors[p] for p in optimizers],
                                 alpha=0.55, hatch="////", edgecolor="black", linewidth=0.4)
             clip_labels = [("" if v is None else "clip+step ref." if p == ANCHOR else
                             f"clip+step {_clip_speed(table, config, p)}")
