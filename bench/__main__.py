@@ -2,7 +2,8 @@
 
     python -m bench [--quick] [--out DIR] [--device cpu|cuda] [--configs ...] [--providers ...]
                     [--time-budget S] [--max-memory GB] [--allocations N]
-    python -m bench train [--iters N] [--device ...] [--out DIR]
+                    [--clip-providers ...|all] [--no-clip]
+    python -m bench train [--iters N] [--max-grad-norm X] [--device ...] [--out DIR]
     torchrun --nproc_per_node=2 -m bench train --ddp [--bucket-view] [--iters N]
     python -m bench grad-layout [--quick] [--device ...] [--out DIR]
     python -m bench breakdown [--config small-800] [--allocations N] [--out DIR]
@@ -85,6 +86,15 @@ def _step_parser():
     parser.add_argument("--allocations", type=int, default=1,
                         help="build every pair's buffers this many times and pool the "
                              "samples: a median over where memory landed (default 1)")
+    parser.add_argument("--clip-providers", nargs="+", choices=ALL_PROVIDERS + ("all",),
+                        default=None,
+                        help="whose pairs also time clip+step (the gradients' norm clipped to "
+                             "1.0, then the step: torch's clip_grad_norm_(foreach=True) for "
+                             "torch's optimizers, FusedAdam.clip_grad_norm for ours), against "
+                             "torch-fused's clip+step in the same rounds (default: "
+                             "torch-foreach and fused_adam-numba (CPU) or fused_adam-triton "
+                             "(CUDA); all: every optimizer)")
+    parser.add_argument("--no-clip", action="store_true", help="time the step only")
     return parser
 
 
@@ -101,6 +111,10 @@ def _train_parser():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="fused_adam's parameter dtype (the torch run stays fp32)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
+                        help="clip the gradients' total norm to X before each step (default "
+                             "1.0): FusedAdamW with its fused clip_grad_norm, torch's AdamW with "
+                             "torch.nn.utils.clip_grad_norm_(foreach=True); 0: no clipping")
     parser.add_argument("--master-weights", action="store_true",
                         help="fp32 master copy of bf16 parameters (FusedAdamW(master_weights=True))")
     parser.add_argument("--ddp", action="store_true",

@@ -14,6 +14,11 @@ import torch
 from bench.memory import Footprint
 
 LR = 1e-3
+# `clip+step` clips the gradients' total 2-norm to this before the step. The stand-in backward
+# (`cheap_loss`) hands every parameter a gradient of ones, so the norm is sqrt(n_params) (over
+# 1,000 for every config, 11,155 for GPT-2-small's shapes): 1.0 clips every step, as it must for
+# the measurement to include the scaling.
+MAX_NORM = 1.0
 TORCH_PROVIDERS = ("torch-forloop", "torch-foreach", "torch-fused")
 OURS = ("fused_adam-numba", "fused_adam-triton", "fused_adam-torch")
 # Modes that move fewer (or differently split) bytes per parameter, as `provider:mode`:
@@ -49,6 +54,18 @@ _COST = {
     "fused_adam-triton": (2.0, 20),  # on CUDA; on CPU it is the interpreter, below
 }
 _INTERPRETED_TRITON_COST = (1000.0, 500)
+def default_clip_providers(device_type):
+    """Whose pairs time clip+step by default: torch-fused (the anchor: torch's
+    `clip_grad_norm_` foreach + fused Adam, the comparison that matters), torch-foreach and the
+    compiled backend in fp32. Every optimizer's would about double the default run's expected
+    time (140 s -> 265 s of a quiet machine's at full rounds, over the 300 s budget once real
+    runs' 1.2-1.7x is counted): on a loaded 2-core machine it pushed the whole `large` config
+    past the time limit; and our plain-torch backend's clip holds every gradient as float64 at
+    once (8 B per parameter), which took GPT-2's pair past the memory ceiling.
+    `--clip-providers all` times every optimizer's."""
+    return [ANCHOR, "torch-foreach", COMPILED[device_type]]
+
+
 # Providers whose rounds take several times the anchor's: they get fewer rounds.
 SLOW = ("torch-forloop", "torch-foreach", "fused_adam-torch")
 
@@ -142,6 +159,15 @@ class Provider:
     def step(self):
         self.optimizer.step()
 
+    def clip(self, max_norm=MAX_NORM):
+        """What a training loop calls before `step()` to clip: torch's
+        `clip_grad_norm_(params, max_norm, foreach=True)` (a norm over every gradient, then every
+        gradient scaled in place) for torch's optimizers, `FusedAdam.clip_grad_norm(max_norm)`
+        (the norm alone; the step's kernel scales) for ours. Returns the total norm (a tensor)."""
+        if hasattr(self.optimizer, "clip_grad_norm"):  # fused_adam's
+            return self.optimizer.clip_grad_norm(max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -153,12 +179,15 @@ class Provider:
         return out
 
 
-def footprint(name):
+def footprint(name, clip=False):
     """`name`'s memory in bytes per parameter (see `bench.memory`): params and moments
     (`resident`), plus during its own iteration its gradients and temporaries: the loss's and
     backward's (one tensor's worth, for the largest tensor), and for torch's for-loop Adam and our
     plain-torch backend the step's own (8 B more: sqrt and its quotient, one tensor at a time);
-    torch's foreach Adam makes a sqrt of every exp_avg_sq at once (4 B per parameter)."""
+    torch's foreach Adam makes a sqrt of every exp_avg_sq at once (4 B per parameter). With
+    `clip` (its pair times clip+step), our plain-torch backend's clip holds every gradient as
+    float64 at once (8 B per parameter) and its power, a tensor at a time (8 B more); torch's
+    `clip_grad_norm_` (foreach) and the compiled backends' clip need nothing per parameter."""
     provider, dtype, options, _ = parse(name)
     size = torch.tensor([], dtype=dtype).element_size()
     state_size = (torch.tensor([], dtype=options["state_dtype"]).element_size()
@@ -167,6 +196,9 @@ def footprint(name):
     resident = size + master + 2 * state_size
     transient = size + (4 if provider == "torch-foreach" else 0)
     per_largest = size + (8 if provider in ("torch-forloop", "fused_adam-torch") else 0)
+    if clip and provider == "fused_adam-torch":
+        transient += 8
+        per_largest += 8
     return Footprint(resident, transient, per_largest)
 
 

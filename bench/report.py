@@ -69,23 +69,61 @@ def _ours(table, device):
         (p for p in table.providers if p.startswith("fused_adam-") and ":" not in p), None)
 
 
+def _clip_speed(table, config, provider):
+    """`1.52x` for clip+step, marked as `_speed` marks the pair."""
+    speed = table.get(config, provider, "clip_step_speedup_vs_torch_fused")
+    if speed is None:
+        return "—"
+    return f"{speed:.2f}x" + ("*" if noisy(table, config, provider) else "")
+
+
+def has_clip(table):
+    return any(table.get(c, p, "clip_step_ms_median") is not None
+               for c in table.configs for p in table.providers)
+
+
+def clip_cost_line(table, ours):
+    """The clip's own cost, per config: clip+step's median over the step's in FusedAdam's own
+    rounds (and torch-fused's, for comparison), as a share of the step."""
+    cells = []
+    for config in table.configs:
+        cost = table.get(config, ours, "clip_cost_fraction")
+        anchor = table.get(config, ANCHOR, "clip_cost_fraction")
+        if cost is None:
+            continue
+        cells.append(f"{config} {100 * cost:+.0f}%"
+                     + ("" if anchor is None else f" (torch-fused's clip {100 * anchor:+.0f}%)"))
+    if not cells:
+        return None
+    norms = sorted({round(r["value"]) for r in table.rows if r["metric"] == "grad_norm"})
+    max_norm = next((r.get("max_norm") for r in table.rows if r["metric"] == "grad_norm"), None)
+    return ("Clip's own cost (FusedAdam's clip+step median over its step median, minus 1, "
+            "from its own rounds; as a share of its step): " + "; ".join(cells) + "."
+            + (f" Gradient norms before the clip {', '.join(f'{n:,}' for n in norms)}, clipped "
+               f"to {max_norm:g} (every step clips)." if norms and max_norm else ""))
+
+
 def headline_markdown(rows):
     """The compact table: per config, torch-fused's step, FusedAdam's, the speedup, its share of
-    the roofline, and the bf16-moment mode."""
+    the roofline, and the bf16-moment mode; then, where clip+step was timed, torch-fused's
+    clip+step (torch's clip_grad_norm_ foreach, then the fused step) and FusedAdam's with its
+    speedup, and below the table the clip's own cost."""
     table = results.Table([r for r in rows if r["command"] == "step"])
     first = table.first()
     ours = _ours(table, first["device"])
     bf16 = f"{ours}:bf16-states"
+    clip = has_clip(table)
     lines = ["| config | torch-fused step | FusedAdam step | speedup | FusedAdam GB/s "
-             "(% of roofline) | bf16 moments step (speedup) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "(% of roofline) | bf16 moments step (speedup) |"
+             + (" torch-fused clip+step | FusedAdam clip+step (speedup) |" if clip else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if clip else "")]
     # torch-fused's time in FusedAdam's own pair, so that a row's two times give its speedup
     # (on a busy machine the pairs ran at different paces).
     for config in table.configs:
         label = _config_label(table, config, short=True)
         if table.get(config, ANCHOR, "step_ms_median") is None:
             reason = (table.row(config, ANCHOR, "skipped") or {}).get("reason", "not measured")
-            lines.append(f"| {label} | {reason} | | | | |")
+            lines.append(f"| {label} | {reason} | | | | |" + (" | |" if clip else ""))
             continue
         fraction = table.get(config, ours, "roofline_fraction")
         gbps = table.get(config, ours, "GBps")
@@ -98,7 +136,11 @@ def headline_markdown(rows):
             + ("—" if gbps is None else f"{gbps:.1f}")
             + ("" if fraction is None else f" ({100 * fraction:.0f}%)") + " | "
             + ("—" if bf16_ms is None else f"{fmt_ms(bf16_ms)} ms ({_speed(table, config, bf16)})")
-            + " |")
+            + " |"
+            + (_clip_cells(table, config, ours) if clip else ""))
+    cost = clip_cost_line(table, ours) if clip else None
+    if cost:
+        lines += ["", cost]
     if any(noisy(table, c, p) for c in table.configs for p in table.providers):
         lines += ["", f"\\* a noisy pair: torch-fused's median in it was more than "
                   f"{NOISY_PAIR:g}x off its median over all pairs (the machine's load changed "
@@ -106,14 +148,30 @@ def headline_markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+def _clip_cells(table, config, ours):
+    """The headline's two clip+step cells: torch-fused's (in FusedAdam's pair) and FusedAdam's
+    with its speedup over it."""
+    anchor_ms = table.get(config, ours, "torch_fused_clip_step_ms_in_pair")
+    ours_ms = table.get(config, ours, "clip_step_ms_median")
+    return (f" {'—' if anchor_ms is None else fmt_ms(anchor_ms) + ' ms'} | "
+            + ("—" if ours_ms is None else
+               f"{fmt_ms(ours_ms)} ms ({_clip_speed(table, config, ours)})") + " |")
+
+
 def step_markdown(rows):
     table = results.Table(rows)
     first = table.first()
     settings = first.get("settings", {})
+    clip = has_clip(table)
     lines = _header(first, "Adam step benchmark")
     lines += ["## Headline", "", f"FusedAdam = `{_ours(table, first['device'])}`; torch-fused "
               "and FusedAdam step = medians over the rounds the two shared, speedup = their "
-              "ratio; the bf16-moment mode's speedup is from its own pair.", "",
+              "ratio; the bf16-moment mode's speedup is from its own pair."
+              + (" Clip+step = the gradients' norm clipped, then the step, timed as the step is "
+                 "and in the same rounds: torch-fused's is `torch.nn.utils.clip_grad_norm_("
+                 "params, max_norm, foreach=True)` then its fused step, FusedAdam's is "
+                 "`optimizer.clip_grad_norm(max_norm)` (the norm; the step's kernel scales) then "
+                 "`step()`." if has_clip(table) else ""), "",
               headline_markdown(rows), "## Every subject", ""]
     lines += [
         "Step = `optimizer.step()` alone, after a real backward (fresh gradients from autograd "
@@ -135,10 +193,17 @@ def step_markdown(rows):
         "draws each subject at torch-fused's pace (its bytes x its ratio to torch-fused / "
         "torch-fused's median over all pairs), so that on a busy machine, where "
         "pairs ran at different paces, bars and roofline compare as the ratios do; on a quiet "
-        "one that is its own GB/s.", "",
+        "one that is its own GB/s."
+        + (" Clip+step = a clip of the gradients' norm (torch's optimizers: "
+           "`clip_grad_norm_(foreach=True)`; ours: `FusedAdam.clip_grad_norm`), then the step, "
+           "timed in the same pair and rounds as the step (after the same backward); x is to "
+           "torch-fused's clip+step in those rounds; clip = clip+step's median over the step's "
+           "in the subject's own rounds, minus 1." if clip else ""), "",
         "| config | provider | step ms median [p20–p80] | x torch-fused (same rounds) | "
-        "rounds | GB/s | % of roofline | iteration ms | peak GB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "rounds | GB/s | % of roofline | iteration ms | peak GB |"
+        + (" clip+step ms median [p20–p80] (x torch-fused's) | clip (% of step) |" if clip
+           else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if clip else "")]
     for config in table.configs:
         label = _config_label(table, config)
         for provider in _ordered(table):
@@ -147,7 +212,7 @@ def step_markdown(rows):
             skipped = table.row(config, provider, "skipped")
             if skipped:
                 lines.append(f"| {label} | {provider} | skipped: {skipped.get('reason')} "
-                             "| | | | | | |")
+                             "| | | | | | |" + (" | |" if clip else ""))
                 continue
             if table.get(config, provider, "step_ms_median") is None:
                 continue
@@ -166,7 +231,8 @@ def step_markdown(rows):
                 f"{speed_cell} | {rounds} | {table.get(config, provider, 'GBps'):.1f} | "
                 f"{'—' if fraction is None else f'{100 * fraction:.0f}%'} | "
                 f"{_spread(table, config, provider, 'iter')} | "
-                f"{'—' if peak is None else f'{peak:.1f}'} |")
+                f"{'—' if peak is None else f'{peak:.1f}'} |"
+                + (_clip_subject_cells(table, config, provider) if clip else ""))
     details = {}
     for r in rows:
         load = r.get("load_average_at_config_start")
@@ -181,6 +247,15 @@ def step_markdown(rows):
                   "for them; torch's allocator does not): " + ", ".join(
                       f"{p} on {c} {100 * v:.0f}%" for c, p, v in huge) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _clip_subject_cells(table, config, provider):
+    if table.get(config, provider, "clip_step_ms_median") is None:
+        return " — | — |"
+    speed = "reference" if provider == ANCHOR else _clip_speed(table, config, provider)
+    cost = table.get(config, provider, "clip_cost_fraction")
+    return (f" {_spread(table, config, provider, 'clip_step')} ({speed}) | "
+            f"{'—' if cost is None else f'{100 * cost:+.0f}%'} |")
 
 
 # A pair whose torch-fused median strays this far from torch-fused's median over all pairs ran
@@ -205,6 +280,17 @@ def _speed(table, config, provider):
     if speed is None:
         return "—"
     return f"{speed:.2f}x" + ("*" if noisy(table, config, provider) else "")
+
+
+def paced_clip_gbps(table, config, provider):
+    """As `paced_gbps` for clip+step: the step's bytes over clip+step's time, at torch-fused's
+    clip+step pace (its ratio to torch-fused's clip+step, torch-fused's clip+step median)."""
+    speedup = table.get(config, provider, "clip_step_speedup_vs_torch_fused")
+    row = table.row(config, provider, "GBps")
+    anchor_ms = table.get(config, ANCHOR, "clip_step_ms_median")
+    if speedup is None or row is None or not anchor_ms:
+        return None
+    return row["bytes_per_step"] * speedup / anchor_ms / 1e6
 
 
 def paced_gbps(table, config, provider):
@@ -245,19 +331,41 @@ def step_plot(rows, path):
             colors[p] = "#55A868" if p.startswith("fused_adam") else "#BBBBBB"
         if p == "fused_adam-torch":
             colors[p] = "#9DB4D8"
-    height = 0.9 + 0.32 * len(optimizers)
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.3 * len(configs) + 2.2, height + 1.6),
+    clip = has_clip(table)
+    height = 0.9 + (0.5 if clip else 0.32) * len(optimizers)
+    fig, axes = plt.subplots(1, len(configs),
+                             figsize=(max(4.3 * len(configs) + 2.2, 10.5), height + 1.6),
                              sharey=True, squeeze=False)
     ys = list(range(len(optimizers)))
     for ax, config in zip(axes[0], configs):
         values = [gbps(config, p) for p in optimizers]
-        bars = ax.barh(ys, [v or 0 for v in values], height=0.7,
+        # With clip+step: two bars an optimizer, the step's above (solid), clip+step's below
+        # (hatched, paler), each labelled with its own ratio to torch-fused's.
+        # With clip+step: two bars an optimizer that timed it, the step's above (solid),
+        # clip+step's below (hatched, paler), each labelled with its own ratio to torch-fused's;
+        # one bar, as without, for the others.
+        clip_values = ([paced_clip_gbps(table, config, p) for p in optimizers] if clip
+                       else [None] * len(optimizers))
+        offset = [0.21 if v is not None else 0.0 for v in clip_values]
+        bars = ax.barh([y - o for y, o in zip(ys, offset)], [v or 0 for v in values],
+                       height=[0.4 if o else 0.7 for o in offset],
                        color=[colors[p] for p in optimizers], edgecolor="black", linewidth=0.4)
         labels = []
         for p, v in zip(optimizers, values):
             speed = table.get(config, p, "speedup_vs_torch_fused")
             labels.append("" if v is None else "ref." if p == ANCHOR else
                           "" if speed is None else _speed(table, config, p))
+        if any(v is not None for v in clip_values):
+            clip_bars = ax.barh([y + o for y, o in zip(ys, offset)],
+                                [v or 0 for v in clip_values], height=0.4,
+                                color=[colors[p] for p in optimizers],
+                                alpha=0.55, hatch="////", edgecolor="black", linewidth=0.4)
+            clip_labels = [("" if v is None else "clip+step ref." if p == ANCHOR else
+                            f"clip+step {_clip_speed(table, config, p)}")
+                           for p, v in zip(optimizers, clip_values)]
+            for text in ax.bar_label(clip_bars, labels=clip_labels, padding=3, fontsize=7):
+                text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
+                text.set_zorder(5)
         for y, p in zip(ys, optimizers):
             if table.row(config, p, "skipped") is not None:
                 ax.text(0, y, " not run (see results.md)", va="center", fontsize=7,
@@ -266,15 +374,16 @@ def step_plot(rows, path):
         for text in texts:  # a roofline line through a label must not strike it out
             text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
             text.set_zorder(5)
-        top = max([v or 0 for v in values] + [0])
+        top = max([v or 0 for v in values + clip_values] + [0])
         for name, style in ((ROOFLINE, "-"), (COPY, ":")):
             line = gbps(config, name)
             if line is not None:
                 ax.axvline(line, color="black", linestyle=style, linewidth=1.3)
                 top = max(top, line)
-        ax.set_xlim(0, top * 1.25)
+        ax.set_xlim(0, top * (1.45 if clip else 1.25))
         ax.set_title(_config_label(table, config, short=True), fontsize=9)
-        ax.set_xlabel("GB/s: bytes moved / step time, at torch-fused's pace", fontsize=8)
+        ax.set_xlabel("GB/s: the step's bytes / (clip+)step time, at torch-fused's pace" if clip
+                      else "GB/s: bytes moved / step time, at torch-fused's pace", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
@@ -284,17 +393,26 @@ def step_plot(rows, path):
     handles = [Line2D([], [], color="black", linestyle="-", label="roofline: no-math kernel, "
                       "28 B/element"),
                Line2D([], [], color="black", linestyle=":", label="copy_, 8 B/element")]
+    if clip:
+        from matplotlib.patches import Patch
+        handles.append(Patch(facecolor="#BBBBBB", alpha=0.55, hatch="////", edgecolor="black",
+                             linewidth=0.4, label=f"clip+step: norm clipped to "
+                             f"{first.get('settings', {}).get('clip_max_norm') or 1:g}, then "
+                             "the step (step's bytes / its time)"))
     title = f"Adam step bandwidth on {first['device_name']} ({first['device']})"
     if first.get("quick"):
         title += ": QUICK MODE, scaled-down configs"
-    fig.suptitle(title + "\nbar labels: speedup of the step over torch-fused (same rounds)",
+    fig.suptitle(title + "\nbar labels: speedup of the step over torch-fused (same rounds)"
+                 + ("\nhatched: clip+step, its speedup over torch-fused's clip+step" if clip
+                    else ""),
                  fontsize=10)
     if any(noisy(table, c, p) for c in configs for p in optimizers):
         handles.append(Line2D([], [], linestyle="none", label=f"* noisy pair: torch-fused's "
                               f"time in it strayed over {NOISY_PAIR:g}x (see results.md)"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+    fig.legend(handles=handles, loc="lower center",
+               ncol=len(handles) if len(handles) < 4 else 2, fontsize=8,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.11 if len(handles) > 3 else 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -441,7 +559,7 @@ def grad_layout_markdown(rows):
 # ------------------------------------------------------------------------------------------------
 # Training (`python -m bench train`)
 
-TRAIN_PHASES = ("zero_grad", "forward", "backward", "step")
+TRAIN_PHASES = ("zero_grad", "forward", "backward", "clip", "step")
 
 
 def _losses(rows, provider):
@@ -456,6 +574,10 @@ def train_markdown(rows):
     s = first["settings"]
     config = table.configs[0]
     runs = [p for p in table.providers if table.get(config, p, "step_ms_median") is not None]
+    # Runs without clipping (--max-grad-norm 0, or rows from before it existed) have no clip.
+    phases = [p for p in TRAIN_PHASES
+              if any(table.get(config, run, f"{p}_ms_median") is not None for run in runs)]
+    clip = "clip" in phases
     lines = _header(first, "Training comparison")
     lines += [
         f"Char GPT {s['model']}, {first['n_params']:,} params, batch {s['batch_size']}, "
@@ -463,18 +585,33 @@ def train_markdown(rows):
         f"standard library; medians over iterations {s['untimed_first_iters']}+."
         + (f" DDP over {s['world_size']} ranks, each on its own batches (rank 0's times and "
            f"losses); gradient_as_bucket_view={s['gradient_as_bucket_view']}; gradients "
-           f"FusedAdamW copied: {s['grad_copies']}." if s.get("world_size", 1) > 1 else ""), "",
-        "| optimizer | zero_grad ms | forward ms | backward ms | step ms | iteration ms | "
-        "final loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+           f"FusedAdamW copied: {s['grad_copies']}." if s.get("world_size", 1) > 1 else "")
+        + (f" Gradients clipped to total norm {s['max_grad_norm']:g} before every step: "
+           "FusedAdamW by `optimizer.clip_grad_norm` (the norm; its step's kernel scales), "
+           "torch's AdamW by `torch.nn.utils.clip_grad_norm_(foreach=True)` (the norm, then "
+           "every gradient scaled); clip + step is what a user who clips pays."
+           if clip and s.get("max_grad_norm") else " No gradient clipping."), "",
+        "| optimizer | " + " | ".join(f"{p} ms" for p in phases) + " | "
+        + ("clip + step ms | " if clip else "") + "iteration ms | final loss |",
+        "|---|" + "---:|" * (len(phases) + clip + 2)]
     for run in runs:
         label = table.row(config, run, "step_ms_median")["label"]
-        cells = [f"{table.get(config, run, f'{p}_ms_median'):.2f}" for p in TRAIN_PHASES]
+        cells = [f"{table.get(config, run, f'{p}_ms_median'):.2f}" for p in phases]
+        if clip:
+            cells.append(f"{table.get(config, run, 'clip_step_ms_median'):.2f}")
         lines.append(f"| {label} | {' | '.join(cells)} | "
                      f"{table.get(config, run, 'iter_ms_median'):.2f} | "
                      f"{_losses(rows, run)[-1]:.4f} |")
     lines += ["", f"Max |loss difference| between the runs: "
               f"{table.get(config, 'both', 'max_abs_loss_diff'):.3g} (final iteration: "
               f"{table.get(config, 'both', 'final_loss_diff'):.3g})."]
+    if clip:
+        lines += ["", "Gradient norm before the clip, median over iterations (share of "
+                  "iterations clipped): " + "; ".join(
+                      f"{run} {table.get(config, run, 'grad_norm_median'):.3g} "
+                      f"({100 * table.get(config, run, 'clipped_fraction'):.0f}%)"
+                      for run in runs if table.get(config, run, 'grad_norm_median') is not None)
+                  + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -495,7 +632,10 @@ def train_plot(rows, path):
     for run in ("fused_adam", "torch"):
         label = table.row(config, run, "step_ms_median")["label"]
         step_ms = table.get(config, run, "step_ms_median")
-        ax.plot(_losses(rows, run), label=f"{label}: step {step_ms:.2f} ms (median)",
+        clip_ms = table.get(config, run, "clip_step_ms_median")
+        timing = (f"clip + step {clip_ms:.2f} ms" if clip_ms is not None
+                  else f"step {step_ms:.2f} ms")
+        ax.plot(_losses(rows, run), label=f"{label}: {timing} (median)",
                 **styles[run])
     ax.set_ylabel("training loss (cross-entropy)")
     ax.set_title(f"Char GPT ({first['n_params'] / 1e6:.2f} M params) on Python's stdlib, "

@@ -13,6 +13,18 @@ one gets fewer rounds (the report says how many each ratio rests on). Past the h
 (HARD_LIMIT x the budget) the pairs left are not run, and the report says which and why, so the
 run ends in bounded time whatever else the machine is doing.
 
+Clip+step: in the pairs of the optimizers `--clip-providers` names (by default torch-foreach and
+the compiled FusedAdam, against torch-fused: see `providers.default_clip_providers`; `all`: every
+optimizer's; `--no-clip`: none) two more subjects join the round robin, the same two optimizers each timed as a training loop that clips pays it: the
+gradients' norm clipped to `providers.MAX_NORM` (torch's optimizers through
+`torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)`, ours through
+`FusedAdam.clip_grad_norm(max_norm)`), then `step()`, after the same stand-in backward. So each
+such round runs four iterations (step and clip+step of each optimizer, the order rotating), the
+clip+step ratio to torch-fused comes from the same rounds as the step's, and the clip's own cost
+(clip+step minus step) from one optimizer's own rounds. The time budget covers them: a pair's
+expected cost counts them, and its rounds come from its warm-up, which runs all four.
+`--no-clip` leaves them out.
+
 After each pair the rows so far go to results.json and results.md, and the plot is redrawn
 after each config, so an interrupted run leaves a readable report.
 """
@@ -43,6 +55,12 @@ ROUNDS = {
 TIME_BUDGET_S = {("cpu", False): 300, ("cpu", True): 40, ("cuda", False): 600, ("cuda", True): 90}
 # Past HARD_LIMIT x the budget no new pair starts (300 s -> 6 min 15 s on CPU).
 HARD_LIMIT = 1.25
+# A round of a pair with clip+step runs four iterations instead of two, and each clip+step adds
+# the clip (torch's: read and scale every gradient, 12 B per parameter; ours: read it, 4 B):
+# planning only.
+CLIP_ROUND_FACTOR = 2.3
+# The name a subject's clip+step goes by in the round robin (its samples are its own again after).
+CLIP_SUFFIX = " clip+step"
 # Seconds to build a subject, per parameter (normal_ init, the arena's copy): planning only.
 _BUILD_S_PER_PARAM = 15e-9
 ROOFLINE_NAMES = tuple(roofline.SUBJECTS)
@@ -145,13 +163,25 @@ class StepBenchmark:
                                key=self._priority)
         self.config_names = list(args.configs or configs_module.CONFIG_NAMES)
         self.allocations = max(1, args.allocations)
+        chosen = getattr(args, "clip_providers", None)
+        if getattr(args, "no_clip", False):
+            chosen = []
+        elif chosen is None:
+            chosen = providers_module.default_clip_providers(self.device.type)
+        elif "all" in chosen:
+            chosen = list(self.providers)
+        # The anchor's clip+step is timed in the pairs of the others that clip.
+        self.clip_providers = [p for p in self.providers if p in chosen and p != ANCHOR]
+        self.clip = bool(self.clip_providers)
         self.time_budget = (args.time_budget if args.time_budget is not None
                             else TIME_BUDGET_S[key])
         self.out = args.out
         self.meta = system.run_metadata(
             self.device, "step", quick=args.quick, allocations=self.allocations,
             providers=self.providers, configs=self.config_names, time_budget_s=self.time_budget,
-            max_memory_gb=args.max_memory, seed=args.seed)
+            max_memory_gb=args.max_memory, seed=args.seed,
+            clip_max_norm=providers_module.MAX_NORM if self.clip else None,
+            clip_providers=self.clip_providers)
         self.rows = []  # of finished configs
         self.current = []  # of the config being measured, rebuilt after each pair
         self.advanced = {}  # pair -> weight the progress bar already counted for it
@@ -174,6 +204,10 @@ class StepBenchmark:
     def _kind(self, name):
         return roofline.SUBJECTS[name].kind if name in ROOFLINE_NAMES else "optimizer"
 
+    def _clips(self, name):
+        """Whether `name`'s pair times clip+step too (--clip-providers)."""
+        return name in self.clip_providers
+
     def _rounds_for(self, name):
         slow = name not in ROOFLINE_NAMES and providers_module.is_slow(name, self.device.type)
         warmup, fewest, most = self.rounds["slow" if slow else "fast"]
@@ -191,7 +225,8 @@ class StepBenchmark:
             n = roofline.elements(config.n_params, device_type)
             per = 1.0e-9 if name == roofline.NoMathRoofline.name else 0.3e-9
             return anchor + n * per / (20 if device_type == "cuda" else 1)
-        return anchor + providers_module.iteration_seconds(name, config, device_type)
+        pair = anchor + providers_module.iteration_seconds(name, config, device_type)
+        return pair * (CLIP_ROUND_FACTOR if self._clips(name) else 1.0)
 
     def _plan_time(self):
         """Each pair's weight (expected seconds at its most rounds) and floor share."""
@@ -228,6 +263,10 @@ class StepBenchmark:
               f"{_duration(self.time_budget * HARD_LIMIT)} (at full rounds a quiet development "
               f"machine needs about {_duration(sum(weights.values()))}); memory ceiling: "
               f"{ceiling}")
+        if self.clip:
+            print(f"clip+step: the pairs of {', '.join(self.clip_providers)} also time a clip of "
+                  f"the gradients' norm to {providers_module.MAX_NORM:g} then the step, against "
+                  f"{ANCHOR}'s (--clip-providers all: every optimizer's; --no-clip: none)")
         print(f"results folder: {self.out}")
         self.progress = Progress(self.schedule)
         try:
@@ -350,7 +389,7 @@ class StepBenchmark:
     def _footprint(self, name):
         if name in ROOFLINE_NAMES:
             return roofline.footprint(name, self.device.type)
-        return providers_module.footprint(name)
+        return providers_module.footprint(name, clip=self._clips(name))
 
     def _build(self, name, config):
         if name in ROOFLINE_NAMES:
@@ -370,6 +409,13 @@ class StepBenchmark:
         warmup, fewest, most = self._rounds_for(name)
         subjects = [timing.Subject(ANCHOR, lambda _: timing.iteration(anchor, self.device)),
                     timing.Subject(name, lambda _: timing.iteration(subject, self.device))]
+        if self._clips(name):
+            max_norm = providers_module.MAX_NORM
+            subjects += [
+                timing.Subject(ANCHOR + CLIP_SUFFIX, lambda _: timing.iteration(
+                    anchor, self.device, clip=max_norm)),
+                timing.Subject(name + CLIP_SUFFIX, lambda _: timing.iteration(
+                    subject, self.device, clip=max_norm))]
         per_round = self.schedule.weights[pair] / self.allocations / (warmup + most)
 
         def on_round(_index, _seconds):
@@ -399,7 +445,10 @@ class StepBenchmark:
         memory.release(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        return {name: samples[name], (ANCHOR, name): samples[ANCHOR]}
+        # Each optimizer's clip+step samples join its step's (metrics clip_step, clip_iter,
+        # grad_norm), round for round.
+        return {key: {**samples[who], **samples.get(who + CLIP_SUFFIX, {})}
+                for key, who in ((name, name), ((ANCHOR, name), ANCHOR))}
 
     # -- rows -------------------------------------------------------------------------------
 
@@ -444,12 +493,48 @@ class StepBenchmark:
             self._row(where, name, "torch_fused_step_ms_in_pair", anchor_stats["median"], "ms",
                       samples=anchor_stats["n"]),
         ]
+        rows += self._clip_rows(where, name, self.samples[name],
+                                self.samples[(ANCHOR, name)])
         if self.peaks.get(name):
             rows.append(self._row(where, name, "peak_memory_GB", self.peaks[name] / memory.GB,
                                   "GB"))
         if self.huge.get(name) is not None:
             rows.append(self._row(where, name, "huge_page_fraction", self.huge[name],
                                   "fraction"))
+        return rows
+
+    def _clip_rows(self, where, name, samples, anchor_samples=None):
+        """clip+step's rows, where `name` timed it: its times (`clip_step_ms_*`, and the whole
+        iteration's, `clip_iter_ms_*`), its ratio to torch-fused's clip+step in the same rounds
+        (and torch-fused's median there), the clip's own cost (`clip_cost_fraction`: its
+        clip+step median over its step median, minus 1, from its own rounds) and the gradients'
+        norm the clip found (`grad_norm`, with the max norm it clipped to)."""
+        if not samples.get("clip_step"):
+            return []
+        kind = self._kind(name)
+        clip_step = timing.summarize(samples["clip_step"])
+        step = timing.summarize(samples["step"])
+        rows = (results.time_rows(self.meta, where, name, "clip_step", samples["clip_step"],
+                                  kind=kind, **self.extra)
+                + results.time_rows(self.meta, where, name, "clip_iter", samples["clip_iter"],
+                                    kind=kind, **self.extra))
+        if anchor_samples is None:  # the anchor itself
+            speedup, pair_ms, pair_n = 1.0, None, None
+        else:
+            anchor = timing.summarize(anchor_samples["clip_step"])
+            speedup, pair_ms, pair_n = anchor["median"] / clip_step["median"], anchor["median"], \
+                anchor["n"]
+        rows.append(self._row(where, name, "clip_step_speedup_vs_torch_fused", speedup, "x",
+                              samples=clip_step["n"]))
+        if pair_ms is not None:
+            rows.append(self._row(where, name, "torch_fused_clip_step_ms_in_pair", pair_ms, "ms",
+                                  samples=pair_n))
+        rows += [
+            self._row(where, name, "clip_cost_fraction",
+                      clip_step["median"] / step["median"] - 1.0, "fraction",
+                      samples=clip_step["n"]),
+            self._row(where, name, "grad_norm", samples["grad_norm"][-1], None,
+                      max_norm=providers_module.MAX_NORM)]
         return rows
 
     def _anchor_rows(self, where):
@@ -463,6 +548,13 @@ class StepBenchmark:
         rows += [self._row(where, ANCHOR, "GBps", bytes_per_step / median / 1e6, "GB/s",
                            bytes_per_step=bytes_per_step),
                  self._row(where, ANCHOR, "speedup_vs_torch_fused", 1.0, "x")]
+        pooled = {}
+        for name in self.measured:
+            anchor_samples = self.samples[(ANCHOR, name)]
+            if anchor_samples.get("clip_step"):
+                for metric in ("step", "clip_step", "clip_iter", "grad_norm"):
+                    pooled.setdefault(metric, []).extend(anchor_samples[metric])
+        rows += self._clip_rows(where, ANCHOR, pooled)
         if self.huge.get(ANCHOR) is not None:
             rows.append(self._row(where, ANCHOR, "huge_page_fraction", self.huge[ANCHOR],
                                   "fraction"))
@@ -501,6 +593,15 @@ class StepBenchmark:
             line += (f"  {table.get(config, name, 'speedup_vs_torch_fused'):5.2f}x {ANCHOR} "
                      f"({report.fmt_ms(pair_ms['value'])} ms in the same {pair_ms['samples']} "
                      "rounds)")
+        clip_ms = table.get(config, name, "clip_step_ms_median")
+        if clip_ms is not None:
+            line += f"; clip+step {report.fmt_ms(clip_ms)} ms"
+            if name != ANCHOR:
+                speed = table.get(config, name, "clip_step_speedup_vs_torch_fused")
+                pair_ms = table.get(config, name, "torch_fused_clip_step_ms_in_pair")
+                line += f" {speed:.2f}x {ANCHOR}'s ({report.fmt_ms(pair_ms)} ms)"
+            cost = table.get(config, name, "clip_cost_fraction")
+            line += f", the clip {100 * cost:+.0f}% of the step"
         if self.peaks.get(name):
             line += f"  peak {self.peaks[name] / memory.GB:.1f} GB"
         self.progress.write(line)

@@ -6,6 +6,10 @@ FUSED_ADAM_BENCH_FULL=1. Each round's setup (untimed) is a real backward after z
 every timed step reads fresh autograd gradients, as in training. `python -m bench` remains the
 reference measurement (interleaved providers, roofline fractions, plots); this suite is for
 pytest-benchmark's own tooling (`--benchmark-compare`, `--benchmark-json`, histograms).
+
+`test_clip_step` times clip+step the same way: the gradients' norm clipped to
+`providers.MAX_NORM` (torch's `clip_grad_norm_(foreach=True)` for torch's optimizers,
+`FusedAdam.clip_grad_norm` for ours), then the step.
 """
 import os
 
@@ -59,3 +63,32 @@ def test_step(benchmark, config, provider):
     benchmark.extra_info.update(bytes_per_step=subject.bytes_per_step,
                                 GBps=subject.bytes_per_step / median_s / 1e9, quick=QUICK,
                                 device=DEVICE.type)
+
+
+@pytest.mark.parametrize("provider", providers.default_providers(DEVICE.type))
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_clip_step(benchmark, config, provider):
+    try:
+        subject = providers.build(provider, config, DEVICE)
+    except (ValueError, RuntimeError, ImportError) as error:
+        pytest.skip(f"{provider} cannot run here: {error}")
+    tensors = f"{config.n_tensors} tensor" + ("" if config.n_tensors == 1 else "s")
+    benchmark.group = f"clip+step: {config.name} ({config.n_params:,} params, {tensors})"
+
+    def setup():
+        subject.zero_grad()
+        subject.forward_backward()
+        _sync()
+
+    norms = []
+
+    def clip_step():
+        norms.append(subject.clip(providers.MAX_NORM))
+        subject.step()
+        _sync()
+
+    benchmark.pedantic(clip_step, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
+                       iterations=1)
+    assert float(norms[-1]) > providers.MAX_NORM  # it clipped
+    benchmark.extra_info.update(max_norm=providers.MAX_NORM, grad_norm=float(norms[-1]),
+                                quick=QUICK, device=DEVICE.type)

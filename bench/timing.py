@@ -9,7 +9,8 @@ follows the same one. A ratio between two subjects is only quoted from rounds th
 A subject is anything with a `name` and a `measure(round_index)` that runs one round of it and
 returns {metric: value} (seconds for times; `train` also returns its loss). Helpers below time a
 callable with the device synchronized on both sides; a training-shaped iteration
-(`iteration()`) times `step()` alone and the whole forward + backward + step + zero_grad.
+(`iteration()`) times `step()` alone (or a gradient clip and the step, `clip=`) and the whole
+forward + backward + step + zero_grad.
 
 On CUDA a step's time comes from CUDA events recorded after a synchronize, so it includes the
 host's launch cost (which is what fusion removes) but not the backward still in flight.
@@ -34,12 +35,23 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def iteration(subject, device):
+def iteration(subject, device, clip=None):
     """One training-shaped iteration of `subject` (forward_backward, step, zero_grad):
     {"step": seconds of step() alone, "iter": seconds of the whole iteration}.
 
+    With `clip` (a max norm), the timed phase is `subject.clip(clip)` then `step()`, as a
+    training loop that clips pays it: {"clip_step": its seconds, "clip_iter": the whole
+    iteration's, "grad_norm": the norm the clip returned (read after the timing)}.
+
     zero_grad(set_to_none=True) comes last, so only the subject iterating holds gradients: that
     is what lets two large subjects share one machine's memory."""
+    if clip is None:
+        phase = subject.step
+    else:
+        def phase():
+            norm = subject.clip(clip)
+            subject.step()
+            return norm
     sync(device)
     t0 = time.perf_counter()
     subject.forward_backward()
@@ -47,17 +59,20 @@ def iteration(subject, device):
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        subject.step()
+        norm = phase()
         end.record()
         subject.zero_grad()
         sync(device)
         step_s = start.elapsed_time(end) / 1e3
     else:
         t1 = time.perf_counter()
-        subject.step()
+        norm = phase()
         step_s = time.perf_counter() - t1
         subject.zero_grad()
-    return {"step": step_s, "iter": time.perf_counter() - t0}
+    total_s = time.perf_counter() - t0
+    if clip is None:
+        return {"step": step_s, "iter": total_s}
+    return {"clip_step": step_s, "clip_iter": total_s, "grad_norm": float(norm)}
 
 
 class Subject:

@@ -5,8 +5,15 @@ standard library's own source, which ships with every Python, so the run needs n
 It trains twice from one seed on the same batches, once with `fused_adam.FusedAdamW` and once
 with `torch.optim.AdamW` (fused=True where torch supports it, else foreach; the run says which),
 the two interleaved iteration by iteration so that machine noise falls on both alike. It reports
-the median time of each phase (zero_grad, forward, backward, step) and draws both loss curves:
-they should lie on top of each other, differing only by float rounding.
+the median time of each phase (zero_grad, forward, backward, clip, step) and draws both loss
+curves: they should lie on top of each other, differing only by float rounding.
+
+Both runs clip the gradients' total norm to `--max-grad-norm` (1.0 by default, as GPT training
+recipes do; 0 turns clipping off), each the way its users would: FusedAdamW with its fused
+clip (`optimizer.clip_grad_norm(max_norm)`: one read of the gradients, the scaling left to the
+step's kernel), torch's AdamW with `torch.nn.utils.clip_grad_norm_(model.parameters(),
+max_norm, foreach=True)`. The clip is a phase of its own, and clip + step is the phase a user
+who clips pays for (FusedAdamW's clip moves part of its work into its step).
 
 With `--dtype bf16 --master-weights` the fused_adam run trains bf16 parameters with an fp32
 master copy, while the torch run stays fp32: the bf16 curve should track the fp32 one.
@@ -31,7 +38,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODEL = dict(n_layer=4, n_head=4, n_embd=128, n_ctx=64)
 HYPER = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 TEXT_BYTES = 4 << 20
-PHASES = report.TRAIN_PHASES
+PHASES = report.TRAIN_PHASES  # zero_grad, forward, backward, clip, step
+MAX_GRAD_NORM = 1.0
 
 
 def stdlib_text(max_bytes=TEXT_BYTES):
@@ -138,17 +146,35 @@ def run(args):
 
     last_loss = {}  # for the log line, as the run goes
 
+    max_norm = args.max_grad_norm
+
+    def clipper(name):
+        """The clip a user of this optimizer calls (nothing when clipping is off)."""
+        r = runs[name]
+        if not max_norm:
+            return lambda: None
+        if name == "fused_adam":
+            return lambda: r["optimizer"].clip_grad_norm(max_norm)
+        return lambda: torch.nn.utils.clip_grad_norm_(r["model"].parameters(), max_norm,
+                                                      foreach=True)
+
+    grad_norms = {name: [] for name in runs}
+
     def subject(name):
         r = runs[name]
+        clip = clipper(name)
 
         def measure(i):
             idx, targets = batch(i)
             _, t_zero = timed(lambda: r["optimizer"].zero_grad(set_to_none=True), device)
             loss, t_forward = timed(lambda: r["model"](idx, targets), device)
             _, t_backward = timed(loss.backward, device)
+            norm, t_clip = timed(clip, device)
             _, t_step = timed(r["optimizer"].step, device)
             last_loss[name] = loss.float().item()
-            return dict(zip(PHASES, (t_zero, t_forward, t_backward, t_step)),
+            if norm is not None:
+                grad_norms[name].append(float(norm))
+            return dict(zip(PHASES, (t_zero, t_forward, t_backward, t_clip, t_step)),
                         loss=last_loss[name])
         return Subject(name, measure)
 
@@ -169,17 +195,30 @@ def run(args):
         device, "train-ddp" if args.ddp else "train", model=MODEL,
         hyperparameters=dict(lr=args.lr, **HYPER), batch_size=args.batch_size, iters=args.iters,
         untimed_first_iters=skip, dtype=args.dtype, master_weights=args.master_weights,
+        max_grad_norm=max_norm or None,
         seed=args.seed, world_size=world_size,
         gradient_as_bucket_view=args.bucket_view if args.ddp else None,
         grad_copies=grad_copies, vocab_size=len(chars), text_bytes=len(text))
     where = results.config_fields("char-gpt", f"char GPT {MODEL}", n_params,
                                   len(list(runs["torch"]["model"].parameters())))
     rows = []
+    phases = [p for p in PHASES if max_norm or p != "clip"]
     for name, r in runs.items():
-        for phase in PHASES:
+        for phase in phases:
             rows += results.time_rows(meta, where, name, phase, samples[name][phase][skip:],
                                       label=r["label"])
-        total = np.sum([samples[name][p][skip:] for p in PHASES], axis=0)
+        if max_norm:
+            # What a user who clips pays, iteration by iteration: FusedAdamW scales in its step.
+            clip_step = np.add(samples[name]["clip"][skip:], samples[name]["step"][skip:])
+            rows += results.time_rows(meta, where, name, "clip_step", clip_step,
+                                      label=r["label"])
+            norms = grad_norms[name]
+            rows += [results.row(meta, where, name, "grad_norm_median", float(np.median(norms)),
+                                 None, label=r["label"], max_norm=max_norm),
+                     results.row(meta, where, name, "clipped_fraction",
+                                 float(np.mean(np.asarray(norms) > max_norm)), "fraction",
+                                 label=r["label"], max_norm=max_norm)]
+        total = np.sum([samples[name][p][skip:] for p in phases], axis=0)
         rows += results.time_rows(meta, where, name, "iter", total, label=r["label"])
         rows += [results.row(meta, where, name, "loss", value, None, iteration=i,
                              label=r["label"]) for i, value in enumerate(losses[name])]
@@ -193,6 +232,11 @@ def run(args):
             return rows
     paths = report.write(rows, Path(args.out), "train-ddp" if args.ddp else "train")
     print(report.train_markdown(rows))
+    if max_norm:
+        print(f"gradients clipped to norm {max_norm:g}: "
+              + "; ".join(f"{name} median norm {np.median(grad_norms[name]):.3g}, clipped in "
+                          f"{100 * np.mean(np.asarray(grad_norms[name]) > max_norm):.0f}% of "
+                          "iterations" for name in runs))
     print(f"max |loss difference| over {args.iters} iterations: {diff.max():.3g} "
           f"(final {diff[-1]:.3g}); gradients FusedAdamW copied: {grad_copies}")
     for path in paths:

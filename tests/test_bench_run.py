@@ -91,10 +91,104 @@ def test_every_row_carries_the_schema(tmp_path):
                      "roofline (no-math)": "roofline", "copy_ (reference)": "copy"}
 
 
+CLIP_METRICS = {f"clip_step_ms_{q}" for q in results.QUANTILES} | {
+    f"clip_iter_ms_{q}" for q in results.QUANTILES} | {
+    "clip_step_speedup_vs_torch_fused", "clip_cost_fraction", "grad_norm"}
+
+
+def test_clip_step_is_timed_for_every_optimizer_and_reported(tmp_path):
+    """Every optimizer's pair times clip+step too (torch's clip_grad_norm_ foreach vs
+    FusedAdam.clip_grad_norm, then the step), in the same rounds as the step; the rows say so,
+    and so do the headline and the table of every subject."""
+    main([*TINY_RUN, "--providers", "torch-fused", "fused_adam-numba", "torch-foreach",
+          "--out", str(tmp_path)])
+    rows = results.read(tmp_path / "results.json")
+    table = results.Table(rows)
+    metrics = {}
+    for r in rows:
+        metrics.setdefault(r["provider"], set()).add(r["metric"])
+    for provider in ("torch-fused", "fused_adam-numba", "torch-foreach"):
+        assert CLIP_METRICS <= metrics[provider], (provider, CLIP_METRICS - metrics[provider])
+        assert table.get("small-800", provider, "clip_step_ms_median") > 0
+        # It really clips: the stand-in backward's gradients are all ones.
+        norm = table.row("small-800", provider, "grad_norm")
+        assert norm["value"] == pytest.approx(1_664_000 ** 0.5, rel=1e-5)
+        assert norm["value"] > norm["max_norm"]
+    for provider in ("fused_adam-numba", "torch-foreach"):
+        # The same rounds as the step's: as many samples (torch-fused's step pools the
+        # roofline's pairs too, its clip+step only the optimizers').
+        assert (table.row("small-800", provider, "clip_step_ms_median")["samples"]
+                == table.row("small-800", provider, "step_ms_median")["samples"])
+        assert table.get("small-800", provider, "clip_step_speedup_vs_torch_fused") > 0
+        assert table.get("small-800", provider, "torch_fused_clip_step_ms_in_pair") > 0
+    assert table.get("small-800", "torch-fused", "clip_step_speedup_vs_torch_fused") == 1.0
+    for provider in ("roofline (no-math)", "copy_ (reference)"):
+        assert not CLIP_METRICS & metrics[provider]
+    assert rows[0]["settings"]["clip_max_norm"] == 1.0
+
+    headline = report.headline_markdown(rows)
+    assert ("| torch-fused clip+step | FusedAdam clip+step (speedup) |"
+            in headline.splitlines()[0])
+    row = next(line for line in headline.splitlines() if line.startswith("| small-800"))
+    assert row.count("|") == 9 and "x" in row.split("|")[-2]
+    assert "Clip's own cost" in headline and "small-800 " in headline
+    markdown = (tmp_path / "results.md").read_text()
+    assert "clip+step ms median [p20–p80] (x torch-fused's) | clip (% of step) |" in markdown
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_clip_step_subjects_clip_alike():
+    """What clip+step times is a real clip: torch's clip_grad_norm_ then torch's fused Adam and
+    FusedAdam.clip_grad_norm then FusedAdam's step end at the same parameters, and both report
+    the norm of the stand-in backward's gradients (all ones)."""
+    import torch
+
+    from bench import configs, providers, timing
+    tiny = configs.Config("tiny", ((3, 5), (5,)) * 3, "3 x (3x5 weight, 5 bias)")
+    cpu = torch.device("cpu")
+    built = {name: providers.build(name, tiny, cpu) for name in ("torch-fused",
+                                                                 "fused_adam-numba")}
+    for _ in range(3):
+        for subject in built.values():
+            out = timing.iteration(subject, cpu, clip=providers.MAX_NORM)
+            assert set(out) == {"clip_step", "clip_iter", "grad_norm"}
+            assert out["grad_norm"] == pytest.approx(60 ** 0.5)
+    for a, b in zip(built["torch-fused"].params, built["fused_adam-numba"].params):
+        torch.testing.assert_close(a, b)
+
+
+def test_which_pairs_time_clip_step():
+    """By default torch-foreach's and the compiled FusedAdam's pairs (torch-fused's clip+step is
+    timed in theirs); `all` every optimizer's, never the roofline's; --no-clip none."""
+    from bench import step
+    from bench.__main__ import _step_parser
+
+    def chosen(*argv):
+        args = _step_parser().parse_args(["--device", "cpu", "--out", "unused", *argv])
+        return step.StepBenchmark(args).clip_providers
+
+    assert chosen() == ["torch-foreach", "fused_adam-numba"]
+    assert chosen("--clip-providers", "all") == [
+        "torch-forloop", "torch-foreach", "fused_adam-numba", "fused_adam-numba:bf16-states",
+        "fused_adam-numba:bf16-master", "fused_adam-torch"]
+    assert chosen("--clip-providers", "fused_adam-numba:bf16-states") == [
+        "fused_adam-numba:bf16-states"]
+    assert chosen("--no-clip") == []
+
+
+def test_no_clip_times_the_step_only(tmp_path):
+    main([*TINY_RUN, "--no-clip", "--out", str(tmp_path)])
+    rows = results.read(tmp_path / "results.json")
+    assert not CLIP_METRICS & {r["metric"] for r in rows}
+    assert rows[0]["settings"]["clip_max_norm"] is None
+    assert "clip+step" not in report.headline_markdown(rows)
+
+
 @pytest.mark.parametrize("command", ["grad-layout", "train"])
 def test_other_commands_write_the_same_schema(tmp_path, command):
     args = {"grad-layout": ["--quick", "--configs", "small-800", "--warmup", "1", "--iters", "1"],
             "train": ["--iters", "6", "--batch-size", "4"]}[command]
+    # train clips at 1.0 by default: FusedAdamW's fused clip against torch's clip_grad_norm_.
     main([command, "--device", "cpu", "--out", str(tmp_path), *args])
     rows = results.read(tmp_path / f"{results.STEMS[command]}.json")
     assert rows and all(SCHEMA <= set(r) for r in rows)
@@ -105,10 +199,27 @@ def test_other_commands_write_the_same_schema(tmp_path, command):
         assert table.get("char-gpt", "both", "max_abs_loss_diff") < 1e-4
         assert len([r for r in rows if r["metric"] == "loss"]) == 2 * 6
         assert (tmp_path / "train_loss.png").stat().st_size > 0
+        assert rows[0]["settings"]["max_grad_norm"] == 1.0
+        for run in ("fused_adam", "torch"):
+            for metric in ("clip_ms_median", "step_ms_median", "clip_step_ms_median"):
+                assert table.get("char-gpt", run, metric) > 0, (run, metric)
+            assert table.get("char-gpt", run, "grad_norm_median") > 0
+        markdown = (tmp_path / "train.md").read_text()
+        assert "| clip ms | step ms | clip + step ms |" in markdown
     else:
         variants = {r["provider"] for r in rows}
         assert variants == {"torch-fused", "fused_adam grads-in-place", "fused_adam flat-grads"}
     assert (tmp_path / f"{results.STEMS[command]}.md").read_text().startswith("# ")
+
+
+def test_train_without_clipping(tmp_path):
+    main(["train", "--device", "cpu", "--out", str(tmp_path), "--iters", "4", "--batch-size",
+          "2", "--max-grad-norm", "0"])
+    rows = results.read(tmp_path / "train.json")
+    assert rows[0]["settings"]["max_grad_norm"] is None
+    metrics = {r["metric"] for r in rows}
+    assert "step_ms_median" in metrics and not {"clip_ms_median", "clip_step_ms_median"} & metrics
+    assert "clip ms" not in (tmp_path / "train.md").read_text()
 
 
 def test_bench_gpu_selects_only_the_tests_that_need_a_gpu():
