@@ -11,6 +11,7 @@ closer to the exact norm than torch's own per-tensor fp32 norms), rounded to the
 would return, and the factor computed from it by torch's own expression in that dtype.
 """
 import functools
+import operator
 
 import torch
 
@@ -91,19 +92,32 @@ def shard_groups(params):
     return found or ()
 
 
+_version_of = operator.attrgetter("_version")
+
+
 class PendingClip:
     """The factor `clip_grad_norm` leaves for the next step: one float64 scalar per device,
     kept in buffers of its own (a step captured in a CUDA graph reads the same memory at every
     replay). Cleared by the step that applies it and by `zero_grad()`.
 
-    It also remembers which gradients it was computed from (each one's tensor and version):
-    a backward between the clip and the step would add to them, and torch would then step
-    with clipped old gradients plus unclipped new ones, which one factor cannot express."""
+    It also remembers the gradients it was computed from (each one's tensor, version and
+    address) and how each arena read them:
+    - a backward between the clip and the step would add to them, and torch would then step
+      with clipped old gradients plus unclipped new ones, which one factor cannot express: the
+      step refuses it (`check_unchanged`);
+    - unchanged, they need not be visited, checked and located again: the step takes the
+      clip's reading (`reading`), which on 800 small tensors saves about a third of the step.
+    """
 
     def __init__(self):
         self._buffers = {}
         self.armed = False
-        self._watched = ()  # [(param, its gradient, the gradient's version)] at the clip
+        self._forget()
+
+    def _forget(self):
+        self._params, self._grads, self._versions, self._addresses = [], [], [], []
+        self._grad_of = None
+        self._readings = {}  # arena key -> (arena, its `Gradients` at the clip)
 
     def set(self, coefficient, devices):
         """Arm `coefficient` (a 0-d tensor) for arenas on `devices`; a second clip before the
@@ -120,15 +134,26 @@ class PendingClip:
                 buffer.copy_(value)
         self.armed = True
 
-    def watch(self, params):
-        """Remember the gradients of `params` as they are now (see the class docstring)."""
-        self._watched = [(p, grad, grad._version) for p in params
-                         for grad in (distributed.local_grad_of(p),) if grad is not None]
+    def watch(self, readings, grad_of):
+        """Remember `readings`, {arena key: (arena, its Gradients)}, and the gradients they
+        found (see the class docstring); `grad_of(p)` finds a parameter's gradient again."""
+        self._grad_of = grad_of
+        self._params = [p for arena, _ in readings.values() for p in arena.params_in_order]
+        self._grads = [grad for _, read in readings.values() for grad in read.visited]
+        present = [grad for grad in self._grads if grad is not None]
+        self._versions = list(map(_version_of, present))
+        self._addresses = list(map(torch.Tensor.data_ptr, present))
+        self._readings = dict(readings)
 
     def unchanged(self):
-        """Whether every gradient the factor was computed from is still there, unmodified."""
-        return all(distributed.local_grad_of(p) is grad and grad._version == version
-                   for p, grad, version in self._watched)
+        """Whether every gradient the factor was computed from is still there, unmodified and
+        in the same memory (`.data` reassigned keeps tensor and version, not the address)."""
+        grads = list(map(self._grad_of, self._params))
+        if not all(map(operator.is_, grads, self._grads)):  # a gradient replaced, set or gone
+            return False
+        present = [grad for grad in grads if grad is not None]
+        return (list(map(_version_of, present)) == self._versions
+                and list(map(torch.Tensor.data_ptr, present)) == self._addresses)
 
     def check_unchanged(self):
         """Raise RuntimeError if a gradient the factor was computed from has changed since."""
@@ -139,10 +164,18 @@ class PendingClip:
                 "clip_grad_norm() after the last backward of the step, or zero_grad() to "
                 "drop the factor.")
 
+    def reading(self, key, arena):
+        """The clip's reading of `arena`'s gradients if the step may use it (armed, the same
+        arena, and `check_unchanged` passed, which `step` checks first), else None."""
+        if not self.armed:
+            return None
+        cached_arena, gradients = self._readings.get(key, (None, None))
+        return gradients if cached_arena is arena else None
+
     def factor(self, device):
         """The armed factor for arenas on `device`, or None."""
         return self._buffers[device] if self.armed else None
 
     def clear(self):
         self.armed = False
-        self._watched = ()
+        self._forget()

@@ -29,10 +29,12 @@ _is_contiguous = torch.Tensor.is_contiguous
 @dataclass
 class Gradients:
     """One arena's gradients for one step: `for_backend` as the backend's `GRADS` names it,
-    `has_grad` per segment, and the copies made (alive until the kernel has run)."""
+    `has_grad` per segment, the copies made (alive until the kernel has run), and `visited`,
+    each parameter's (local) gradient tensor or None as found."""
     for_backend: Any
     has_grad: np.ndarray
     copies: list
+    visited: list
 
 
 class GradientReader:
@@ -74,7 +76,7 @@ class GradientReader:
                 readable = [None if g is None
                             else _flat_real(self._readable_in_place(i, g, copies))
                             for i, g in enumerate(grads)]
-                return Gradients(readable, has_grad, copies)
+                return Gradients(readable, has_grad, copies, grads)
             return self._addresses_of(grads, present, has_grad)
 
     def _check(self, present, has_grad):
@@ -131,7 +133,7 @@ class GradientReader:
             all_addresses = np.zeros(len(grads), dtype=np.int64)
             all_addresses[has_grad] = addresses
             addresses = all_addresses
-        return Gradients(self._addresses.upload(addresses), has_grad, copies)
+        return Gradients(self._addresses.upload(addresses), has_grad, copies, grads)
 
     def _readable_in_place(self, index, grad, copies):
         _refuse_sparse(grad, self._arena.describe(index))

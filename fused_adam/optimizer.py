@@ -12,6 +12,7 @@ step first follows them (`_follow_groups`, `_follow_state`), at the cost of one 
 per parameter when nothing changed.
 """
 import itertools
+import operator
 import warnings
 
 import numpy as np
@@ -29,6 +30,7 @@ from fused_adam.clipping import (
     total_norm,
 )
 from fused_adam.clock import NO_CLOCK
+from fused_adam.distributed import local_grad_of
 from fused_adam.distributed import collective_device
 from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
@@ -256,7 +258,9 @@ class FusedAdam(Optimizer):
         for key, arena in self._arenas.items():
             with clock("adopt replaced params"):
                 arena.adopt_moved_params()
-            gradients[key] = self._arenas.reader(key).read(clock)
+            # Unchanged since clip_grad_norm read them (`step` checked): read once, not twice.
+            gradients[key] = (self._pending_clip.reading(key, arena)
+                              or self._arenas.reader(key).read(clock))
         rows = [group_row(group) for group in self.param_groups]
         amsgrad = np.array([group["amsgrad"] for group in self.param_groups], dtype=bool)
         for key, arena in self._arenas.items():
@@ -367,7 +371,10 @@ class FusedAdam(Optimizer):
         coefficient = clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type)
         self._pending_clip.set(coefficient, {table_device(arena.device)
                                              for _, arena, _ in readings} | {norm.device})
-        self._pending_clip.watch(p for _, arena, _ in with_grads for p in arena.params_in_order)
+        self._pending_clip.watch(
+            {key: (arena, read) for key, arena, read in readings},
+            grad_of=(local_grad_of if any(arena.is_distributed for _, arena, _ in readings)
+                     else operator.attrgetter("grad")))
         return norm
 
     clip_grad_norm_ = clip_grad_norm

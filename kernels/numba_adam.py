@@ -377,24 +377,69 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
 # ---------------------------------------------------------------------------------------------
 # The gradient norm: one read of every gradient, chunk by chunk, partial sums in float64.
 
+# Each reduction reads its chunk as four quarters at once: one read stream per thread is held
+# back by the prefetchers. Measured on the development machine (Intel Xeon, 2 threads, 512 MiB of
+# fp32 out of cache): one stream per thread 16 GB/s, four 28 GB/s; GPT-2-small's gradients
+# took 30 ms with one.
+
+@njit(inline="always", **_REDUCTION_JIT)
+def _sum_of_squares(grad):
+    q = grad.shape[0] // 4
+    t0 = t1 = t2 = t3 = 0.0
+    for i in range(q):
+        a, b = np.float64(_widen(grad[i])), np.float64(_widen(grad[q + i]))
+        c, d = np.float64(_widen(grad[2 * q + i])), np.float64(_widen(grad[3 * q + i]))
+        t0 += a * a
+        t1 += b * b
+        t2 += c * c
+        t3 += d * d
+    for i in range(4 * q, grad.shape[0]):
+        a = np.float64(_widen(grad[i]))
+        t0 += a * a
+    return (t0 + t1) + (t2 + t3)
+
+
+@njit(inline="always", **_REDUCTION_JIT)
+def _sum_of_magnitudes(grad):
+    q = grad.shape[0] // 4
+    t0 = t1 = t2 = t3 = 0.0
+    for i in range(q):
+        t0 += abs(np.float64(_widen(grad[i])))
+        t1 += abs(np.float64(_widen(grad[q + i])))
+        t2 += abs(np.float64(_widen(grad[2 * q + i])))
+        t3 += abs(np.float64(_widen(grad[3 * q + i])))
+    for i in range(4 * q, grad.shape[0]):
+        t0 += abs(np.float64(_widen(grad[i])))
+    return (t0 + t1) + (t2 + t3)
+
+
+@njit(inline="always", **_REDUCTION_JIT)
+def _largest_magnitude(grad):
+    """max |g|, NaN if any g is NaN (torch's max)."""
+    q = grad.shape[0] // 4
+    t0 = t1 = t2 = t3 = 0.0
+    for i in range(q):
+        t0 = _nan_max(t0, abs(np.float64(_widen(grad[i]))))
+        t1 = _nan_max(t1, abs(np.float64(_widen(grad[q + i]))))
+        t2 = _nan_max(t2, abs(np.float64(_widen(grad[2 * q + i]))))
+        t3 = _nan_max(t3, abs(np.float64(_widen(grad[3 * q + i]))))
+    for i in range(4 * q, grad.shape[0]):
+        t0 = _nan_max(t0, abs(np.float64(_widen(grad[i]))))
+    return _nan_max(_nan_max(t0, t1), _nan_max(t2, t3))
+
+
 @njit(inline="always", **_REDUCTION_JIT)
 def _chunk_power_sum(grad, norm_type):
-    """sum(|g|^p) over `grad` in float64, or max(|g|) for p = inf (NaN if any g is NaN). One
-    loop per norm type, so that each vectorizes on its own."""
-    total = 0.0
+    """sum(|g|^p) over `grad` in float64, or max(|g|) for p = inf (NaN if any g is NaN)."""
     if norm_type == 2.0:
-        for i in range(grad.shape[0]):
-            x = np.float64(_widen(grad[i]))
-            total += x * x
-    elif norm_type == 1.0:
-        for i in range(grad.shape[0]):
-            total += abs(np.float64(_widen(grad[i])))
-    elif norm_type == np.inf:
-        for i in range(grad.shape[0]):
-            total = _nan_max(total, abs(np.float64(_widen(grad[i]))))
-    else:
-        for i in range(grad.shape[0]):
-            total += abs(np.float64(_widen(grad[i]))) ** norm_type
+        return _sum_of_squares(grad)
+    if norm_type == 1.0:
+        return _sum_of_magnitudes(grad)
+    if norm_type == np.inf:
+        return _largest_magnitude(grad)
+    total = 0.0
+    for i in range(grad.shape[0]):
+        total += abs(np.float64(_widen(grad[i]))) ** norm_type
     return total
 
 

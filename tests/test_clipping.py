@@ -363,3 +363,28 @@ def test_a_factor_whose_gradients_are_gone_is_dropped_by_the_next_clip():
         loss_of(params, 1, lambda s, i: False).backward()
     theirs = torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
     assert _relative(ours.clip_grad_norm(0.1), theirs) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_that_appears_after_the_clip_is_refused(backend):
+    """The step takes the clip's reading of the gradients; a parameter that had none at the
+    clip and has one now must not be silently skipped."""
+    params = _twins()[0]
+    optimizer = FusedAdam(params, lr=LR, backend=backend)
+    loss_of(params, 0, lambda s, i: i == 1).backward()
+    assert params[1].grad is None
+    optimizer.clip_grad_norm(0.1)
+    params[1].grad = torch.ones_like(params[1])
+    with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
+        optimizer.step()
+
+
+def test_a_gradient_whose_memory_was_reassigned_after_the_clip_is_refused():
+    """`.data` reassigned keeps the tensor and its version: the address tells."""
+    params = _twins()[0]
+    optimizer = FusedAdam(params, lr=LR)
+    loss_of(params, 0, lambda s, i: False).backward()
+    optimizer.clip_grad_norm(0.1)
+    params[0].grad.data = torch.zeros_like(params[0])
+    with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
+        optimizer.step()
