@@ -15,7 +15,7 @@ setup(
                  "Numba on CPU)"),
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # The top-level kernels/ folder ships as fused_adam.kernels: a top-level module named
     # `kernels` would collide with other packages.
     packages=["fused_adam", "fused_adam.kernels"],
