@@ -358,6 +358,72 @@ def test_forked_child_steps_like_torch(backend):
         assert_close(from_child[name], value, what=f"child {name}", **TOLERANCES[torch.float32])
 
 
+def _child_steps_given_grads(optimizer, params, grads, connection):
+    """In the forked child: step on gradients made before the fork, with no torch op of its own
+    (torch's parallel ops hang in a child forked after its parent used OpenMP; the optimizer's
+    step must not), and send back every param and state tensor as bytes."""
+    try:
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            optimizer.step()
+        # numpy copies: even a torch clone of 180 K elements is a parallel op.
+        snapshot = {}
+        for index, p in enumerate(params):
+            snapshot[f"param {index}"] = p.detach().numpy().copy()
+            for key, value in optimizer.state[p].items():
+                snapshot[f"param {index} state {key}"] = value.numpy().copy()
+        connection.send(snapshot)
+    finally:
+        connection.close()
+
+
+def test_forked_child_steps_a_threaded_arena():
+    """An arena large enough that the numba pass runs on several threads: the parent steps it
+    (its OpenMP threads then exist), a fork()ed child steps it 3 more times on gradients made
+    before the fork. GNU OpenMP does not survive fork(): a kernel that ran there hung the child
+    (14228fa). Here the child steps on threads of its own, exits 0 and matches torch."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: the pass is never split")
+    shapes = [(600, 300), (5, 7)]  # 180 K elements: past cpu_threads' split threshold
+    ours_params, torch_params = _twins(shapes)
+    ours = FusedAdam(ours_params, lr=LR, amsgrad=True, backend="numba")
+    theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=True, foreach=False)
+    generator = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(5)]
+    for step_grads in grads[:2]:  # the parent steps: its threads are warm
+        for params, optimizer in ((ours_params, ours), (torch_params, theirs)):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_child_steps_given_grads,
+                            args=(ours, ours_params, grads[2:], writer))
+    child.start()
+    writer.close()
+    try:
+        received = reader.recv() if reader.poll(60) else None
+    except EOFError:
+        received = None
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert child.exitcode == 0, f"the child exited with {child.exitcode} (hung or killed)"
+    assert received is not None, "the child sent nothing back"
+    for step_grads in grads[2:]:
+        for p, g in zip(torch_params, step_grads):
+            p.grad = g.clone()
+        theirs.step()
+    expected = _snapshot(theirs, torch_params)
+    assert received.keys() == expected.keys()
+    for name, value in expected.items():
+        assert_close(torch.from_numpy(received[name]), value, what=f"child {name}",
+                     **TOLERANCES[torch.float32])
+
+
 def _net():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
