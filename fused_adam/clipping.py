@@ -16,6 +16,7 @@ import operator
 import torch
 
 from fused_adam import distributed
+from fused_adam.kernels import supported_norm_type
 
 # torch's wording (torch/nn/utils/clip_grad.py), so that code matching on it keeps working.
 NONFINITE_NORM = ("The total norm of order {norm_type} for gradients from `parameters` is "
@@ -55,6 +56,39 @@ def total_norm(power_sums, norm_type, *, dtype, device, process_groups=()):
     else:
         norm = combined.pow(1.0 / norm_type)
     return norm.to(dtype)
+
+
+def gradient_norm(readings, norm_type, *, process_group=None, torch_grads):
+    """torch's `clip_grad_norm_` total norm of the gradients `readings` found, [(arena, its
+    Gradients, its backend module)]: each backend's `grad_power_sum` per arena, combined over
+    the arenas and the process groups the parameters are sharded over (and `process_group`,
+    where the caller knows the parameters are a share), in the dtype torch would return.
+    Norm types no kernel reduces (p <= 0; p != 2 over complex params) take torch's own norm of
+    `torch_grads()`."""
+    with_grads = [(arena, read, kernels) for arena, read, kernels in readings
+                  if read.has_grad.any()]
+    process_groups = shard_groups(p for arena, _, _ in with_grads if arena.is_distributed
+                                  for p in arena.params_in_order)
+    if process_group is not None:
+        process_groups = (*process_groups, process_group)
+    if not with_grads and not process_groups:
+        return torch.tensor(0.0)  # torch's answer when no parameter has a gradient
+    complex_p = norm_type != 2.0 and any(arena.is_complex.any() for arena, _, _ in with_grads)
+    if supported_norm_type(norm_type) and not complex_p:
+        if with_grads or readings:
+            device = (with_grads[0] if with_grads else readings[0])[0].device
+        else:  # no parameter here (an empty ZeRO partition): this rank still reduces
+            device = distributed.collective_device(process_groups[0])
+        return total_norm(
+            [kernels.grad_power_sum(arena.record, grads=read.for_backend, norm_type=norm_type)
+             for arena, read, kernels in with_grads],
+            norm_type, process_groups=process_groups, device=device,
+            dtype=norm_dtype([arena.dtype for arena, _, _ in with_grads] or [torch.float32]))
+    if process_groups:
+        raise NotImplementedError(
+            f"FusedAdam.clip_grad_norm: norm_type={norm_type} over sharded parameters; use "
+            "norm_type 2, 1, inf or another p > 0")
+    return torch_total_norm(torch_grads(), norm_type)
 
 
 def torch_total_norm(grads, norm_type):

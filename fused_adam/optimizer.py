@@ -21,17 +21,9 @@ from torch.optim import Optimizer
 
 from fused_adam import dispatch
 from fused_adam.arenas import Arenas
-from fused_adam.clipping import (
-    PendingClip,
-    clip_coefficient,
-    norm_dtype,
-    shard_groups,
-    torch_total_norm,
-    total_norm,
-)
+from fused_adam.clipping import PendingClip, clip_coefficient, gradient_norm
 from fused_adam.clock import NO_CLOCK
 from fused_adam.distributed import local_grad_of
-from fused_adam.distributed import collective_device
 from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
     GroupTables,
@@ -39,7 +31,6 @@ from fused_adam.groups import (
     normalized_group,
     validate_hyperparameters,
 )
-from fused_adam.kernels import supported_norm_type
 from fused_adam.state import TrackedState
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
@@ -339,33 +330,11 @@ class FusedAdam(Optimizer):
         for key, arena in self._arenas.items():
             arena.adopt_moved_params()
             readings.append((key, arena, self._arenas.reader(key).read(NO_CLOCK)))
-        with_grads = [(key, arena, read) for key, arena, read in readings
-                      if read.has_grad.any()]
-        process_groups = shard_groups(p for _, arena, _ in with_grads if arena.is_distributed
-                                      for p in arena.params_in_order)
-        if process_group is not None:
-            process_groups = (*process_groups, process_group)
-        if not with_grads and not process_groups:
-            return torch.tensor(0.0)  # torch's answer when no parameter has a gradient
-        complex_p = norm_type != 2.0 and any(arena.is_complex.any() for _, arena, _ in with_grads)
-        if supported_norm_type(norm_type) and not complex_p:
-            if with_grads or readings:
-                device = (with_grads[0][1] if with_grads else readings[0][1]).device
-            else:  # no parameter here (an empty ZeRO partition): this rank still reduces
-                device = collective_device(process_groups[0])
-            norm = total_norm(
-                [self._arenas.launcher(key).grad_power_sum(
-                    arena.record, grads=read.for_backend, norm_type=norm_type)
-                 for key, arena, read in with_grads],
-                norm_type, process_groups=process_groups, device=device,
-                dtype=norm_dtype([arena.dtype for _, arena, _ in with_grads] or [torch.float32]))
-        elif process_groups:
-            raise NotImplementedError(
-                f"FusedAdam.clip_grad_norm: norm_type={norm_type} over sharded parameters; "
-                "use norm_type 2, 1, inf or another p > 0")
-        else:
-            norm = torch_total_norm([p.grad for group in self.param_groups
-                                     for p in group["params"] if p.grad is not None], norm_type)
+        norm = gradient_norm(
+            [(arena, read, self._arenas.launcher(key)) for key, arena, read in readings],
+            norm_type, process_group=process_group,
+            torch_grads=lambda: [p.grad for group in self.param_groups
+                                 for p in group["params"] if p.grad is not None])
         if self._pending_clip.armed:  # clipped twice: the gradients count as scaled once
             norm = (norm.double() * self._pending_clip.factor(norm.device)).to(norm.dtype)
         coefficient = clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type)
