@@ -101,6 +101,40 @@ def train(optimizer, params, steps, *, skip=never, scheduler=None, on_step=None)
             on_step(step)
 
 
+def run_steps(optimizer, params, first, last, skip=never):
+    """Steps `first` .. `last - 1` of `loss_of`'s loop (distinct losses per step)."""
+    for step in range(first, last):
+        optimizer.zero_grad()
+        loss = loss_of(params, step, skip)
+        if torch.is_tensor(loss):
+            loss.backward()
+        optimizer.step()
+
+
+def run_both(ours, theirs, ours_params, torch_params, first, last):
+    """`run_steps` for FusedAdam and for torch's optimizer, over the same steps."""
+    run_steps(ours, ours_params, first, last)
+    run_steps(theirs, torch_params, first, last)
+
+
+def snapshot(optimizer, params):
+    """{name: clone} of every param and every state tensor (step included)."""
+    values = {}
+    for index, p in enumerate(params):
+        values[f"param {index}"] = p.detach().clone()
+        for key, value in optimizer.state.get(p, {}).items():
+            values[f"param {index} state {key}"] = torch.as_tensor(value).clone()
+    return values
+
+
+def assert_unchanged(before, after, what):
+    """Two `snapshot`s are equal bit for bit, or say which entries changed."""
+    assert before.keys() == after.keys(), \
+        f"{what}: state entries changed: {sorted(before.keys() ^ after.keys())}"
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert not changed, f"{what}: {', '.join(changed)} changed"
+
+
 def oracle_step(params64, grads64, states, step_counts, *, group, decoupled):
     """The float64 oracle: `reference.adam_update` on float64 copies, one parameter at a time."""
     for index, (p, g) in enumerate(zip(params64, grads64)):

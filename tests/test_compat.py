@@ -12,8 +12,8 @@ import torch
 
 from fused_adam import FusedAdam, FusedAdamW
 from helpers import (
-    DTYPE_IDS, TOLERANCES, assert_close, assert_same_trajectory, cpu_backends, loss_of,
-    make_params, reloaded,
+    DTYPE_IDS, TOLERANCES, assert_close, assert_same_trajectory, assert_unchanged, cpu_backends,
+    loss_of, make_params, reloaded, run_steps, snapshot,
 )
 
 BACKENDS = cpu_backends()
@@ -42,30 +42,8 @@ def _twins(shapes, dtype=torch.float32, seed=0, copies=2):
 
 
 def _run(optimizer, params, first, last, skip=skip_some):
-    """Steps `first` .. `last - 1` of helpers.loss_of's loop (distinct losses per step)."""
-    for step in range(first, last):
-        optimizer.zero_grad()
-        loss = loss_of(params, step, skip)
-        if torch.is_tensor(loss):
-            loss.backward()
-        optimizer.step()
-
-
-def _snapshot(optimizer, params):
-    """{name: clone} of every param and every state tensor (step included)."""
-    values = {}
-    for index, p in enumerate(params):
-        values[f"param {index}"] = p.detach().clone()
-        for key, value in optimizer.state.get(p, {}).items():
-            values[f"param {index} state {key}"] = torch.as_tensor(value).clone()
-    return values
-
-
-def _assert_unchanged(before, after, what):
-    assert before.keys() == after.keys(), \
-        f"{what}: state entries changed: {sorted(before.keys() ^ after.keys())}"
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    assert not changed, f"{what}: {', '.join(changed)} changed"
+    """`run_steps`, with some params left without a gradient by default."""
+    run_steps(optimizer, params, first, last, skip)
 
 
 def _load(state_dict, map_location):
@@ -76,7 +54,7 @@ def _load(state_dict, map_location):
 
 
 def _assert_same_exactly(ours, theirs, ours_params, their_params):
-    ours_values, their_values = _snapshot(ours, ours_params), _snapshot(theirs, their_params)
+    ours_values, their_values = snapshot(ours, ours_params), snapshot(theirs, their_params)
     assert ours_values.keys() == their_values.keys()
     different = [name for name in ours_values
                  if not torch.equal(ours_values[name], their_values[name])]
@@ -172,10 +150,10 @@ def test_loading_its_own_state_dict_changes_nothing():
     theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=True, foreach=False)
     _run(ours, ours_params, 0, 4)
     _run(theirs, torch_params, 0, 4)
-    before = _snapshot(ours, ours_params)
+    before = snapshot(ours, ours_params)
     ours.load_state_dict(ours.state_dict())
     theirs.load_state_dict(theirs.state_dict())
-    _assert_unchanged(before, _snapshot(ours, ours_params), "after loading its own state_dict")
+    assert_unchanged(before, snapshot(ours, ours_params), "after loading its own state_dict")
     _run(ours, ours_params, 4, 10)
     _run(theirs, torch_params, 4, 10)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
@@ -186,11 +164,11 @@ def test_mismatched_state_dict_is_torchs_error_and_changes_nothing():
     params = _twins(SHAPES, copies=1)[0]
     optimizer = FusedAdam(params, lr=LR)
     _run(optimizer, params, 0, 3)
-    before = _snapshot(optimizer, params)
+    before = snapshot(optimizer, params)
     other = torch.optim.Adam(_twins([(5, 7), (33,)], copies=1)[0], foreach=False)
     with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
         optimizer.load_state_dict(other.state_dict())
-    _assert_unchanged(before, _snapshot(optimizer, params), "after the refused load")
+    assert_unchanged(before, snapshot(optimizer, params), "after the refused load")
 
 
 def _step_with_grads(optimizer, params, step):
@@ -406,7 +384,7 @@ def test_model_converted_after_optimizer_exists_raises_at_step(backend):
     model = _Net(seed=1)
     optimizer = FusedAdam(model.parameters(), lr=LR, backend=backend)
     _net_step(model, optimizer, 0)
-    before = _snapshot(optimizer, list(model.parameters()))
+    before = snapshot(optimizer, list(model.parameters()))
     model.to(torch.float64)
     before_values = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad()
@@ -415,7 +393,7 @@ def test_model_converted_after_optimizer_exists_raises_at_step(backend):
         optimizer.step()
     assert all(torch.equal(p, v) for p, v in zip(model.parameters(), before_values))
     states = lambda snapshot: {k: v for k, v in snapshot.items() if "state" in k}  # noqa: E731
-    _assert_unchanged(states(before), states(_snapshot(optimizer, list(model.parameters()))),
+    assert_unchanged(states(before), states(snapshot(optimizer, list(model.parameters()))),
                       "optimizer state")
 
 
@@ -550,14 +528,14 @@ def test_sparse_grad_is_refused_and_nothing_changes(backend, layout):
         dense.grad = torch.full((4, 3), 0.5)
         embedding.weight.grad = torch.ones(5, 3, dtype=dtype)
         optimizer.step()
-    before = _snapshot(optimizer, params)
+    before = snapshot(optimizer, params)
     optimizer.zero_grad()
     dense.grad = torch.full((4, 3), 0.5)
     embedding(torch.tensor([1, 3])).sum().backward()
     assert embedding.weight.grad.is_sparse
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
-    _assert_unchanged(before, _snapshot(optimizer, params), "after the refused step")
+    assert_unchanged(before, snapshot(optimizer, params), "after the refused step")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
@@ -674,7 +652,7 @@ def test_skipped_step_changes_nothing(backend, how):
     optimizer = FusedAdam(params, lr=LR, amsgrad=True, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     _scaler_loop(optimizer, params, scaler, steps=3, poisoned=set(), unscale_first=False)
-    before = _snapshot(optimizer, params)
+    before = snapshot(optimizer, params)
     optimizer.zero_grad()
     if how == "grad-scaler":
         _scaler_loop(optimizer, params, scaler, steps=1, poisoned={0}, unscale_first=False)
@@ -682,7 +660,7 @@ def test_skipped_step_changes_nothing(backend, how):
     else:
         loss_of(params, 0, lambda s, i: False).backward()
         optimizer.step(grad_scale=torch.tensor(1.0), found_inf=torch.tensor(1.0))
-    _assert_unchanged(before, _snapshot(optimizer, params), "after the skipped step")
+    assert_unchanged(before, snapshot(optimizer, params), "after the skipped step")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from fused_adam import FusedAdam
-from helpers import TOLERANCES, assert_close, assert_same_trajectory, cpu_backends, loss_of, \
-    make_params, never, reloaded
+from helpers import TOLERANCES, assert_close, assert_same_trajectory, assert_unchanged, \
+    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot
 
 # numba and torch everywhere; Triton (its interpreter is slow) only where the kernel itself
 # decides the outcome: reading a gradient, arithmetic at the edges, version counters, complex
@@ -48,38 +48,6 @@ SHAPES = [(5, 7), (4,), (), (3,)]
 def _twins(shapes, dtype=torch.float32, seed=0):
     initial = make_params(shapes, torch.float64, seed)
     return [[p.to(dtype, copy=True).requires_grad_() for p in initial] for _ in range(2)]
-
-
-def _run(optimizer, params, first, last, skip=never):
-    """Steps `first` .. `last - 1` of helpers.loss_of's loop (distinct losses per step)."""
-    for step in range(first, last):
-        optimizer.zero_grad()
-        loss = loss_of(params, step, skip)
-        if torch.is_tensor(loss):
-            loss.backward()
-        optimizer.step()
-
-
-def _both(ours, theirs, ours_params, torch_params, first, last):
-    _run(ours, ours_params, first, last)
-    _run(theirs, torch_params, first, last)
-
-
-def _snapshot(optimizer, params):
-    """{name: clone} of every param and every state tensor (step included)."""
-    values = {}
-    for index, p in enumerate(params):
-        values[f"param {index}"] = p.detach().clone()
-        for key, value in optimizer.state.get(p, {}).items():
-            values[f"param {index} state {key}"] = torch.as_tensor(value).clone()
-    return values
-
-
-def _assert_unchanged(before, after, what):
-    assert before.keys() == after.keys(), \
-        f"{what}: state entries changed: {sorted(before.keys() ^ after.keys())}"
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    assert not changed, f"{what}: {', '.join(changed)} changed"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,7 +81,7 @@ def test_grad_that_does_not_fit_its_param_is_refused_and_changes_nothing(backend
     ours = FusedAdam(ours_params, lr=LR, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
     warm = 0 if when == "first-step" else 3
-    _both(ours, theirs, ours_params, torch_params, 0, warm)
+    run_both(ours, theirs, ours_params, torch_params, 0, warm)
 
     probe = torch.ones(4, requires_grad=True)  # torch's error type for the same gradient
     probe.grad = torch.ones(4)
@@ -124,11 +92,11 @@ def test_grad_that_does_not_fit_its_param_is_refused_and_changes_nothing(backend
     ours.zero_grad()
     loss_of(ours_params, warm, never).backward()
     ours_params[1].grad.data = _mismatched(case)
-    before = _snapshot(ours, ours_params)
+    before = snapshot(ours, ours_params)
     with pytest.raises(RuntimeError):
         ours.step()
-    _assert_unchanged(before, _snapshot(ours, ours_params), "after the refused step")
-    _both(ours, theirs, ours_params, torch_params, warm, warm + 20)
+    assert_unchanged(before, snapshot(ours, ours_params), "after the refused step")
+    run_both(ours, theirs, ours_params, torch_params, warm, warm + 20)
     for dtype in (torch.float32, torch.float64):
         pick = [i for i, d in enumerate(dtypes) if d == dtype]
         assert_same_trajectory(ours, theirs, [ours_params[i] for i in pick],
@@ -166,11 +134,11 @@ def test_param_that_cannot_be_stepped_in_place_is_refused(kind, where):
     else:
         ours = FusedAdam(ours_params, lr=LR)
         theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
-        _both(ours, theirs, ours_params, torch_params, 0, 3)
+        run_both(ours, theirs, ours_params, torch_params, 0, 3)
         with pytest.raises(RuntimeError):
             ours.add_param_group(dict(params=[bad]))
         assert len(ours.param_groups) == 1 and bad not in ours.state
-        _both(ours, theirs, ours_params, torch_params, 3, 23)
+        run_both(ours, theirs, ours_params, torch_params, 3, 23)
         assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
     assert (bad.data_ptr(), bad.stride()) == bad_layout[:2] and torch.equal(bad, bad_layout[2])
     if where == "construction":
@@ -294,18 +262,18 @@ def test_copied_optimizer_steps_its_own_params_like_torch(backend, how):
     theirs = torch.optim.Adam([dict(params=torch_params[:2]),
                                dict(params=torch_params[2:], amsgrad=True, lr=3e-2)], lr=LR,
                               weight_decay=0.05, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 5)
+    run_both(ours, theirs, ours_params, torch_params, 0, 5)
     ours_copy = COPIES[how](ours_model, ours)
     their_copy = COPIES[how](torch_model, theirs)
-    before = _snapshot(ours, ours_params)
+    before = snapshot(ours, ours_params)
     ours_copy_params, their_copy_params = _params_of(*ours_copy), _params_of(*their_copy)
     assert not set(map(id, ours_copy_params)) & set(map(id, ours_params))
-    _run(ours_copy[1], ours_copy_params, 5, 25)
-    _run(their_copy[1], their_copy_params, 5, 25)
+    run_steps(ours_copy[1], ours_copy_params, 5, 25)
+    run_steps(their_copy[1], their_copy_params, 5, 25)
     assert_same_trajectory(ours_copy[1], their_copy[1], ours_copy_params, their_copy_params,
                            dtype=torch.float32, label="the copy: ")
-    _assert_unchanged(before, _snapshot(ours, ours_params), "the original after the copy's steps")
-    _both(ours, theirs, ours_params, torch_params, 5, 10)
+    assert_unchanged(before, snapshot(ours, ours_params), "the original after the copy's steps")
+    run_both(ours, theirs, ours_params, torch_params, 5, 10)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
                            label="the original: ")
 
@@ -314,9 +282,9 @@ def _child_steps(optimizer, params, first, last, connection):
     """In the forked child: step on, send back every param and state tensor as bytes (tensors
     sent through shared memory would die with the child)."""
     try:
-        _run(optimizer, params, first, last)
+        run_steps(optimizer, params, first, last)
         buffer = io.BytesIO()
-        torch.save(_snapshot(optimizer, params), buffer)
+        torch.save(snapshot(optimizer, params), buffer)
         connection.send_bytes(buffer.getvalue())
     finally:
         connection.close()
@@ -330,7 +298,7 @@ def test_forked_child_steps_like_torch(backend):
     ours_params, torch_params = _twins(SHAPES)
     ours = FusedAdam(ours_params, lr=LR, amsgrad=True, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=True, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 3)
+    run_both(ours, theirs, ours_params, torch_params, 0, 3)
     context = multiprocessing.get_context("fork")
     reader, writer = context.Pipe(duplex=False)
     child = context.Process(target=_child_steps, args=(ours, ours_params, 3, 23, writer))
@@ -348,11 +316,11 @@ def test_forked_child_steps_like_torch(backend):
     assert child.exitcode == 0, f"the child exited with {child.exitcode}"
     assert received is not None, "the child sent nothing back"
     from_child = torch.load(io.BytesIO(received), weights_only=True)
-    _both(ours, theirs, ours_params, torch_params, 3, 5)  # the parent goes on
+    run_both(ours, theirs, ours_params, torch_params, 3, 5)  # the parent goes on
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
                            label="parent: ")
-    _run(theirs, torch_params, 5, 23)
-    expected = _snapshot(theirs, torch_params)
+    run_steps(theirs, torch_params, 5, 23)
+    expected = snapshot(theirs, torch_params)
     assert from_child.keys() == expected.keys()
     for name, value in expected.items():
         assert_close(from_child[name], value, what=f"child {name}", **TOLERANCES[torch.float32])
@@ -368,12 +336,12 @@ def _child_steps_given_grads(optimizer, params, grads, connection):
                 p.grad = g
             optimizer.step()
         # numpy copies: even a torch clone of 180 K elements is a parallel op.
-        snapshot = {}
+        values = {}
         for index, p in enumerate(params):
-            snapshot[f"param {index}"] = p.detach().numpy().copy()
+            values[f"param {index}"] = p.detach().numpy().copy()
             for key, value in optimizer.state[p].items():
-                snapshot[f"param {index} state {key}"] = value.numpy().copy()
-        connection.send(snapshot)
+                values[f"param {index} state {key}"] = value.numpy().copy()
+        connection.send(values)
     finally:
         connection.close()
 
@@ -417,7 +385,7 @@ def test_forked_child_steps_a_threaded_arena():
         for p, g in zip(torch_params, step_grads):
             p.grad = g.clone()
         theirs.step()
-    expected = _snapshot(theirs, torch_params)
+    expected = snapshot(theirs, torch_params)
     assert received.keys() == expected.keys()
     for name, value in expected.items():
         assert_close(torch.from_numpy(received[name]), value, what=f"child {name}",
@@ -684,7 +652,7 @@ def test_step_interrupted_anywhere_leaves_a_consistent_optimizer(backend, warm):
         if ours is None or warm == 0:
             ours_params = [p.to(d, copy=True).requires_grad_() for p, d in zip(initial, dtypes)]
             ours = FusedAdam(_interrupt_groups(ours_params), lr=LR, backend=backend)
-            _run(ours, ours_params, 0, warm)
+            run_steps(ours, ours_params, 0, warm)
         ours.zero_grad()
         loss_of(ours_params, warm + 2 * k, never).backward()
         theirs, torch_params = _torch_twin(ours, ours_params)
@@ -735,5 +703,5 @@ def test_param_listed_twice_warns_like_torch_and_is_stepped_once(backend):
                "with duplicate parameters" in str(w.message) for w in caught), \
         [str(w.message) for w in caught]
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 20)
+    run_both(ours, theirs, ours_params, torch_params, 0, 20)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fused_adam import FusedAdam, FusedAdamW
-from helpers import assert_same_trajectory, cpu_backends, loss_of, make_params, \
-    never, reloaded
+from helpers import assert_same_trajectory, assert_unchanged, cpu_backends, loss_of, \
+    make_params, never, reloaded, run_both, run_steps, snapshot
 
 # The optimizer layer is tested with numba and torch; the Triton interpreter (slow) only where
 # its buffers could differ: the storages.
@@ -36,38 +36,6 @@ def _groups(params):
     """Two groups that differ in every hyperparameter."""
     return [dict(params=params[:2], weight_decay=0.05),
             dict(params=params[2:], lr=3e-2, betas=(0.8, 0.99), eps=1e-6, amsgrad=True)]
-
-
-def _run(optimizer, params, first, last, skip=never):
-    """Steps `first` .. `last - 1` of helpers.loss_of's loop (distinct losses per step)."""
-    for step in range(first, last):
-        optimizer.zero_grad()
-        loss = loss_of(params, step, skip)
-        if torch.is_tensor(loss):
-            loss.backward()
-        optimizer.step()
-
-
-def _both(ours, theirs, ours_params, torch_params, first, last):
-    _run(ours, ours_params, first, last)
-    _run(theirs, torch_params, first, last)
-
-
-def _snapshot(optimizer, params):
-    """{name: clone} of every param and every state tensor (step included)."""
-    values = {}
-    for index, p in enumerate(params):
-        values[f"param {index}"] = p.detach().clone()
-        for key, value in optimizer.state.get(p, {}).items():
-            values[f"param {index} state {key}"] = torch.as_tensor(value).clone()
-    return values
-
-
-def _assert_unchanged(before, after, what):
-    assert before.keys() == after.keys(), \
-        f"{what}: state entries changed: {sorted(before.keys() ^ after.keys())}"
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    assert not changed, f"{what}: {', '.join(changed)} changed"
 
 
 def _groups_view(optimizer):
@@ -131,18 +99,18 @@ def test_every_param_and_state_tensor_has_a_storage_of_its_own(backend, variant)
     _assert_storages_of_their_own(ours, ours_params)
     aliases = [p.detach() for p in ours_params]
     before = [p.detach().clone() for p in ours_params]
-    _run(ours, ours_params, 0, 1)
+    run_steps(ours, ours_params, 0, 1)
     assert ours.state.keys() == set(ours_params)
     assert all("master_param" in ours.state[p] for p in ours_params) == (dtype == torch.bfloat16)
     _assert_storages_of_their_own(ours, ours_params)
-    _run(ours, ours_params, 1, 20)
+    run_steps(ours, ours_params, 1, 20)
     _assert_storages_of_their_own(ours, ours_params)
     for index, (p, alias, old) in enumerate(zip(ours_params, aliases, before)):
         assert not torch.equal(p.detach(), old), f"param {index} did not move"
         assert torch.equal(alias, p.detach()), f"param {index} was not updated in place"
     if dtype == torch.float32:
         theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False, **options)
-        _run(theirs, torch_params, 0, 20)
+        run_steps(theirs, torch_params, 0, 20)
         assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=dtype)
 
 
@@ -231,13 +199,13 @@ def test_dropping_state_restarts_adam_like_torch(backend, reset):
     ours_params, torch_params = _twins(SHAPES)
     ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 6)
+    run_both(ours, theirs, ours_params, torch_params, 0, 6)
     STATE_RESETS[reset](ours, ours_params)
     STATE_RESETS[reset](theirs, torch_params)
-    _both(ours, theirs, ours_params, torch_params, 6, 7)
+    run_both(ours, theirs, ours_params, torch_params, 6, 7)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
                            label="first step after the reset: ")
-    _both(ours, theirs, ours_params, torch_params, 7, 27)
+    run_both(ours, theirs, ours_params, torch_params, 7, 27)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
@@ -256,15 +224,15 @@ def test_assigning_a_state_tensor_changes_adam_like_torch(backend, key):
     ours_params, torch_params = _twins(SHAPES)
     ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 6)
+    run_both(ours, theirs, ours_params, torch_params, 0, 6)
     index = 3  # in the amsgrad group
     new = _replacement(key, torch_params[index])
     ours.state[ours_params[index]][key] = new.clone()
     theirs.state[torch_params[index]][key] = new.clone()
-    _both(ours, theirs, ours_params, torch_params, 6, 7)
+    run_both(ours, theirs, ours_params, torch_params, 6, 7)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
                            label="first step after the assignment: ")
-    _both(ours, theirs, ours_params, torch_params, 7, 27)
+    run_both(ours, theirs, ours_params, torch_params, 7, 27)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
@@ -278,14 +246,14 @@ def test_editing_a_groups_param_list_like_torch(backend, edit):
     shapes_used = slice(0, 3) if edit == "append" else slice(0, 4)
     ours = FusedAdam(_groups(ours_params[shapes_used]), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params[shapes_used]), lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 6)
+    run_both(ours, theirs, ours_params, torch_params, 0, 6)
     for optimizer, params in ((ours, ours_params), (theirs, torch_params)):
         if edit == "append":
             optimizer.param_groups[1]["params"].append(params[3])
         else:
             del optimizer.param_groups[0]["params"][1]
     removed_before = ours_params[1].detach().clone()
-    _both(ours, theirs, ours_params, torch_params, 6, 26)
+    run_both(ours, theirs, ours_params, torch_params, 6, 26)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
     if edit == "remove":
         assert torch.equal(ours_params[1].detach(), removed_before), "a removed param moved"
@@ -314,7 +282,7 @@ def test_refused_add_param_group_changes_nothing(backend, bad):
     torch_params = [p.to(d, copy=True).requires_grad_() for p, d in zip(initial, dtypes)]
     ours = FusedAdam(ours_params[:2], lr=LR, weight_decay=0.05, backend=backend)
     theirs = torch.optim.Adam(torch_params[:2], lr=LR, weight_decay=0.05, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 4)
+    run_both(ours, theirs, ours_params, torch_params, 0, 4)
     groups_before, state_dict_before = _groups_view(ours), reloaded(ours.state_dict())
     with pytest.raises(ValueError):
         ours.add_param_group(BAD_GROUPS[bad](ours_params))
@@ -323,7 +291,7 @@ def test_refused_add_param_group_changes_nothing(backend, bad):
             theirs.add_param_group(BAD_GROUPS[bad](torch_params))
     assert _groups_view(ours) == groups_before, "param_groups changed"
     _assert_same_state_dict(ours.state_dict(), state_dict_before, "after the refused group")
-    _both(ours, theirs, ours_params, torch_params, 4, 24)
+    run_both(ours, theirs, ours_params, torch_params, 4, 24)
     assert_same_trajectory(ours, theirs, ours_params[:2], torch_params[:2], dtype=torch.float32)
     assert torch.equal(ours_params[2], torch_params[2]) and ours_params[2] not in ours.state
 
@@ -336,22 +304,22 @@ def test_amsgrad_switched_on_mid_run_is_torchs_key_error(backend):
     ours_params, torch_params = _twins(SHAPES)
     ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 5)
+    run_both(ours, theirs, ours_params, torch_params, 0, 5)
     for optimizer, params in ((ours, ours_params), (theirs, torch_params)):
         optimizer.param_groups[0]["amsgrad"] = True
         optimizer.zero_grad()
         loss_of(params, 5, never).backward()
-    before = _snapshot(theirs, torch_params)
+    before = snapshot(theirs, torch_params)
     with pytest.raises(KeyError, match="max_exp_avg_sq"):
         theirs.step()
-    _assert_unchanged(before, _snapshot(theirs, torch_params), "torch after its KeyError")
-    before = _snapshot(ours, ours_params)
+    assert_unchanged(before, snapshot(theirs, torch_params), "torch after its KeyError")
+    before = snapshot(ours, ours_params)
     with pytest.raises(KeyError, match="max_exp_avg_sq"):
         ours.step()
-    _assert_unchanged(before, _snapshot(ours, ours_params), "after the KeyError")
+    assert_unchanged(before, snapshot(ours, ours_params), "after the KeyError")
     for optimizer in (ours, theirs):
         optimizer.param_groups[0]["amsgrad"] = False
-    _both(ours, theirs, ours_params, torch_params, 5, 25)
+    run_both(ours, theirs, ours_params, torch_params, 5, 25)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
@@ -361,10 +329,10 @@ def test_amsgrad_switched_off_mid_run_like_torch(backend):
     ours_params, torch_params = _twins(SHAPES)
     ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 6)
+    run_both(ours, theirs, ours_params, torch_params, 0, 6)
     for optimizer in (ours, theirs):
         optimizer.param_groups[1]["amsgrad"] = False
-    _both(ours, theirs, ours_params, torch_params, 6, 26)
+    run_both(ours, theirs, ours_params, torch_params, 6, 26)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
@@ -393,7 +361,7 @@ def test_load_state_dict_hooks_like_torch(backend, hook):
     ours_params, torch_params = _twins(SHAPES)
     ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 5)
+    run_both(ours, theirs, ours_params, torch_params, 0, 5)
     saved = reloaded(theirs.state_dict())
     for optimizer in (ours, theirs):
         if hook.startswith("pre"):
@@ -406,7 +374,7 @@ def test_load_state_dict_hooks_like_torch(backend, hook):
     assert not torch.equal(expected, saved["state"][0]["exp_avg"])  # the hook did something
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
                            label="after the load: ")
-    _both(ours, theirs, ours_params, torch_params, 5, 25)
+    run_both(ours, theirs, ours_params, torch_params, 5, 25)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
@@ -419,20 +387,20 @@ def test_checkpoint_with_a_wrong_state_shape_is_refused_and_changes_nothing(back
     ours_params, torch_params = _twins(SHAPES)
     ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
-    _both(ours, theirs, ours_params, torch_params, 0, 5)
+    run_both(ours, theirs, ours_params, torch_params, 0, 5)
     bad = reloaded(theirs.state_dict())
     bad["param_groups"][0]["lr"] = 0.5
     bad["state"][1][key] = torch.ones(9)  # param 1 of group 0 has shape (4,)
     bad_index = 1
-    before, groups_before = _snapshot(ours, ours_params), _groups_view(ours)
+    before, groups_before = snapshot(ours, ours_params), _groups_view(ours)
     with pytest.raises(ValueError) as error:
         ours.load_state_dict(bad)
     message = str(error.value)
     assert re.search("param", message, re.IGNORECASE) and re.search(rf"\b{bad_index}\b", message), \
         f"the message does not name the param: {message!r}"
-    _assert_unchanged(before, _snapshot(ours, ours_params), "after the refused load")
+    assert_unchanged(before, snapshot(ours, ours_params), "after the refused load")
     assert _groups_view(ours) == groups_before, "param_groups changed"
-    _both(ours, theirs, ours_params, torch_params, 5, 25)
+    run_both(ours, theirs, ours_params, torch_params, 5, 25)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
@@ -443,7 +411,7 @@ def test_adamw_loading_an_adam_checkpoint_stays_decoupled_like_torch(backend):
     ours_params, torch_params = _twins(SHAPES)
     source_params = copy.deepcopy(torch_params)
     source = torch.optim.Adam(source_params, lr=LR, weight_decay=0.1, foreach=False)
-    _run(source, source_params, 0, 5)
+    run_steps(source, source_params, 0, 5)
     saved = reloaded(source.state_dict())
     with torch.no_grad():
         for p, q, s in zip(ours_params, torch_params, source_params):
@@ -455,9 +423,9 @@ def test_adamw_loading_an_adam_checkpoint_stays_decoupled_like_torch(backend):
     theirs.load_state_dict(reloaded(saved))
     assert theirs.param_groups[0]["decoupled_weight_decay"] is True
     assert ours.param_groups[0]["decoupled_weight_decay"] is True
-    _both(ours, theirs, ours_params, torch_params, 5, 25)
+    run_both(ours, theirs, ours_params, torch_params, 5, 25)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
     # and it is not what coupled (L2) Adam does from the same checkpoint
-    _run(source, source_params, 5, 25)
+    run_steps(source, source_params, 5, 25)
     difference = max((p - s).abs().max().item() for p, s in zip(torch_params, source_params))
     assert difference > 1e-4, "the test cannot tell decoupled from coupled weight decay"
