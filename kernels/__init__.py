@@ -43,6 +43,7 @@ largest |g| for `norm_type` inf (NaN if any gradient element is NaN, as torch's 
 optimizer combines arenas (and ranks) and takes the p-th root.
 """
 import dataclasses
+import weakref
 from typing import Optional
 
 import torch
@@ -95,3 +96,18 @@ class ArenaTensors:
     @property
     def n_segments(self):
         return self.segment_starts.numel()
+
+
+class PerLayout:
+    """What a backend derives from a layout (`make(arena)`: chunk tables, numpy views, host
+    copies of the tables), made at a record's first use and dropped with the record."""
+
+    def __init__(self, make):
+        self._make = make
+        self._cache = weakref.WeakKeyDictionary()  # ArenaTensors -> make(arena)
+
+    def __call__(self, arena):
+        derived = self._cache.get(arena)
+        if derived is None:
+            derived = self._cache[arena] = self._make(arena)
+        return derived

@@ -10,7 +10,6 @@ They widen to fp32 on load and round to nearest even on store, with bit operatio
 LLVM's half conversions for fp16; math is fp32 for them and for fp32, fp64 for fp64 params.
 """
 import inspect
-import weakref
 from collections import namedtuple
 
 import numba
@@ -23,7 +22,7 @@ from numba.extending import intrinsic, overload
 
 from fused_adam.kernels import cpu_threads
 from fused_adam.kernels import (
-    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, PARAM_DTYPES, WEIGHT_DECAY,
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, PARAM_DTYPES, WEIGHT_DECAY, PerLayout,
 )
 
 GRADS = "addresses"
@@ -148,7 +147,7 @@ Coefficients = namedtuple("Coefficients", [
     "grad_scale", "clip_factor", "l2_weight_decay", "param_decay", "lerp_weight",
     "one_minus_lerp_weight",
     "beta2", "one_minus_beta2", "step_size", "bias_correction2_sqrt", "eps"])
-# The per-segment tables and the chunk table (derived once per layout, see `_derived`).
+# The per-segment tables and the chunk table (derived once per layout, see `_Derived`).
 Segments = namedtuple("Segments", ["starts", "groups", "steps"])
 Chunks = namedtuple("Chunks", ["segments", "offsets", "lengths"])
 
@@ -325,14 +324,7 @@ class _Derived:
         return bounds
 
 
-_derived = weakref.WeakKeyDictionary()  # ArenaTensors -> _Derived
-
-
-def _derived_for(arena):
-    derived = _derived.get(arena)
-    if derived is None:
-        derived = _derived[arena] = _Derived(arena)
-    return derived
+_derived_for = PerLayout(_Derived)
 # `_adam_chunks`'s leading arguments, which `_Derived` makes once per layout.
 _LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:7]
 

@@ -5,19 +5,14 @@ It follows `torch.optim.Adam`'s single-tensor path op for op (lerp for the first
 bias corrections in Python floats), so in float64 it is the reference and in float32 it agrees
 with torch to rounding. Slow on purpose: obviously correct beats fast here.
 """
-import weakref
-
 import torch
 
 from fused_adam.kernels import (
-    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY,
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY, PerLayout,
 )
 
 GRADS = "tensors"
 GRAD_ADDRESS_ALIGNMENT = 1  # gradients are never read by address here
-
-# ArenaTensors -> the segment tables as Python lists (one device read per layout).
-_host_tables = weakref.WeakKeyDictionary()
 
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2,
@@ -54,13 +49,13 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, b
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def _segments(arena):
-    tables = _host_tables.get(arena)
-    if tables is None:
-        tables = list(zip(arena.segment_starts.tolist(), arena.segment_lengths.tolist(),
-                          arena.segment_groups.tolist()))
-        _host_tables[arena] = tables
-    return tables
+def _host_tables(arena):
+    """The segment tables as Python lists (one device read per layout)."""
+    return list(zip(arena.segment_starts.tolist(), arena.segment_lengths.tolist(),
+                    arena.segment_groups.tolist()))
+
+
+_segments = PerLayout(_host_tables)
 
 
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,

@@ -14,7 +14,6 @@ bf16; the math is fp32 (fp64 for fp64 params) and every narrower store rounds to
 
 import contextlib
 import os
-import weakref
 
 import torch
 import triton
@@ -22,7 +21,7 @@ import triton.language as tl
 
 from fused_adam.kernels import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, GROUP_COLUMNS, LR, MASTER_DTYPES, MAXIMIZE,
-    PARAM_DTYPES, STATE_DTYPES, WEIGHT_DECAY,
+    PARAM_DTYPES, STATE_DTYPES, WEIGHT_DECAY, PerLayout,
 )
 
 GRADS = "addresses"
@@ -314,14 +313,7 @@ class _Derived:
         self.no_inf = torch.empty((), dtype=torch.bool, device=device)
 
 
-_derived = weakref.WeakKeyDictionary()  # ArenaTensors -> _Derived
-
-
-def _derived_for(arena):
-    derived = _derived.get(arena)
-    if derived is None:
-        derived = _derived[arena] = _Derived(arena)
-    return derived
+_derived_for = PerLayout(_Derived)
 
 
 def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_scale,
