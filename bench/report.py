@@ -282,25 +282,22 @@ def _speed(table, config, provider):
     return f"{speed:.2f}x" + ("*" if noisy(table, config, provider) else "")
 
 
-def paced_clip_gbps(table, config, provider):
-    """As `paced_gbps` for clip+step: the step's bytes over clip+step's time, at torch-fused's
-    clip+step pace (its ratio to torch-fused's clip+step, torch-fused's clip+step median)."""
-    speedup = table.get(config, provider, "clip_step_speedup_vs_torch_fused")
-    row = table.row(config, provider, "GBps")
-    anchor_ms = table.get(config, ANCHOR, "clip_step_ms_median")
-    if speedup is None or row is None or not anchor_ms:
-        return None
-    return row["bytes_per_step"] * speedup / anchor_ms / 1e6
+# (its ratio to torch-fused, torch-fused's median) per timed phase.
+_PACE_METRICS = {"step": ("speedup_vs_torch_fused", "step_ms_median"),
+                 "clip+step": ("clip_step_speedup_vs_torch_fused", "clip_step_ms_median")}
 
 
-def paced_gbps(table, config, provider):
+def paced_gbps(table, config, provider, phase="step"):
     """`provider`'s GB/s as if its pair had run at torch-fused's pace: its bytes per step over
     (torch-fused's median over all pairs / its ratio to torch-fused in its own pair). On a quiet
     machine that is its own GB/s; on a busy one, where pairs ran at different paces, these (not
-    the raw GB/s) compare with each other and with the roofline as the ratios do."""
-    speedup = table.get(config, provider, "speedup_vs_torch_fused")
+    the raw GB/s) compare with each other and with the roofline as the ratios do. For
+    `phase="clip+step"` the same over clip+step's time, at torch-fused's clip+step pace (the
+    step's bytes: the clip's read is counted as time, not as bytes)."""
+    speedup_metric, anchor_metric = _PACE_METRICS[phase]
+    speedup = table.get(config, provider, speedup_metric)
     row = table.row(config, provider, "GBps")
-    anchor_ms = table.get(config, ANCHOR, "step_ms_median")
+    anchor_ms = table.get(config, ANCHOR, anchor_metric)
     if speedup is None or row is None or not anchor_ms:
         return None
     return row["bytes_per_step"] * speedup / anchor_ms / 1e6
@@ -344,7 +341,7 @@ def step_plot(rows, path):
         # With clip+step: two bars an optimizer that timed it, the step's above (solid),
         # clip+step's below (hatched, paler), each labelled with its own ratio to torch-fused's;
         # one bar, as without, for the others.
-        clip_values = ([paced_clip_gbps(table, config, p) for p in optimizers] if clip
+        clip_values = ([paced_gbps(table, config, p, phase="clip+step") for p in optimizers] if clip
                        else [None] * len(optimizers))
         offset = [0.21 if v is not None else 0.0 for v in clip_values]
         bars = ax.barh([y - o for y, o in zip(ys, offset)], [v or 0 for v in values],

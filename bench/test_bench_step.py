@@ -32,6 +32,20 @@ def _sync():
         torch.cuda.synchronize(DEVICE)
 
 
+def _group(config, prefix=""):
+    tensors = f"{config.n_tensors} tensor" + ("" if config.n_tensors == 1 else "s")
+    return f"{prefix}{config.name} ({config.n_params:,} params, {tensors})"
+
+
+def _fresh_gradients(subject):
+    """The untimed setup of every round: zero_grad, then a real backward."""
+    def setup():
+        subject.zero_grad()
+        subject.forward_backward()
+        _sync()
+    return setup
+
+
 def _subject(name, config):
     if name == "roofline (no-math)":
         return roofline.NoMathRoofline(config.n_params, DEVICE)
@@ -45,19 +59,13 @@ def test_step(benchmark, config, provider):
         subject = _subject(provider, config)
     except (ValueError, RuntimeError, ImportError) as error:
         pytest.skip(f"{provider} cannot run here: {error}")
-    tensors = f"{config.n_tensors} tensor" + ("" if config.n_tensors == 1 else "s")
-    benchmark.group = f"{config.name} ({config.n_params:,} params, {tensors})"
-
-    def setup():
-        subject.zero_grad()
-        subject.forward_backward()
-        _sync()
+    benchmark.group = _group(config)
 
     def step():
         subject.step()
         _sync()
 
-    benchmark.pedantic(step, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
+    benchmark.pedantic(step, setup=_fresh_gradients(subject), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
                        iterations=1)
     median_s = benchmark.stats.stats.median
     benchmark.extra_info.update(bytes_per_step=subject.bytes_per_step,
@@ -72,14 +80,7 @@ def test_clip_step(benchmark, config, provider):
         subject = providers.build(provider, config, DEVICE)
     except (ValueError, RuntimeError, ImportError) as error:
         pytest.skip(f"{provider} cannot run here: {error}")
-    tensors = f"{config.n_tensors} tensor" + ("" if config.n_tensors == 1 else "s")
-    benchmark.group = f"clip+step: {config.name} ({config.n_params:,} params, {tensors})"
-
-    def setup():
-        subject.zero_grad()
-        subject.forward_backward()
-        _sync()
-
+    benchmark.group = _group(config, prefix="clip+step: ")
     norms = []
 
     def clip_step():
@@ -87,7 +88,7 @@ def test_clip_step(benchmark, config, provider):
         subject.step()
         _sync()
 
-    benchmark.pedantic(clip_step, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
+    benchmark.pedantic(clip_step, setup=_fresh_gradients(subject), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
                        iterations=1)
     assert float(norms[-1]) > providers.MAX_NORM  # it clipped
     benchmark.extra_info.update(max_norm=providers.MAX_NORM, grad_norm=float(norms[-1]),
