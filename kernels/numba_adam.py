@@ -473,8 +473,6 @@ def grad_power_sum(arena, *, grads, norm_type):
         _power_sum_pass(*arguments)
     else:
         cpu_threads.run_parts(_power_sum_chunks, arguments, derived.bounds(parts))
-    if norm_type == np.inf:
-        total = partials.max(initial=0.0) if not np.isnan(partials).any() else np.nan
-    else:
-        total = partials.sum()
+    # numpy's max propagates NaN, as torch's norms do.
+    total = partials.max(initial=0.0) if norm_type == np.inf else partials.sum()
     return torch.tensor(total, dtype=torch.float64)
