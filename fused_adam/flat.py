@@ -19,13 +19,18 @@ from fused_adam.distributed import (
     as_local_value, fsdp_params_of, held_by_others, is_dtensor, like_param, local_data_ptr,
     local_shard, padded_shard_length, point_param_at,
 )
-from fused_adam.kernels import MASTER_DTYPES, SEGMENT_ALIGNMENT, ArenaTensors
+from fused_adam.kernels import (
+    EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK, QUANTIZED_STATE_DTYPE,
+    SEGMENT_ALIGNMENT, ArenaTensors, reference,
+)
 from fused_adam.storage import FlatBuffer
 
 # The state keys torch's Adam keeps per parameter, in its order.
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 MAX_KEY = "max_exp_avg_sq"
 MASTER_KEY = "master_param"  # ours: the fp32 master copy of a bf16/fp16 parameter
+# Ours, with 8-bit moments: each moment's per-block absmax (see `fused_adam.kernels`).
+ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
 # What a parameter's state must hold once it has any (torch's Adam raises KeyError without it).
 _REQUIRED_KEYS = ("step", *MOMENT_KEYS)
 
@@ -94,6 +99,9 @@ class Arena:
         if dtype == torch.float64 or state_dtype is None:
             state_dtype = torch.float32 if self.has_master else dtype
         self.state_dtype = state_dtype
+        # 8-bit moments: blocks of QUANT_BLOCK start at every segment's start.
+        self.quantized = state_dtype == QUANTIZED_STATE_DTYPE
+        alignment = QUANT_BLOCK if self.quantized else SEGMENT_ALIGNMENT
         self.members = list(members)
         self.params_in_order = [p for p, _, _ in members]
         self.host_groups = np.array([group for _, group, _ in members], dtype=np.int64)
@@ -111,11 +119,18 @@ class Arena:
         if self.is_distributed:
             self._reserved = np.array([padded_shard_length(f, n) for f, n in
                                        zip(self.fsdp_params, self.lengths)], dtype=np.int64)
-        aligned = -(-self._reserved // SEGMENT_ALIGNMENT) * SEGMENT_ALIGNMENT
+        aligned = -(-self._reserved // alignment) * alignment
         self.starts = np.cumsum(aligned) - aligned
         size = int(aligned.sum())
 
-        self._buffers = {name: FlatBuffer(size, state_dtype, self.device) for name in MOMENT_KEYS}
+        if self.quantized:
+            self._buffers = {"exp_avg": FlatBuffer(size, EXP_AVG_CODES, self.device),
+                             "exp_avg_sq": FlatBuffer(size, EXP_AVG_SQ_CODES, self.device)}
+            for name in ABSMAX_KEYS.values():
+                self._buffers[name] = FlatBuffer(size // QUANT_BLOCK, torch.float32, self.device)
+        else:
+            self._buffers = {name: FlatBuffer(size, state_dtype, self.device)
+                             for name in MOMENT_KEYS}
         self._buffers["param"] = FlatBuffer(size, dtype, self.device)
         if self.has_master:
             self._buffers[MASTER_KEY] = FlatBuffer(size, torch.float32, self.device)
@@ -157,11 +172,18 @@ class Arena:
             params=self._buffers["param"].tensor, exp_avg=self._buffers["exp_avg"].tensor,
             exp_avg_sq=self._buffers["exp_avg_sq"].tensor, steps=self._steps.tensor,
             master_params=None if master is None else master.tensor,
-            max_exp_avg_sq=None if maximum is None else maximum.tensor, **self._tables)
+            max_exp_avg_sq=None if maximum is None else maximum.tensor,
+            **{name: self._buffers[name].tensor if self.quantized else None
+               for name in ABSMAX_KEYS.values()},
+            **self._tables)
 
     def _segment(self, name, index, *, padded=False):
-        """1-D tensor over segment `index` of buffer `name`, owning a storage of just that."""
+        """1-D tensor over segment `index` of buffer `name`, owning a storage of just that (of
+        its blocks, for a per-block buffer)."""
         length = self._reserved[index] if padded else self.lengths[index]
+        if name in ABSMAX_KEYS.values():
+            return self._buffers[name].segment(int(self.starts[index]) // QUANT_BLOCK,
+                                               -(-int(length) // QUANT_BLOCK))
         return self._buffers[name].segment(int(self.starts[index]), int(length))
 
     def _shaped(self, index, flat):
@@ -178,6 +200,8 @@ class Arena:
         if view is None:
             if name == "step":
                 view = self._steps.segment(index, 1).view(())
+            elif name in ABSMAX_KEYS.values():
+                view = self._segment(name, index)  # one per block, flat whatever the shape
             else:
                 view = self._shaped(index, self._segment(name, index))
                 if name != "param":
@@ -301,6 +325,8 @@ class Arena:
         """`state[p]` for segment `index`, with torch's keys (and `master_param` when there is a
         master copy): tensors over the arena, DTensors over it for a DTensor parameter."""
         names = ["step", *MOMENT_KEYS]
+        if self.quantized:
+            names.extend(ABSMAX_KEYS.values())
         if amsgrad:
             self.ensure_max_buffer()
             names.append(MAX_KEY)
@@ -324,17 +350,31 @@ class Arena:
             raise KeyError(f"FusedAdam: the state of {self.describe(index)} has no "
                            f"{missing[0]!r} (torch's Adam needs it to step)")
         planned = []
-        for name in (*_REQUIRED_KEYS, MAX_KEY, MASTER_KEY):
+        for name in (*_REQUIRED_KEYS, MAX_KEY, MASTER_KEY, *ABSMAX_KEYS.values()):
             if name not in entry or self.owns(index, name, entry[name]):
                 continue
             if name == MASTER_KEY and not self.has_master:
                 continue
+            if name in ABSMAX_KEYS.values() and not self._takes_codes(entry, name):
+                continue  # beside float moments (torch's), or in an arena of float moments
             problem = self._value_problem(index, name, entry[name])
             if problem is not None:
                 raise ValueError(f"FusedAdam: the state of {self.describe(index)} does not "
                                  f"fit it: {problem}")
             planned.append((name, entry[name]))
+        for moment, absmax in ABSMAX_KEYS.items():
+            if self._takes_codes(entry, absmax) and absmax not in entry:
+                raise ValueError(f"FusedAdam: the state of {self.describe(index)} holds 8-bit "
+                                 f"codes in {moment!r} without their {absmax!r}")
         return planned
+
+    def _takes_codes(self, entry, absmax_name):
+        """Whether the moment of `absmax_name` in `entry` is 8-bit codes this arena copies
+        as they are (else a float moment, which it quantizes, or which it holds as floats)."""
+        moment = next(key for key, value in ABSMAX_KEYS.items() if value == absmax_name)
+        value = entry.get(moment)
+        return (self.quantized and torch.is_tensor(value)
+                and not (value.is_floating_point() or value.is_complex()))
 
     def _value_problem(self, index, name, value):
         """Why `value` cannot be segment `index`'s `name`, or None."""
@@ -344,6 +384,18 @@ class Arena:
             return f"state['step'] is {value!r}, not a number"
         if not torch.is_tensor(value):
             return f"state[{name!r}] is a {type(value).__name__}, not a tensor"
+        if name in ABSMAX_KEYS.values():
+            blocks = -(-int(self.lengths[index]) // QUANT_BLOCK)
+            if value.numel() != blocks:
+                return f"state[{name!r}] has {value.numel()} blocks, the parameter {blocks}"
+            return None
+        if name in ABSMAX_KEYS and not (value.is_floating_point() or value.is_complex()):
+            if not self.quantized:
+                return (f"state[{name!r}] holds 8-bit codes ({value.dtype}); this optimizer "
+                        "keeps float moments (convert the checkpoint with "
+                        "fused_adam.dequantized_state_dict)")
+            if value.dtype != self._buffers[name].dtype:
+                return f"state[{name!r}] is {value.dtype}, not {self._buffers[name].dtype} codes"
         p = self.params_in_order[index]
         # A DTensor value is redistributed to the parameter's placements; a plain one is this
         # rank's shard (the whole tensor for a plain parameter).
@@ -361,12 +413,19 @@ class Arena:
         if name == "step":
             view.fill_(float(value))
             return
+        if self.quantized and name in ABSMAX_KEYS and value.is_floating_point():
+            # A float moment (torch's checkpoint, a user's edit): quantized on the way in.
+            flat = _flat_real(as_local_value(value, view).detach()).to(self.device)
+            codes, absmax = reference.quantize(flat, signed=name == "exp_avg")
+            self._segment(name, index).copy_(codes)
+            self._segment(ABSMAX_KEYS[name], index).copy_(absmax)
+            return
         target = local_shard(view)
         target.copy_(as_local_value(value, view).reshape(target.shape))
 
     def reset_state(self, index):
         """Segment `index` back to torch's state before its first step."""
-        for name in (*MOMENT_KEYS, MAX_KEY):
+        for name in (*MOMENT_KEYS, MAX_KEY, *ABSMAX_KEYS.values()):
             if name in self._buffers:
                 self._segment(name, index).zero_()
         self._view("step", index).zero_()

@@ -24,6 +24,7 @@ from fused_adam.arenas import Arenas
 from fused_adam.clipping import PendingClip, clip_coefficient, gradient_norm
 from fused_adam.clock import NO_CLOCK
 from fused_adam.distributed import local_grad_of
+from fused_adam.kernels import QUANTIZED_STATE_DTYPE
 from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
     GroupTables,
@@ -36,7 +37,7 @@ from fused_adam.state import TrackedState
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
 # state_dict with its meaning intact (decoupled_weight_decay above all).
 _TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
-_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16, QUANTIZED_STATE_DTYPE)
 
 
 def _disable_dynamo(function):
@@ -65,7 +66,9 @@ class FusedAdam(Optimizer):
     fp32 copy of bf16/fp16 params, which the step updates and rounds into them (a no-op, with a
     warning, when no param is bf16/fp16). `state_dtype` (None, torch.float32 or
     torch.bfloat16) is the dtype of the moments (default: fp32 with master weights, else the
-    params', as torch). `foreach` and `fused` are accepted for drop-in use and ignored: the
+    params', as torch); torch.int8 keeps them as 8-bit codes with an fp32 absmax per block of
+    256 values (see `fused_adam.kernels`; no amsgrad), `state_dict()` carries the codes, and
+    `fused_adam.dequantized_state_dict` turns it into torch's format. `foreach` and `fused` are accepted for drop-in use and ignored: the
     step is always fused. `capturable=True` (CUDA only): step counts, bias corrections and a
     tensor `lr` stay on the device and nothing is read back to the host, so the step can be
     captured in a CUDA graph after one eager step.
@@ -79,8 +82,8 @@ class FusedAdam(Optimizer):
                  capturable=False, differentiable=False):
         validate_hyperparameters(lr, betas, eps, weight_decay)
         if state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32 or "
-                             "torch.bfloat16")
+            raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32, "
+                             "torch.bfloat16 or torch.int8 (8-bit moments)")
         if backend is not None and backend not in dispatch.BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {dispatch.BACKENDS}")
         if differentiable:
@@ -118,6 +121,9 @@ class FusedAdam(Optimizer):
         groups. The arenas take the group at the next step."""
         group = normalized_group(param_group, self.defaults, self.param_groups)
         params = group["params"]
+        if group["amsgrad"] and self._settings["state_dtype"] == QUANTIZED_STATE_DTYPE:
+            raise ValueError("FusedAdam: amsgrad is not offered with 8-bit moments "
+                             "(state_dtype=torch.int8)")
         for p in params:
             check_steppable(p)
             if group["capturable"] and p.device.type != "cuda":
@@ -261,6 +267,9 @@ class FusedAdam(Optimizer):
                        & amsgrad[arena.host_groups])
             if missing.any():
                 raise KeyError(MAX_KEY)
+            if arena.quantized and amsgrad[arena.groups].any():
+                raise ValueError("FusedAdam: amsgrad is not offered with 8-bit moments "
+                                 "(state_dtype=torch.int8); a param group switched it on")
         for key, arena in self._arenas.items():
             has_grad = gradients[key].has_grad
             with clock("create state"):

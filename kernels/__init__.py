@@ -37,6 +37,26 @@ written to `master_params` where there is one (then `params` is its rounding); e
 in a narrower dtype is rounded to nearest even. (The two gradient products round one after the
 other, as torch's `GradScaler.unscale_` and then `clip_grad_norm_` do; a factor of 1 is exact.)
 
+8-bit moments (`exp_avg` int8, `exp_avg_sq` uint8, with the fp32 `exp_avg_absmax` and
+`exp_avg_sq_absmax` beside them): each moment buffer is cut into blocks of QUANT_BLOCK elements,
+every segment starting a block (segment starts are multiples of QUANT_BLOCK in such an arena), so
+element i's block is i // QUANT_BLOCK and a parameter's quantization never depends on its
+neighbours. A block holds codes q and its absmax s (the largest |value| it held when stored):
+
+    exp_avg:     t = q * float32(1/127);  m = (t * |t|) * s          q in -127..127 (signed, sqrt map)
+    exp_avg_sq:  t = q * float32(1/255);  v = ((t * t) * (t * t)) * s   q in 0..255 (4th-root map)
+
+so sqrt(v), which the step divides by, has the same square map as m. A launcher decodes a
+block's old moments, updates them in fp32 as above (the parameter steps with the unrounded new
+moments), takes the block's new absmax s' (NaN if any value is NaN) and stores
+
+    r = 0 if s' is not > 0 (zero, NaN) else 1 / s';  y = value * r
+    exp_avg:     q = sign(y) * min(rint(sqrt(|y|) * 127), 127)
+    exp_avg_sq:  q = min(rint(sqrt(sqrt(y)) * 255), 255)
+
+(rint: to nearest even; a NaN y stores 0, and its block decodes as NaN through s' = NaN).
+amsgrad is not offered with 8-bit moments.
+
 `grad_power_sum` reads every gradient once and returns a 0-d float64 tensor on the device, with
 no host read on CUDA: the sum over all elements of |g|^p for a finite `norm_type` p > 0, or the
 largest |g| for `norm_type` inf (NaN if any gradient element is NaN, as torch's norms). The
@@ -66,6 +86,11 @@ SEGMENT_ALIGNMENT = 16
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Moment dtypes other than the params' own: fp32 or bf16 beside fp32, bf16 or fp16 params.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+# 8-bit moments: codes of these dtypes, an fp32 absmax per block of QUANT_BLOCK elements.
+QUANTIZED_STATE_DTYPE = torch.int8  # what `state_dtype=` names
+EXP_AVG_CODES, EXP_AVG_SQ_CODES = torch.int8, torch.uint8
+QUANT_BLOCK = 256
+SIGNED_LEVELS, UNSIGNED_LEVELS = 127, 255
 # Params of these dtypes may keep an fp32 master copy.
 MASTER_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -76,7 +101,8 @@ class ArenaTensors:
 
     Buffers are 1-D over every segment (padding included): `params` in the params' dtype,
     `master_params` fp32 or None, the moments in one dtype (`exp_avg`, `exp_avg_sq`,
-    `max_exp_avg_sq`, the last None until some group asks for amsgrad). Tables have one entry
+    `max_exp_avg_sq`, the last None until some group asks for amsgrad), or 8-bit moments with
+    `exp_avg_absmax` and `exp_avg_sq_absmax`, one fp32 per QUANT_BLOCK elements (else None). Tables have one entry
     per segment: `segment_starts`, `segment_lengths` (int64 elements), `segment_groups` (int64
     rows of the group table), `steps` (float32, torch's dtype for `state["step"]`).
 
@@ -92,6 +118,12 @@ class ArenaTensors:
     steps: torch.Tensor
     master_params: Optional[torch.Tensor] = None
     max_exp_avg_sq: Optional[torch.Tensor] = None
+    exp_avg_absmax: Optional[torch.Tensor] = None
+    exp_avg_sq_absmax: Optional[torch.Tensor] = None
+
+    @property
+    def quantized(self):
+        return self.exp_avg_absmax is not None
 
     @property
     def n_segments(self):

@@ -8,7 +8,8 @@ with torch to rounding. Slow on purpose: obviously correct beats fast here.
 import torch
 
 from fused_adam.kernels import (
-    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, WEIGHT_DECAY, PerLayout,
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, LR, MAXIMIZE,
+    QUANT_BLOCK, SIGNED_LEVELS, UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
 )
 
 GRADS = "tensors"
@@ -49,6 +50,56 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, b
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
+# ---------------------------------------------------------------------------------------------
+# 8-bit moments: the block map of `fused_adam.kernels`, op for op in fp32.
+
+def _per_element(per_block, n):
+    return per_block.repeat_interleave(QUANT_BLOCK)[:n]
+
+
+def block_absmax(values):
+    """The largest |value| of each block of QUANT_BLOCK values of the 1-D `values` (fp32; NaN
+    where a block holds a NaN, as torch's amax)."""
+    n = values.numel()
+    n_blocks = -(-n // QUANT_BLOCK)
+    padded = torch.zeros(n_blocks * QUANT_BLOCK, dtype=torch.float32, device=values.device)
+    padded[:n] = values.abs()
+    return padded.view(n_blocks, QUANT_BLOCK).amax(dim=1)
+
+
+def encode(values, absmax, *, signed):
+    """The codes of the 1-D fp32 `values` against their blocks' `absmax` (int8 for the signed
+    map of exp_avg, uint8 for the 4th-root map of exp_avg_sq)."""
+    reciprocal = torch.where(absmax > 0, 1 / absmax, torch.zeros_like(absmax))
+    y = values.to(torch.float32) * _per_element(reciprocal, values.numel())
+    if signed:
+        magnitude = torch.round(torch.sqrt(y.abs()) * SIGNED_LEVELS).clamp_(max=SIGNED_LEVELS)
+        codes = torch.where(y < 0, -magnitude, magnitude)
+    else:
+        codes = torch.round(torch.sqrt(torch.sqrt(y)) * UNSIGNED_LEVELS).clamp_(
+            max=UNSIGNED_LEVELS)
+    return codes.nan_to_num_(nan=0.0).to(EXP_AVG_CODES if signed else EXP_AVG_SQ_CODES)
+
+
+def decode(codes, absmax, *, signed):
+    """fp32 values of `codes` (1-D) under their blocks' `absmax`."""
+    levels = SIGNED_LEVELS if signed else UNSIGNED_LEVELS
+    step = torch.tensor(1 / levels, dtype=torch.float32, device=codes.device)
+    t = codes.to(torch.float32) * step
+    scale = _per_element(absmax.to(torch.float32), codes.numel())
+    if signed:
+        return (t * t.abs()) * scale
+    squared = t * t
+    return (squared * squared) * scale
+
+
+def quantize(values, *, signed):
+    """(codes, absmax) of the 1-D `values`."""
+    values = values.to(torch.float32)
+    absmax = block_absmax(values)
+    return encode(values, absmax, signed=signed), absmax
+
+
 def _host_tables(arena):
     """The segment tables as Python lists (one device read per layout)."""
     return list(zip(arena.segment_starts.tolist(), arena.segment_lengths.tolist(),
@@ -68,6 +119,9 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
     inv_scale = None if inv_grad_scale is None else float(inv_grad_scale)
     clip_factor = None if clip_factor is None else float(clip_factor)
     compute_dtype = torch.float64 if arena.params.dtype == torch.float64 else torch.float32
+    if arena.quantized:
+        _quantized_step(arena, grads, groups, inv_scale, clip_factor)
+        return
     for segment, ((start, length, group_index), grad) in enumerate(zip(_segments(arena), grads)):
         if grad is None:
             continue
@@ -98,6 +152,42 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
         if arena.master_params is not None:
             targets.append(param)
             values.append(working[0])
+        torch._foreach_copy_(targets, values)
+
+
+def _quantized_step(arena, grads, groups, inv_scale, clip_factor):
+    """`adam_step` for 8-bit moments: decode each segment's blocks, step in fp32 (the params
+    with the unrounded new moments), store the new moments' codes and absmax."""
+    for segment, ((start, length, group_index), grad) in enumerate(zip(_segments(arena), grads)):
+        if grad is None:
+            continue
+        group = groups[group_index]
+        assert not group[AMSGRAD], "8-bit moments do not offer amsgrad"
+        end = start + length
+        blocks = slice(start // QUANT_BLOCK, -(-end // QUANT_BLOCK))
+        param = arena.params[start:end]
+        working_param = (param if arena.master_params is None
+                         else arena.master_params[start:end]).to(torch.float32, copy=True)
+        exp_avg = decode(arena.exp_avg[start:end], arena.exp_avg_absmax[blocks], signed=True)
+        exp_avg_sq = decode(arena.exp_avg_sq[start:end], arena.exp_avg_sq_absmax[blocks],
+                            signed=False)
+        new_step = arena.steps[segment] + 1
+        adam_update(
+            working_param, grad.to(torch.float32), exp_avg, exp_avg_sq, None,
+            step=float(new_step), lr=group[LR], beta1=group[BETA1], beta2=group[BETA2],
+            eps=group[EPS], weight_decay=group[WEIGHT_DECAY], maximize=bool(group[MAXIMIZE]),
+            decoupled_weight_decay=bool(group[DECOUPLED_WD]), inv_grad_scale=inv_scale,
+            clip_factor=clip_factor)
+        exp_avg_codes, exp_avg_absmax = quantize(exp_avg, signed=True)
+        exp_avg_sq_codes, exp_avg_sq_absmax = quantize(exp_avg_sq, signed=False)
+        targets = [param, arena.exp_avg[start:end], arena.exp_avg_sq[start:end],
+                   arena.exp_avg_absmax[blocks], arena.exp_avg_sq_absmax[blocks],
+                   arena.steps[segment]]
+        values = [working_param, exp_avg_codes, exp_avg_sq_codes, exp_avg_absmax,
+                  exp_avg_sq_absmax, new_step]
+        if arena.master_params is not None:
+            targets.append(arena.master_params[start:end])
+            values.append(working_param)
         torch._foreach_copy_(targets, values)
 
 
