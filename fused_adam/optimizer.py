@@ -126,6 +126,9 @@ class FusedAdam(Optimizer):
                              "(state_dtype=torch.int8)")
         for p in params:
             check_steppable(p)
+            if p.is_complex() and self._settings["state_dtype"] == QUANTIZED_STATE_DTYPE:
+                raise ValueError("FusedAdam: 8-bit moments (state_dtype=torch.int8) are not "
+                                 "offered for complex parameters")
             if group["capturable"] and p.device.type != "cuda":
                 raise ValueError(
                     f"FusedAdam: capturable=True needs CUDA parameters, got {p.device.type} ones")

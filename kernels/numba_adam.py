@@ -22,7 +22,8 @@ from numba.extending import intrinsic, overload
 
 from fused_adam.kernels import cpu_threads
 from fused_adam.kernels import (
-    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, PARAM_DTYPES, WEIGHT_DECAY, PerLayout,
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, PARAM_DTYPES, QUANT_BLOCK,
+    SIGNED_LEVELS, UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
 )
 
 GRADS = "addresses"
@@ -33,7 +34,7 @@ GRAD_ADDRESS_ALIGNMENT = 1
 CHUNK_ELEMENTS = 1 << 14
 # How each torch dtype is handed to the kernel: numpy has no bfloat16.
 NUMPY_VIEWS = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16,
-               torch.float16: np.int16}
+               torch.float16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8}
 # Only flags that cannot change an IEEE result beyond rounding: no nnan/ninf (NaN and Inf
 # propagate as in torch), no reassoc (it let `(1 - b2) * g * g` become `g * g * (1 - b2)`,
 # which overflows fp32 at |g| = 1e20 and leaves exp_avg_sq inf where torch's order keeps it
@@ -190,6 +191,125 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
         param[i] = _narrow(p, param)
 
 
+# ---------------------------------------------------------------------------------------------
+# 8-bit moments (the block map of `fused_adam.kernels`): a block is decoded, updated and
+# re-encoded in registers. Its new absmax is needed before the first code can be stored, so each
+# block is passed over twice: once for the new moments' absmax, once to step and store, with
+# the moments recomputed from the block's inputs (by then in L1) rather than kept.
+
+_SIGNED_STEP, _UNSIGNED_STEP = np.float32(1 / SIGNED_LEVELS), np.float32(1 / UNSIGNED_LEVELS)
+_SIGNED_TOP, _UNSIGNED_TOP = np.float32(SIGNED_LEVELS), np.float32(UNSIGNED_LEVELS)
+
+
+@njit(inline="always", **_JIT)
+def _decode_signed(code, absmax):
+    t = np.float32(code) * _SIGNED_STEP
+    return (t * abs(t)) * absmax
+
+
+@njit(inline="always", **_JIT)
+def _decode_unsigned(code, absmax):
+    t = np.float32(code) * _UNSIGNED_STEP
+    squared = t * t
+    return (squared * squared) * absmax
+
+
+@njit(inline="always", **_JIT)
+def _encode_signed(value, reciprocal):
+    y = value * reciprocal
+    magnitude = np.rint(np.sqrt(abs(y)) * _SIGNED_TOP)
+    if magnitude > _SIGNED_TOP:
+        magnitude = _SIGNED_TOP
+    if magnitude != magnitude:  # NaN: its block's absmax is NaN too
+        magnitude = np.float32(0)
+    return np.int8(-magnitude if y < 0 else magnitude)
+
+
+@njit(inline="always", **_JIT)
+def _encode_unsigned(value, reciprocal):
+    y = value * reciprocal
+    level = np.rint(np.sqrt(np.sqrt(y)) * _UNSIGNED_TOP)
+    if level > _UNSIGNED_TOP:
+        level = _UNSIGNED_TOP
+    if level != level:
+        level = np.float32(0)
+    return np.uint8(level)
+
+
+@njit(inline="always", **_JIT)
+def _magnitude_bits(value):
+    """|value|'s bits as an integer: ordered as the magnitudes are, with NaN above inf, so an
+    integer max (which vectorizes without reordering any float math) is a NaN-propagating
+    absmax."""
+    return _float32_as_bits(np.float32(value)) & np.uint32(0x7FFFFFFF)
+
+
+@njit(inline="always", **_JIT)
+def _reciprocal(absmax):
+    return np.float32(1) / absmax if absmax > 0 else np.float32(0)
+
+
+@njit(inline="always", **_JIT)
+def _new_moments(param, master_param, grad, exp_avg, exp_avg_sq, i, exp_avg_scale,
+                 exp_avg_sq_scale, c):
+    """(p after decoupled decay, g, new m, new v) of element i: the update of `_update_chunk`
+    with the old moments decoded."""
+    if master_param is None:
+        p = _widen(param[i])
+    else:
+        p = master_param[i]
+    g = _widen(grad[i]) * c.grad_scale * c.clip_factor
+    if c.l2_weight_decay != 0:
+        g = g + c.l2_weight_decay * p
+    p = p * c.param_decay
+    m = _decode_signed(exp_avg[i], exp_avg_scale)
+    if c.lerp_weight < 0.5:
+        m = m + c.lerp_weight * (g - m)
+    else:
+        m = g - (g - m) * c.one_minus_lerp_weight
+    v = _decode_unsigned(exp_avg_sq[i], exp_avg_sq_scale) * c.beta2 + (c.one_minus_beta2 * g) * g
+    return p, m, v
+
+
+@njit(inline="always", **_JIT)
+def _update_quantized_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
+                            exp_avg_sq_absmax, first, last, block, c):
+    """Elements `first` .. `last - 1` of the chunk's arrays, block `block` of the arena."""
+    exp_avg_scale, exp_avg_sq_scale = exp_avg_absmax[block], exp_avg_sq_absmax[block]
+    largest_m = largest_v = np.uint32(0)
+    for i in range(first, last):
+        _, m, v = _new_moments(param, master_param, grad, exp_avg, exp_avg_sq, i,
+                               exp_avg_scale, exp_avg_sq_scale, c)
+        largest_m = max(largest_m, _magnitude_bits(m))
+        largest_v = max(largest_v, _magnitude_bits(v))
+    new_exp_avg_scale = _bits_as_float32(largest_m)
+    new_exp_avg_sq_scale = _bits_as_float32(largest_v)
+    exp_avg_reciprocal = _reciprocal(new_exp_avg_scale)
+    exp_avg_sq_reciprocal = _reciprocal(new_exp_avg_sq_scale)
+    for i in range(first, last):
+        p, m, v = _new_moments(param, master_param, grad, exp_avg, exp_avg_sq, i,
+                               exp_avg_scale, exp_avg_sq_scale, c)
+        exp_avg[i] = _encode_signed(m, exp_avg_reciprocal)
+        exp_avg_sq[i] = _encode_unsigned(v, exp_avg_sq_reciprocal)
+        p = p - c.step_size * m / (np.sqrt(v) / c.bias_correction2_sqrt + c.eps)
+        if master_param is not None:
+            master_param[i] = p
+        param[i] = _narrow(p, param)
+    exp_avg_absmax[block] = new_exp_avg_scale
+    exp_avg_sq_absmax[block] = new_exp_avg_sq_scale
+
+
+@njit(inline="always", **_JIT)
+def _update_quantized_chunk(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
+                            exp_avg_sq_absmax, first_block, c):
+    """A chunk (whole blocks from a block's start, the last maybe partial) block by block."""
+    n = param.shape[0]
+    for first in range(0, n, QUANT_BLOCK):
+        _update_quantized_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
+                                exp_avg_sq_absmax, first, min(first + QUANT_BLOCK, n),
+                                first_block + first // QUANT_BLOCK, c)
+
+
 @njit(**_JIT)
 def _advance_steps(grad_addresses, steps):
     """Every segment with a gradient advances its step (before any chunk reads it)."""
@@ -199,8 +319,9 @@ def _advance_steps(grad_addresses, steps):
 
 
 @njit(inline="always", **_JIT)
-def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments,
-                chunks, grad_addresses, group_table, inv_grad_scale, clip_factor):
+def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses, group_table,
+                inv_grad_scale, clip_factor):
     """Chunk `chunk`, if its segment has a gradient: `_update_chunk` with its group's settings
     and its segment's (already advanced) step."""
     segment = chunks.segments[chunk]
@@ -231,6 +352,11 @@ def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_s
         eps=_compute(group[EPS], params))
     # `master_params is None` is decided at compile time: one specialization each.
     master = None if master_params is None else master_params[start:end]
+    if exp_avg_absmax is not None:  # 8-bit moments (no amsgrad); chunks start on a block
+        _update_quantized_chunk(params[start:end], master, grad, exp_avg[start:end],
+                                exp_avg_sq[start:end], exp_avg_absmax, exp_avg_sq_absmax,
+                                start // QUANT_BLOCK, c)
+        return
     # amsgrad as a literal at each call: the loop is compiled once with and once without it. A
     # run-time flag left the branch inside the loop, which the vectorizer executes masked for
     # every element: with bf16 moments that doubled the step (257 us vs 129 us for 1M elements
@@ -244,21 +370,22 @@ def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_s
 
 
 @njit(parallel=True, **_JIT)
-def _adam_pass(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
-               grad_addresses, group_table, inv_grad_scale, clip_factor):
+def _adam_pass(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, exp_avg_absmax,
+               exp_avg_sq_absmax, segments, chunks, grad_addresses, group_table,
+               inv_grad_scale, clip_factor):
     """The whole pass in one call on numba's threading layer (see `adam_step`): steps first,
     then every chunk."""
     _advance_steps(grad_addresses, segments.steps)
     for chunk in prange(chunks.segments.shape[0]):
         _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                    segments, chunks, grad_addresses, group_table, inv_grad_scale,
-                    clip_factor)
+                    exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses,
+                    group_table, inv_grad_scale, clip_factor)
 
 
 @njit(**_JIT)
-def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, chunks,
-                 grad_addresses, group_table, inv_grad_scale, clip_factor, advance, first,
-                 last):
+def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, exp_avg_absmax,
+                 exp_avg_sq_absmax, segments, chunks, grad_addresses, group_table,
+                 inv_grad_scale, clip_factor, advance, first, last):
     """Chunks `first` .. `last - 1` on this thread, the steps advanced first here if `advance`
     (a pass in one call) or before the call (a pass split across threads: every part reads
     the steps)."""
@@ -266,8 +393,8 @@ def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, seg
         _advance_steps(grad_addresses, segments.steps)
     for chunk in range(first, last):
         _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                    segments, chunks, grad_addresses, group_table, inv_grad_scale,
-                    clip_factor)
+                    exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses,
+                    group_table, inv_grad_scale, clip_factor)
 
 
 def _numpy(tensor):
@@ -302,6 +429,9 @@ class _Derived:
             # Never read without amsgrad; an empty array keeps the argument's type an array.
             max_exp_avg_sq=(exp_avg[:0] if arena.max_exp_avg_sq is None
                             else _numpy(arena.max_exp_avg_sq)),
+            # None (float moments) or the per-block absmax: one specialization each.
+            exp_avg_absmax=None if not arena.quantized else _numpy(arena.exp_avg_absmax),
+            exp_avg_sq_absmax=None if not arena.quantized else _numpy(arena.exp_avg_sq_absmax),
             segments=Segments(arena.segment_starts.numpy(), arena.segment_groups.numpy(),
                               arena.steps.numpy()),
             chunks=chunks)
@@ -326,7 +456,7 @@ class _Derived:
 
 _derived_for = PerLayout(_Derived)
 # `_adam_chunks`'s leading arguments, which `_Derived` makes once per layout.
-_LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:7]
+_LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:9]
 
 
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
