@@ -117,6 +117,9 @@ def _train_parser():
                              "torch.nn.utils.clip_grad_norm_(foreach=True); 0: no clipping")
     parser.add_argument("--master-weights", action="store_true",
                         help="fp32 master copy of bf16 parameters (FusedAdamW(master_weights=True))")
+    parser.add_argument("--state-dtype", choices=("fp32", "bf16", "int8"), default=None,
+                        help="fused_adam's moments (FusedAdamW(state_dtype=...)); int8: 8-bit "
+                             "moments with an absmax per 256 values (default: as torch)")
     parser.add_argument("--ddp", action="store_true",
                         help="DistributedDataParallel, each rank on its own batches (launch with "
                              "torchrun --nproc_per_node=N -m bench train --ddp); rank 0 writes "

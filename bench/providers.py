@@ -26,6 +26,9 @@ OURS = ("fused_adam-numba", "fused_adam-triton", "fused_adam-torch")
 MODES = {
     # fp32 params, bf16 moments: read p 4, g 4, m 2, v 2; write p 4, m 2, v 2.
     "bf16-states": (torch.float32, dict(state_dtype=torch.bfloat16), 20),
+    # fp32 params, 8-bit moments: read p 4, g 4, m 1, v 1; write p 4, m 1, v 1; and each
+    # moment's fp32 absmax per 256 values, read and written (16 B per 256).
+    "int8-states": (torch.float32, dict(state_dtype=torch.int8), 16 + 16 / 256),
     # bf16 params with an fp32 master and fp32 moments: read master 4, g 2, m 4, v 4;
     # write master 4, p 2, m 4, v 4.
     "bf16-master": (torch.bfloat16, dict(master_weights=True), 28),
@@ -82,8 +85,8 @@ def default_providers(device_type):
     time. `fused_adam-triton` on CPU runs in Triton's interpreter, an emulator rather than a
     backend for CPUs: it only runs when asked for."""
     ours = COMPILED[device_type]
-    return list(TORCH_PROVIDERS) + [ours, f"{ours}:bf16-states", f"{ours}:bf16-master",
-                                    "fused_adam-torch"]
+    return list(TORCH_PROVIDERS) + [ours, f"{ours}:bf16-states", f"{ours}:int8-states",
+                                    f"{ours}:bf16-master", "fused_adam-torch"]
 
 
 def prepare_environment(providers, device_type):
@@ -192,6 +195,8 @@ def footprint(name, clip=False):
     size = torch.tensor([], dtype=dtype).element_size()
     state_size = (torch.tensor([], dtype=options["state_dtype"]).element_size()
                   if "state_dtype" in options else (4 if options.get("master_weights") else size))
+    if options.get("state_dtype") == torch.int8:
+        state_size += 4 / 256  # the absmax per block
     master = 4 if options.get("master_weights") else 0
     resident = size + master + 2 * state_size
     transient = size + (4 if provider == "torch-foreach" else 0)

@@ -95,6 +95,10 @@ def _init_ddp(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# `--state-dtype`: the moments' dtype FusedAdamW keeps (None: torch's choice, the params').
+STATE_DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
 def run(args):
     import fused_adam
 
@@ -130,11 +134,14 @@ def run(args):
         model_dtype = dtype if name == "fused_adam" else torch.float32
         model = GPT(vocab_size=len(chars), **MODEL).to(device=device, dtype=model_dtype)
         if name == "fused_adam":
+            state_dtype = STATE_DTYPES[args.state_dtype]
             optimizer = fused_adam.FusedAdamW(model.parameters(), lr=args.lr,
-                                              master_weights=args.master_weights, **HYPER)
+                                              master_weights=args.master_weights,
+                                              state_dtype=state_dtype, **HYPER)
             kernels = ", ".join(sorted(backend_names(optimizer)))
             master = ", fp32 master weights" if args.master_weights else ""
-            label = f"fused_adam.FusedAdamW ({kernels}, {args.dtype}{master})"
+            moments = f", {args.state_dtype} moments" if args.state_dtype else ""
+            label = f"fused_adam.FusedAdamW ({kernels}, {args.dtype}{master}{moments})"
         else:
             optimizer, label = _torch_adamw(model.parameters(), args.lr)
             label += ", fp32"
@@ -195,6 +202,7 @@ def run(args):
         device, "train-ddp" if args.ddp else "train", model=MODEL,
         hyperparameters=dict(lr=args.lr, **HYPER), batch_size=args.batch_size, iters=args.iters,
         untimed_first_iters=skip, dtype=args.dtype, master_weights=args.master_weights,
+        state_dtype=args.state_dtype,
         max_grad_norm=max_norm or None,
         seed=args.seed, world_size=world_size,
         gradient_as_bucket_view=args.bucket_view if args.ddp else None,

@@ -43,19 +43,22 @@ every segment starting a block (segment starts are multiples of QUANT_BLOCK in s
 element i's block is i // QUANT_BLOCK and a parameter's quantization never depends on its
 neighbours. A block holds codes q and its absmax s (the largest |value| it held when stored):
 
-    exp_avg:     t = q * float32(1/127);  m = (t * |t|) * s          q in -127..127 (signed, sqrt map)
-    exp_avg_sq:  t = q * float32(1/255);  v = ((t * t) * (t * t)) * s   q in 0..255 (4th-root map)
+    exp_avg:     t = q * float32(1/127);  m = (t * |t|) * s                q in -127..127
+    exp_avg_sq:  t = q * float32(1/255);  v = ((t * t) * (t * t)) * s      q in 0..255
 
-so sqrt(v), which the step divides by, has the same square map as m. A launcher decodes a
-block's old moments, updates them in fp32 as above (the parameter steps with the unrounded new
-moments), takes the block's new absmax s' (NaN if any value is NaN) and stores
+a square map for m and a 4th-root one for v, so that sqrt(v), which the step divides by, has
+the same square map as m: fine steps near the block's largest values, where most of a block's
+values are. A launcher decodes a block's old moments, updates them in fp32 as above (the
+parameter steps with the unrounded new moments), takes each moment's new absmax s' (NaN if any
+value is NaN) and stores
 
-    r = 0 if s' is not > 0 (zero, NaN) else 1 / s';  y = value * r
-    exp_avg:     q = sign(y) * min(rint(sqrt(|y|) * 127), 127)
-    exp_avg_sq:  q = min(rint(sqrt(sqrt(y)) * 255), 255)
+    exp_avg:     y = m * (1 / s');                      q = sign(y) * L(sqrt(|y|), 127)
+    exp_avg_sq:  w = sqrt(v) * (1 / sqrt(s'));          q = L(sqrt(w), 255)
+    L(x, top) = min(rint(x * top), top), rint to nearest even, 0 for a NaN x
 
-(rint: to nearest even; a NaN y stores 0, and its block decodes as NaN through s' = NaN).
-amsgrad is not offered with 8-bit moments.
+with 1 / s' and 1 / sqrt(s') taken as 0 where s' is not > 0 (zero, NaN): a NaN stores code 0,
+and its block decodes as NaN through s' = NaN. (v's code is taken from sqrt(v), which the step
+computes anyway.) amsgrad is not offered with 8-bit moments.
 
 `grad_power_sum` reads every gradient once and returns a 0-d float64 tensor on the device, with
 no host read on CUDA: the sum over all elements of |g|^p for a finite `norm_type` p > 0, or the

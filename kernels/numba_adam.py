@@ -132,6 +132,45 @@ def _narrow_overload(value, buffer):
     return lambda value, buffer: dtype(value)
 
 
+def _slice(array, first, last):
+    """array[first:last], or None for None (decided by type, at compile time)."""
+
+
+@overload(_slice, inline="always")
+def _slice_overload(array, first, last):
+    if isinstance(array, types.NoneType):
+        return lambda array, first, last: None
+    return lambda array, first, last: array[first:last]
+
+
+def _load_param(param, master_param, i):
+    """Element i of the value stepped: the fp32 master's where there is one, else the param's."""
+
+
+@overload(_load_param, inline="always")
+def _load_param_overload(param, master_param, i):
+    if isinstance(master_param, types.NoneType):
+        return lambda param, master_param, i: _widen(param[i])
+    return lambda param, master_param, i: master_param[i]
+
+
+def _store_param(param, master_param, i, value):
+    """Store the stepped value: into the master (and its rounding into the param) or the param."""
+
+
+@overload(_store_param, inline="always")
+def _store_param_overload(param, master_param, i, value):
+    if isinstance(master_param, types.NoneType):
+        def store(param, master_param, i, value):
+            param[i] = _narrow(value, param)
+        return store
+
+    def store_both(param, master_param, i, value):
+        master_param[i] = value
+        param[i] = _narrow(value, param)
+    return store_both
+
+
 def _compute(value, params):
     """`value` as a scalar of the compute dtype of `params`: fp64 for fp64, else fp32."""
 
@@ -193,9 +232,10 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 # ---------------------------------------------------------------------------------------------
 # 8-bit moments (the block map of `fused_adam.kernels`): a block is decoded, updated and
-# re-encoded in registers. Its new absmax is needed before the first code can be stored, so each
-# block is passed over twice: once for the new moments' absmax, once to step and store, with
-# the moments recomputed from the block's inputs (by then in L1) rather than kept.
+# re-encoded in one visit. Its new absmax is needed before the first code can be stored, so the
+# block is passed over twice: the first pass does all the fp32 math (the parameter steps with the
+# unrounded moments) and keeps the new m and sqrt(v) in a block-sized scratch (in L1), the
+# second encodes them.
 
 _SIGNED_STEP, _UNSIGNED_STEP = np.float32(1 / SIGNED_LEVELS), np.float32(1 / UNSIGNED_LEVELS)
 _SIGNED_TOP, _UNSIGNED_TOP = np.float32(SIGNED_LEVELS), np.float32(UNSIGNED_LEVELS)
@@ -215,33 +255,40 @@ def _decode_unsigned(code, absmax):
 
 
 @njit(inline="always", **_JIT)
-def _encode_signed(value, reciprocal):
-    y = value * reciprocal
-    magnitude = np.rint(np.sqrt(abs(y)) * _SIGNED_TOP)
-    if magnitude > _SIGNED_TOP:
-        magnitude = _SIGNED_TOP
-    if magnitude != magnitude:  # NaN: its block's absmax is NaN too
-        magnitude = np.float32(0)
-    return np.int8(-magnitude if y < 0 else magnitude)
-
-
-@njit(inline="always", **_JIT)
-def _encode_unsigned(value, reciprocal):
-    y = value * reciprocal
-    level = np.rint(np.sqrt(np.sqrt(y)) * _UNSIGNED_TOP)
-    if level > _UNSIGNED_TOP:
-        level = _UNSIGNED_TOP
+def _level(root, top):
+    """rint(root * top), at most top; 0 for NaN (its block's absmax is NaN too)."""
+    level = np.rint(root * top)
+    if level > top:
+        level = top
     if level != level:
         level = np.float32(0)
-    return np.uint8(level)
+    return level
 
 
 @njit(inline="always", **_JIT)
-def _magnitude_bits(value):
-    """|value|'s bits as an integer: ordered as the magnitudes are, with NaN above inf, so an
-    integer max (which vectorizes without reordering any float math) is a NaN-propagating
-    absmax."""
-    return _float32_as_bits(np.float32(value)) & np.uint32(0x7FFFFFFF)
+def _encode_signed(value, reciprocal):
+    y = value * reciprocal
+    level = _level(np.sqrt(abs(y)), _SIGNED_TOP)
+    return np.int8(-level if y < 0 else level)
+
+
+@njit(inline="always", **_JIT)
+def _encode_unsigned(root, reciprocal_root):
+    """The code of v from sqrt(v) (which the step takes anyway) and 1 / sqrt(absmax)."""
+    return np.uint8(_level(np.sqrt(root * reciprocal_root), _UNSIGNED_TOP))
+
+
+@intrinsic
+def _larger_magnitude_bits(typingctx, largest, value):
+    """max(largest, |value|'s bits as an integer), in 32-bit lanes. Integers order the
+    magnitudes as floats do, with NaN above inf, so this is a NaN-propagating absmax whose
+    reduction vectorizes without reordering any float math."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.and_(builder.bitcast(args[1], i32), ir.Constant(i32, 0x7FFFFFFF))
+        larger = builder.icmp_unsigned(">", bits, args[0])
+        return builder.select(larger, bits, args[0])
+    return types.uint32(types.uint32, types.float32), codegen
 
 
 @njit(inline="always", **_JIT)
@@ -250,51 +297,40 @@ def _reciprocal(absmax):
 
 
 @njit(inline="always", **_JIT)
-def _new_moments(param, master_param, grad, exp_avg, exp_avg_sq, i, exp_avg_scale,
-                 exp_avg_sq_scale, c):
-    """(p after decoupled decay, g, new m, new v) of element i: the update of `_update_chunk`
-    with the old moments decoded."""
-    if master_param is None:
-        p = _widen(param[i])
-    else:
-        p = master_param[i]
-    g = _widen(grad[i]) * c.grad_scale * c.clip_factor
-    if c.l2_weight_decay != 0:
-        g = g + c.l2_weight_decay * p
-    p = p * c.param_decay
-    m = _decode_signed(exp_avg[i], exp_avg_scale)
-    if c.lerp_weight < 0.5:
-        m = m + c.lerp_weight * (g - m)
-    else:
-        m = g - (g - m) * c.one_minus_lerp_weight
-    v = _decode_unsigned(exp_avg_sq[i], exp_avg_sq_scale) * c.beta2 + (c.one_minus_beta2 * g) * g
-    return p, m, v
-
-
-@njit(inline="always", **_JIT)
 def _update_quantized_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
-                            exp_avg_sq_absmax, first, last, block, c):
-    """Elements `first` .. `last - 1` of the chunk's arrays, block `block` of the arena."""
+                            exp_avg_sq_absmax, block, c, new_exp_avg, new_root):
+    """One block: the arrays are its elements (sliced by the caller: loops over a slice from 0
+    vectorize, loops over a range inside a larger array did not), `block` its absmax's index,
+    `new_exp_avg` and `new_root` scratch of at least its length."""
     exp_avg_scale, exp_avg_sq_scale = exp_avg_absmax[block], exp_avg_sq_absmax[block]
     largest_m = largest_v = np.uint32(0)
-    for i in range(first, last):
-        _, m, v = _new_moments(param, master_param, grad, exp_avg, exp_avg_sq, i,
-                               exp_avg_scale, exp_avg_sq_scale, c)
-        largest_m = max(largest_m, _magnitude_bits(m))
-        largest_v = max(largest_v, _magnitude_bits(v))
+    for i in range(param.shape[0]):
+        p = _load_param(param, master_param, i)
+        g = _widen(grad[i]) * c.grad_scale * c.clip_factor
+        if c.l2_weight_decay != 0:
+            g = g + c.l2_weight_decay * p
+        p = p * c.param_decay
+        m = _decode_signed(exp_avg[i], exp_avg_scale)
+        if c.lerp_weight < 0.5:
+            m = m + c.lerp_weight * (g - m)
+        else:
+            m = g - (g - m) * c.one_minus_lerp_weight
+        v = _decode_unsigned(exp_avg_sq[i], exp_avg_sq_scale) * c.beta2 + (
+            c.one_minus_beta2 * g) * g
+        root = np.sqrt(v)
+        _store_param(param, master_param, i,
+                     p - c.step_size * m / (root / c.bias_correction2_sqrt + c.eps))
+        largest_m = _larger_magnitude_bits(largest_m, m)
+        largest_v = _larger_magnitude_bits(largest_v, v)
+        new_exp_avg[i] = m
+        new_root[i] = root
     new_exp_avg_scale = _bits_as_float32(largest_m)
     new_exp_avg_sq_scale = _bits_as_float32(largest_v)
     exp_avg_reciprocal = _reciprocal(new_exp_avg_scale)
-    exp_avg_sq_reciprocal = _reciprocal(new_exp_avg_sq_scale)
-    for i in range(first, last):
-        p, m, v = _new_moments(param, master_param, grad, exp_avg, exp_avg_sq, i,
-                               exp_avg_scale, exp_avg_sq_scale, c)
-        exp_avg[i] = _encode_signed(m, exp_avg_reciprocal)
-        exp_avg_sq[i] = _encode_unsigned(v, exp_avg_sq_reciprocal)
-        p = p - c.step_size * m / (np.sqrt(v) / c.bias_correction2_sqrt + c.eps)
-        if master_param is not None:
-            master_param[i] = p
-        param[i] = _narrow(p, param)
+    exp_avg_sq_reciprocal_root = _reciprocal(np.sqrt(new_exp_avg_sq_scale))
+    for i in range(param.shape[0]):
+        exp_avg[i] = _encode_signed(new_exp_avg[i], exp_avg_reciprocal)
+        exp_avg_sq[i] = _encode_unsigned(new_root[i], exp_avg_sq_reciprocal_root)
     exp_avg_absmax[block] = new_exp_avg_scale
     exp_avg_sq_absmax[block] = new_exp_avg_sq_scale
 
@@ -304,10 +340,14 @@ def _update_quantized_chunk(param, master_param, grad, exp_avg, exp_avg_sq, exp_
                             exp_avg_sq_absmax, first_block, c):
     """A chunk (whole blocks from a block's start, the last maybe partial) block by block."""
     n = param.shape[0]
+    new_exp_avg = np.empty(QUANT_BLOCK, dtype=np.float32)
+    new_root = np.empty(QUANT_BLOCK, dtype=np.float32)
     for first in range(0, n, QUANT_BLOCK):
-        _update_quantized_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
-                                exp_avg_sq_absmax, first, min(first + QUANT_BLOCK, n),
-                                first_block + first // QUANT_BLOCK, c)
+        last = min(first + QUANT_BLOCK, n)
+        _update_quantized_block(param[first:last], _slice(master_param, first, last),
+                                grad[first:last], exp_avg[first:last], exp_avg_sq[first:last],
+                                exp_avg_absmax, exp_avg_sq_absmax,
+                                first_block + first // QUANT_BLOCK, c, new_exp_avg, new_root)
 
 
 @njit(**_JIT)

@@ -67,18 +67,24 @@ def block_absmax(values):
     return padded.view(n_blocks, QUANT_BLOCK).amax(dim=1)
 
 
+def _level(x, top):
+    """min(rint(x * top), top), 0 where x is NaN."""
+    return torch.round(x * top).clamp_(max=top).nan_to_num_(nan=0.0)
+
+
 def encode(values, absmax, *, signed):
-    """The codes of the 1-D fp32 `values` against their blocks' `absmax` (int8 for the signed
-    map of exp_avg, uint8 for the 4th-root map of exp_avg_sq)."""
-    reciprocal = torch.where(absmax > 0, 1 / absmax, torch.zeros_like(absmax))
-    y = values.to(torch.float32) * _per_element(reciprocal, values.numel())
+    """The codes of the 1-D fp32 `values` against their blocks' `absmax` (int8 for exp_avg,
+    uint8 for exp_avg_sq)."""
+    values = values.to(torch.float32)
+    zero = torch.zeros_like(absmax)
     if signed:
-        magnitude = torch.round(torch.sqrt(y.abs()) * SIGNED_LEVELS).clamp_(max=SIGNED_LEVELS)
-        codes = torch.where(y < 0, -magnitude, magnitude)
-    else:
-        codes = torch.round(torch.sqrt(torch.sqrt(y)) * UNSIGNED_LEVELS).clamp_(
-            max=UNSIGNED_LEVELS)
-    return codes.nan_to_num_(nan=0.0).to(EXP_AVG_CODES if signed else EXP_AVG_SQ_CODES)
+        reciprocal = torch.where(absmax > 0, 1 / absmax, zero)
+        y = values * _per_element(reciprocal, values.numel())
+        magnitude = _level(torch.sqrt(y.abs()), SIGNED_LEVELS)
+        return torch.where(y < 0, -magnitude, magnitude).to(EXP_AVG_CODES)
+    reciprocal_root = torch.where(absmax > 0, 1 / torch.sqrt(absmax), zero)
+    w = torch.sqrt(values) * _per_element(reciprocal_root, values.numel())
+    return _level(torch.sqrt(w), UNSIGNED_LEVELS).to(EXP_AVG_SQ_CODES)
 
 
 def decode(codes, absmax, *, signed):
