@@ -20,7 +20,7 @@ from fused_adam.distributed import (
     local_shard, padded_shard_length, point_param_at,
 )
 from fused_adam.kernels import (
-    EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK, QUANTIZED_STATE_DTYPE,
+    COMPACT_MASTERS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK, QUANTIZED_STATE_DTYPE,
     SEGMENT_ALIGNMENT, ArenaTensors, reference,
 )
 from fused_adam.storage import FlatBuffer
@@ -29,6 +29,7 @@ from fused_adam.storage import FlatBuffer
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 MAX_KEY = "max_exp_avg_sq"
 MASTER_KEY = "master_param"  # ours: the fp32 master copy of a bf16/fp16 parameter
+REMAINDER_KEY = "master_remainder"  # ours: a bf16 parameter's compact master (bf16+8, bf16+16)
 # Ours, with 8-bit moments: each moment's per-block absmax (see `fused_adam.kernels`).
 ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
 # What a parameter's state must hold once it has any (torch's Adam raises KeyError without it).
@@ -96,6 +97,9 @@ class Arena:
     def __init__(self, device, dtype, members, *, state_dtype=None, master_weights=False):
         self.device, self.dtype = torch.device(device), dtype
         self.has_master = bool(master_weights) and dtype in MASTER_DTYPES
+        # A compact master's remainder dtype (bf16 params only; the optimizer refuses others).
+        self.remainder_dtype = (COMPACT_MASTERS.get(master_weights)
+                                if self.has_master and isinstance(master_weights, str) else None)
         if dtype == torch.float64 or state_dtype is None:
             state_dtype = torch.float32 if self.has_master else dtype
         self.state_dtype = state_dtype
@@ -132,7 +136,9 @@ class Arena:
             self._buffers = {name: FlatBuffer(size, state_dtype, self.device)
                              for name in MOMENT_KEYS}
         self._buffers["param"] = FlatBuffer(size, dtype, self.device)
-        if self.has_master:
+        if self.remainder_dtype is not None:  # zeros: the params are exact masters
+            self._buffers[REMAINDER_KEY] = FlatBuffer(size, self.remainder_dtype, self.device)
+        elif self.has_master:
             self._buffers[MASTER_KEY] = FlatBuffer(size, torch.float32, self.device)
         tables = table_device(self.device)
         self._steps = FlatBuffer(len(self), torch.float32, tables)
@@ -168,10 +174,12 @@ class Arena:
     def _make_record(self):
         maximum = self._buffers.get(MAX_KEY)
         master = self._buffers.get(MASTER_KEY)
+        remainder = self._buffers.get(REMAINDER_KEY)
         return ArenaTensors(
             params=self._buffers["param"].tensor, exp_avg=self._buffers["exp_avg"].tensor,
             exp_avg_sq=self._buffers["exp_avg_sq"].tensor, steps=self._steps.tensor,
             master_params=None if master is None else master.tensor,
+            master_remainder=None if remainder is None else remainder.tensor,
             max_exp_avg_sq=None if maximum is None else maximum.tensor,
             **{name: self._buffers[name].tensor if self.quantized else None
                for name in ABSMAX_KEYS.values()},
@@ -272,8 +280,14 @@ class Arena:
         outlives this call: `_remember_homes` counts who holds the parameter's memory."""
         values = _flat_real(local.detach())
         self._segment("param", index).copy_(values)
-        if self.has_master:
-            self._segment(MASTER_KEY, index).copy_(values)
+        self._master_from_params(index)
+
+    def _master_from_params(self, index):
+        """Segment `index`'s master (where there is one) as its params hold it."""
+        if self.remainder_dtype is not None:
+            self._segment(REMAINDER_KEY, index).zero_()
+        elif self.has_master:
+            self._segment(MASTER_KEY, index).copy_(self._segment("param", index))
 
     def _remember_homes(self, indices, locals_):
         """Keep, for write-back, the memory of each parameter in `indices` (as `locals_` has it,
@@ -331,8 +345,14 @@ class Arena:
             self.ensure_max_buffer()
             names.append(MAX_KEY)
         if self.has_master:
-            names.append(MASTER_KEY)
+            names.append(MASTER_KEY if self.remainder_dtype is None else REMAINDER_KEY)
         return {name: self._view(name, index) for name in names}
+
+    def lacks_master(self, entry):
+        """Whether a state entry leaves this arena's master to be taken from the params
+        (torch's, or one of a FusedAdam without this kind of master)."""
+        return self.has_master and MASTER_KEY not in entry and not (
+            self.remainder_dtype is not None and REMAINDER_KEY in entry)
 
     def owns(self, index, name, value):
         """Whether `value` is this arena's own tensor for `name` of segment `index`."""
@@ -350,11 +370,14 @@ class Arena:
             raise KeyError(f"FusedAdam: the state of {self.describe(index)} has no "
                            f"{missing[0]!r} (torch's Adam needs it to step)")
         planned = []
-        for name in (*_REQUIRED_KEYS, MAX_KEY, MASTER_KEY, *ABSMAX_KEYS.values()):
+        for name in (*_REQUIRED_KEYS, MAX_KEY, MASTER_KEY, REMAINDER_KEY,
+                     *ABSMAX_KEYS.values()):
             if name not in entry or self.owns(index, name, entry[name]):
                 continue
             if name == MASTER_KEY and not self.has_master:
                 continue
+            if name == REMAINDER_KEY and self.remainder_dtype is None:
+                continue  # a compact master's, for an optimizer that keeps another kind
             if name in ABSMAX_KEYS.values() and not self._takes_codes(entry, name):
                 continue  # beside float moments (torch's), or in an arena of float moments
             problem = self._value_problem(index, name, entry[name])
@@ -384,6 +407,8 @@ class Arena:
             return f"state['step'] is {value!r}, not a number"
         if not torch.is_tensor(value):
             return f"state[{name!r}] is a {type(value).__name__}, not a tensor"
+        if name == REMAINDER_KEY and value.dtype != self.remainder_dtype:
+            return f"state[{name!r}] is {value.dtype}, not {self.remainder_dtype}"
         if name in ABSMAX_KEYS.values():
             blocks = -(-int(self.lengths[index]) // QUANT_BLOCK)
             if value.numel() != blocks:
@@ -409,6 +434,14 @@ class Arena:
         """Copy `value` (a checkpoint's or a user's) into segment `index`'s `name`."""
         if name == MAX_KEY:
             self.ensure_max_buffer()
+        if name == MASTER_KEY and self.remainder_dtype is not None:
+            # An fp32 master (ours, or the params): the params become its rounding.
+            flat = as_local_value(value, self._view("param", index)).detach().reshape(-1)
+            high, remainder = reference.split_master(flat.to(self.device, torch.float32),
+                                                     self.remainder_dtype)
+            self._segment("param", index).copy_(high)
+            self._segment(REMAINDER_KEY, index).copy_(remainder)
+            return
         view = self._view(name, index)
         if name == "step":
             view.fill_(float(value))
@@ -429,7 +462,6 @@ class Arena:
             if name in self._buffers:
                 self._segment(name, index).zero_()
         self._view("step", index).zero_()
-        if self.has_master:
-            self._segment(MASTER_KEY, index).copy_(self._segment("param", index))
+        self._master_from_params(index)
         self.has_state[index] = False
         self.has_max[index] = False

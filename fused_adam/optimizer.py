@@ -24,7 +24,7 @@ from fused_adam.arenas import Arenas
 from fused_adam.clipping import PendingClip, clip_coefficient, gradient_norm
 from fused_adam.clock import NO_CLOCK
 from fused_adam.distributed import local_grad_of
-from fused_adam.kernels import QUANTIZED_STATE_DTYPE
+from fused_adam.kernels import COMPACT_MASTERS, QUANTIZED_STATE_DTYPE
 from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
     GroupTables,
@@ -88,7 +88,10 @@ class FusedAdam(Optimizer):
             raise ValueError(f"Invalid backend: {backend!r}; choose one of {dispatch.BACKENDS}")
         if differentiable:
             raise ValueError("FusedAdam does not support differentiable=True")
-        self._settings = dict(backend=backend, master_weights=bool(master_weights),
+        if not (isinstance(master_weights, bool) or master_weights in COMPACT_MASTERS):
+            raise ValueError(f"Invalid master_weights: {master_weights!r}; use True (an fp32 "
+                             f"copy), False, or one of {sorted(COMPACT_MASTERS)} (bf16 params)")
+        self._settings = dict(backend=backend, master_weights=master_weights,
                               state_dtype=state_dtype)
         self._start_machinery()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -99,8 +102,8 @@ class FusedAdam(Optimizer):
         self.state = TrackedState(self.state)
         self._follow_groups()
         if master_weights and not any(arena.has_master for arena in self._arenas.values()):
-            warnings.warn("FusedAdam: master_weights=True does nothing here: no parameter is "
-                          "bfloat16 or float16", stacklevel=2)
+            warnings.warn(f"FusedAdam: master_weights={master_weights!r} does nothing here: no "
+                          "parameter is bfloat16 or float16", stacklevel=2)
 
     def _start_machinery(self):
         """The optimizer's own parts, none of which torch's Optimizer knows about."""
@@ -126,6 +129,10 @@ class FusedAdam(Optimizer):
                              "(state_dtype=torch.int8)")
         for p in params:
             check_steppable(p)
+            if (self._settings["master_weights"] in COMPACT_MASTERS
+                    and p.dtype == torch.float16):
+                raise ValueError(f"FusedAdam: master_weights={self._settings['master_weights']!r}"
+                                 " is for bfloat16 parameters, not float16 ones (use True)")
             if p.is_complex() and self._settings["state_dtype"] == QUANTIZED_STATE_DTYPE:
                 raise ValueError("FusedAdam: 8-bit moments (state_dtype=torch.int8) are not "
                                  "offered for complex parameters")
@@ -208,7 +215,7 @@ class FusedAdam(Optimizer):
                 continue
             for name, value in planned:
                 arena.write_state(index, name, value)
-            if MASTER_KEY not in entry and arena.has_master:
+            if arena.lacks_master(entry):
                 arena.write_state(index, MASTER_KEY, p.detach())
             views = arena.state_entry(index, amsgrad=MAX_KEY in entry)
             self.state.put(p, {**entry, **views})

@@ -60,6 +60,18 @@ with 1 / s' and 1 / sqrt(s') taken as 0 where s' is not > 0 (zero, NaN): a NaN s
 and its block decodes as NaN through s' = NaN. (v's code is taken from sqrt(v), which the step
 computes anyway.) amsgrad is not offered with 8-bit moments.
 
+A compact master (bf16 params only): instead of an fp32 copy, `master_remainder` holds what the
+bf16 param lacks of the fp32 master, so that the master's bits are
+
+    bf16+16 (int16 r):  (param_bits << 16) + r              exactly the fp32 master
+    bf16+8  (int8 r):   (param_bits << 16) + (r << 8)        the master to 16 significant bits
+
+(32-bit integer arithmetic on the bit patterns). The step reads that master, updates it in fp32
+and stores it back split: param_bits = (bits + 0x8000) >> 16 (nearest, ties away from zero: an
+fp32 exactly halfway between two bf16 values rounds up in magnitude, where torch's rounding goes
+to even; NaN stores the bf16 NaN 0x7FC0 and r = 0), r = bits - (param_bits << 16) for bf16+16,
+r = min((bits - (param_bits << 16) + 0x80) >> 8, 127) for bf16+8 (arithmetic shift).
+
 `grad_power_sum` reads every gradient once and returns a 0-d float64 tensor on the device, with
 no host read on CUDA: the sum over all elements of |g|^p for a finite `norm_type` p > 0, or the
 largest |g| for `norm_type` inf (NaN if any gradient element is NaN, as torch's norms). The
@@ -94,6 +106,8 @@ QUANTIZED_STATE_DTYPE = torch.int8  # what `state_dtype=` names
 EXP_AVG_CODES, EXP_AVG_SQ_CODES = torch.int8, torch.uint8
 QUANT_BLOCK = 256
 SIGNED_LEVELS, UNSIGNED_LEVELS = 127, 255
+# master_weights= values for a compact master of bf16 params, and their remainders' dtypes.
+COMPACT_MASTERS = {"bf16+8": torch.int8, "bf16+16": torch.int16}
 # Params of these dtypes may keep an fp32 master copy.
 MASTER_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -105,7 +119,8 @@ class ArenaTensors:
     Buffers are 1-D over every segment (padding included): `params` in the params' dtype,
     `master_params` fp32 or None, the moments in one dtype (`exp_avg`, `exp_avg_sq`,
     `max_exp_avg_sq`, the last None until some group asks for amsgrad), or 8-bit moments with
-    `exp_avg_absmax` and `exp_avg_sq_absmax`, one fp32 per QUANT_BLOCK elements (else None). Tables have one entry
+    `exp_avg_absmax` and `exp_avg_sq_absmax`, one fp32 per QUANT_BLOCK elements (else None);
+    `master_remainder` (int16 or int8) the compact master of bf16 params (else None). Tables have one entry
     per segment: `segment_starts`, `segment_lengths` (int64 elements), `segment_groups` (int64
     rows of the group table), `steps` (float32, torch's dtype for `state["step"]`).
 
@@ -123,6 +138,7 @@ class ArenaTensors:
     max_exp_avg_sq: Optional[torch.Tensor] = None
     exp_avg_absmax: Optional[torch.Tensor] = None
     exp_avg_sq_absmax: Optional[torch.Tensor] = None
+    master_remainder: Optional[torch.Tensor] = None
 
     @property
     def quantized(self):

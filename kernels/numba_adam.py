@@ -143,19 +143,71 @@ def _slice_overload(array, first, last):
     return lambda array, first, last: array[first:last]
 
 
+@intrinsic
+def _join_master(typingctx, high, remainder):
+    """The fp32 master of a bf16 param's bits (uint16) and its compact remainder (int16, or
+    int8 for the top 8 of the low 16 bits), in 32-bit integer operations."""
+    shift = 8 if remainder == types.int8 else 0
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        low = builder.shl(builder.sext(args[1], i32), ir.Constant(i32, shift))
+        return builder.bitcast(builder.add(bits, low), ir.FloatType())
+    return types.float32(types.uint16, remainder), codegen
+
+
+@intrinsic
+def _rounded_high(typingctx, value):
+    """The bf16 bits of the fp32 `value`, rounded to nearest with ties away from zero (the
+    compact master's rule, under which the remainder fits its dtype); NaN as 0x7FC0."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        high = builder.lshr(builder.add(bits, ir.Constant(i32, 0x8000)), ir.Constant(i32, 16))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        high = builder.select(nan, ir.Constant(i32, 0x7FC0), high)
+        return builder.trunc(high, ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _remainder_of(typingctx, value, high, like):
+    """What the bf16 bits `high` lack of the fp32 `value`, as `like`'s dtype (int16: all of
+    it; int8: rounded to its top 8 bits, ties up, at most 127); 0 for NaN."""
+    narrow = like.dtype
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        low = builder.sub(bits, builder.shl(builder.zext(args[1], i32), ir.Constant(i32, 16)))
+        if narrow == types.int8:
+            low = builder.ashr(builder.add(low, ir.Constant(i32, 0x80)), ir.Constant(i32, 8))
+            too_large = builder.icmp_signed(">", low, ir.Constant(i32, 127))
+            low = builder.select(too_large, ir.Constant(i32, 127), low)
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        low = builder.select(nan, ir.Constant(i32, 0), low)
+        return builder.trunc(low, ir.IntType(narrow.bitwidth))
+    return narrow(types.float32, types.uint16, like), codegen
+
+
 def _load_param(param, master_param, i):
-    """Element i of the value stepped: the fp32 master's where there is one, else the param's."""
+    """Element i of the value stepped: the master's where there is one (fp32, or joined from
+    a compact one), else the param's."""
 
 
 @overload(_load_param, inline="always")
 def _load_param_overload(param, master_param, i):
     if isinstance(master_param, types.NoneType):
         return lambda param, master_param, i: _widen(param[i])
+    if master_param.dtype in (types.int16, types.int8):
+        return lambda param, master_param, i: _join_master(param[i], master_param[i])
     return lambda param, master_param, i: master_param[i]
 
 
 def _store_param(param, master_param, i, value):
-    """Store the stepped value: into the master (and its rounding into the param) or the param."""
+    """Store the stepped value: into the param, and the master where there is one (fp32, or
+    split into the bf16 param and its compact remainder)."""
 
 
 @overload(_store_param, inline="always")
@@ -164,6 +216,12 @@ def _store_param_overload(param, master_param, i, value):
         def store(param, master_param, i, value):
             param[i] = _narrow(value, param)
         return store
+    if master_param.dtype in (types.int16, types.int8):
+        def store_split(param, master_param, i, value):
+            high = _rounded_high(np.float32(value))
+            param[i] = high
+            master_param[i] = _remainder_of(np.float32(value), high, master_param)
+        return store_split
 
     def store_both(param, master_param, i, value):
         master_param[i] = value
@@ -200,10 +258,7 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
     None or an array and `amsgrad` a literal: numba compiles each case apart, with no branch
     in the loop."""
     for i in range(param.shape[0]):
-        if master_param is None:
-            p = _widen(param[i])
-        else:
-            p = master_param[i]
+        p = _load_param(param, master_param, i)
         # Two roundings, as torch's unscale_ then clip_grad_norm_ (x * 1 is exact).
         g = _widen(grad[i]) * c.grad_scale * c.clip_factor
         if c.l2_weight_decay != 0:
@@ -225,9 +280,7 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
                 v = v_max
             max_exp_avg_sq[i] = _narrow(v, max_exp_avg_sq)
         p = p - c.step_size * m / (np.sqrt(v) / c.bias_correction2_sqrt + c.eps)
-        if master_param is not None:
-            master_param[i] = p
-        param[i] = _narrow(p, param)
+        _store_param(param, master_param, i, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +443,9 @@ def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_s
         step_size=_compute(lr / (1.0 - beta1 ** step), params),
         bias_correction2_sqrt=_compute(np.sqrt(1.0 - beta2 ** step), params),
         eps=_compute(group[EPS], params))
-    # `master_params is None` is decided at compile time: one specialization each.
-    master = None if master_params is None else master_params[start:end]
+    # Whether there is a master, and of which kind, is decided at compile time by its type:
+    # one specialization each.
+    master = _slice(master_params, start, end)
     if exp_avg_absmax is not None:  # 8-bit moments (no amsgrad); chunks start on a block
         _update_quantized_chunk(params[start:end], master, grad, exp_avg[start:end],
                                 exp_avg_sq[start:end], exp_avg_absmax, exp_avg_sq_absmax,
@@ -464,7 +518,10 @@ class _Derived:
         chunks = chunk_table(arena.segment_lengths.numpy())
         by_name = dict(
             params=_numpy(arena.params),
-            master_params=None if arena.master_params is None else _numpy(arena.master_params),
+            # The master in whichever form there is one: fp32, a compact remainder, or None.
+            master_params=(_numpy(arena.master_params) if arena.master_params is not None
+                           else _numpy(arena.master_remainder)
+                           if arena.master_remainder is not None else None),
             exp_avg=exp_avg, exp_avg_sq=_numpy(arena.exp_avg_sq),
             # Never read without amsgrad; an empty array keeps the argument's type an array.
             max_exp_avg_sq=(exp_avg[:0] if arena.max_exp_avg_sq is None

@@ -106,6 +106,30 @@ def quantize(values, *, signed):
     return encode(values, absmax, signed=signed), absmax
 
 
+# ---------------------------------------------------------------------------------------------
+# Compact master weights (see `fused_adam.kernels`): bf16 params plus a remainder.
+
+def join_master(params, remainder):
+    """The fp32 master of bf16 `params` and their int16 or int8 `remainder`."""
+    high = params.view(torch.int16).to(torch.int32) << 16
+    low = remainder.to(torch.int32)
+    if remainder.dtype == torch.int8:
+        low = low << 8
+    return (high + low).view(torch.float32)
+
+
+def split_master(values, remainder_dtype):
+    """(bf16 params, remainder of `remainder_dtype`) of the fp32 master `values`."""
+    bits = values.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    high = (bits + 0x8000) >> 16
+    high = torch.where(values.isnan(), 0x7FC0, high)
+    low = torch.where(values.isnan(), 0, bits - (high << 16))
+    if remainder_dtype == torch.int8:
+        low = ((low + 0x80) >> 8).clamp_(max=127)
+    params = (high - ((high >= 0x8000).to(torch.int64) << 16)).to(torch.int16)
+    return params.view(torch.bfloat16), low.to(remainder_dtype)
+
+
 def _host_tables(arena):
     """The segment tables as Python lists (one device read per layout)."""
     return list(zip(arena.segment_starts.tolist(), arena.segment_lengths.tolist(),
@@ -115,86 +139,88 @@ def _host_tables(arena):
 _segments = PerLayout(_host_tables)
 
 
+def _stepped_value(arena, start, end, compute_dtype):
+    """A working copy of what segment start..end steps: the master (fp32, or joined from a
+    compact one) where there is one, else the params, in the compute dtype."""
+    if arena.master_remainder is not None:
+        return join_master(arena.params[start:end], arena.master_remainder[start:end])
+    source = arena.params if arena.master_params is None else arena.master_params
+    return source[start:end].to(compute_dtype, copy=True)
+
+
+def _stepped_writes(arena, start, end, value):
+    """[(target, value)] storing the stepped `value` of segment start..end: the params (its
+    rounding, where a master is kept) and the master (fp32, or split into a compact one)."""
+    params = arena.params[start:end]
+    if arena.master_remainder is not None:
+        high, remainder = split_master(value, arena.master_remainder.dtype)
+        return [(params, high), (arena.master_remainder[start:end], remainder)]
+    writes = [(params, value)]
+    if arena.master_params is not None:
+        writes.append((arena.master_params[start:end], value))
+    return writes
+
+
+def _write_together(writes):
+    """One call for every write of a segment (params, moments, step): a step interrupted
+    (KeyboardInterrupt) between two segments leaves each segment stepped or not, never
+    half-stepped."""
+    targets, values = zip(*writes)
+    torch._foreach_copy_(list(targets), list(values))
+
+
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
               clip_factor=None):
     """The launcher contract of `fused_adam.kernels`, one segment at a time. Math is fp32 for
-    16-bit buffers (the kernels' contract), on the fp32 master copy where there is one."""
+    16-bit buffers (the kernels' contract), on the master where there is one."""
     if found_inf is not None and bool(found_inf.item()):
         return
     groups = group_table.tolist()
     inv_scale = None if inv_grad_scale is None else float(inv_grad_scale)
     clip_factor = None if clip_factor is None else float(clip_factor)
     compute_dtype = torch.float64 if arena.params.dtype == torch.float64 else torch.float32
-    if arena.quantized:
-        _quantized_step(arena, grads, groups, inv_scale, clip_factor)
-        return
     for segment, ((start, length, group_index), grad) in enumerate(zip(_segments(arena), grads)):
         if grad is None:
             continue
-        step = arena.steps[segment]
         group = groups[group_index]
         amsgrad = bool(group[AMSGRAD])
         end = start + length
-        param = arena.params[start:end]
-        stored = [param if arena.master_params is None else arena.master_params[start:end],
-                  arena.exp_avg[start:end], arena.exp_avg_sq[start:end]]
-        if amsgrad:
-            stored.append(arena.max_exp_avg_sq[start:end])
-        # Updated on copies, then written back in one call (params, moments, step): a step
-        # interrupted (KeyboardInterrupt) between two segments leaves each segment either
-        # stepped or not, never half-stepped.
-        working = [buffer.to(compute_dtype, copy=True) for buffer in stored]
-        new_step = step + 1
+        value = _stepped_value(arena, start, end, compute_dtype)
+        if arena.quantized:
+            assert not amsgrad, "8-bit moments do not offer amsgrad"
+            blocks = slice(start // QUANT_BLOCK, -(-end // QUANT_BLOCK))
+            moments = [decode(arena.exp_avg[start:end], arena.exp_avg_absmax[blocks],
+                              signed=True),
+                       decode(arena.exp_avg_sq[start:end], arena.exp_avg_sq_absmax[blocks],
+                              signed=False)]
+        else:
+            stored = [arena.exp_avg[start:end], arena.exp_avg_sq[start:end]]
+            if amsgrad:
+                stored.append(arena.max_exp_avg_sq[start:end])
+            moments = [buffer.to(compute_dtype, copy=True) for buffer in stored]
+        new_step = arena.steps[segment] + 1
         adam_update(
-            working[0], grad.to(compute_dtype), working[1], working[2],
-            working[3] if amsgrad else None,
+            value, grad.to(compute_dtype), moments[0], moments[1],
+            moments[2] if amsgrad else None,
             step=float(new_step), lr=group[LR], beta1=group[BETA1],
             beta2=group[BETA2], eps=group[EPS], weight_decay=group[WEIGHT_DECAY],
             amsgrad=amsgrad, maximize=bool(group[MAXIMIZE]),
             decoupled_weight_decay=bool(group[DECOUPLED_WD]), inv_grad_scale=inv_scale,
             clip_factor=clip_factor,
         )
-        targets, values = [*stored, step], [*working, new_step]
-        if arena.master_params is not None:
-            targets.append(param)
-            values.append(working[0])
-        torch._foreach_copy_(targets, values)
-
-
-def _quantized_step(arena, grads, groups, inv_scale, clip_factor):
-    """`adam_step` for 8-bit moments: decode each segment's blocks, step in fp32 (the params
-    with the unrounded new moments), store the new moments' codes and absmax."""
-    for segment, ((start, length, group_index), grad) in enumerate(zip(_segments(arena), grads)):
-        if grad is None:
-            continue
-        group = groups[group_index]
-        assert not group[AMSGRAD], "8-bit moments do not offer amsgrad"
-        end = start + length
-        blocks = slice(start // QUANT_BLOCK, -(-end // QUANT_BLOCK))
-        param = arena.params[start:end]
-        working_param = (param if arena.master_params is None
-                         else arena.master_params[start:end]).to(torch.float32, copy=True)
-        exp_avg = decode(arena.exp_avg[start:end], arena.exp_avg_absmax[blocks], signed=True)
-        exp_avg_sq = decode(arena.exp_avg_sq[start:end], arena.exp_avg_sq_absmax[blocks],
-                            signed=False)
-        new_step = arena.steps[segment] + 1
-        adam_update(
-            working_param, grad.to(torch.float32), exp_avg, exp_avg_sq, None,
-            step=float(new_step), lr=group[LR], beta1=group[BETA1], beta2=group[BETA2],
-            eps=group[EPS], weight_decay=group[WEIGHT_DECAY], maximize=bool(group[MAXIMIZE]),
-            decoupled_weight_decay=bool(group[DECOUPLED_WD]), inv_grad_scale=inv_scale,
-            clip_factor=clip_factor)
-        exp_avg_codes, exp_avg_absmax = quantize(exp_avg, signed=True)
-        exp_avg_sq_codes, exp_avg_sq_absmax = quantize(exp_avg_sq, signed=False)
-        targets = [param, arena.exp_avg[start:end], arena.exp_avg_sq[start:end],
-                   arena.exp_avg_absmax[blocks], arena.exp_avg_sq_absmax[blocks],
-                   arena.steps[segment]]
-        values = [working_param, exp_avg_codes, exp_avg_sq_codes, exp_avg_absmax,
-                  exp_avg_sq_absmax, new_step]
-        if arena.master_params is not None:
-            targets.append(arena.master_params[start:end])
-            values.append(working_param)
-        torch._foreach_copy_(targets, values)
+        writes = [*_stepped_writes(arena, start, end, value),
+                  (arena.steps[segment], new_step)]
+        if arena.quantized:
+            # The params stepped with the unrounded moments; now their codes.
+            exp_avg_codes, exp_avg_absmax = quantize(moments[0], signed=True)
+            exp_avg_sq_codes, exp_avg_sq_absmax = quantize(moments[1], signed=False)
+            writes += [(arena.exp_avg[start:end], exp_avg_codes),
+                       (arena.exp_avg_sq[start:end], exp_avg_sq_codes),
+                       (arena.exp_avg_absmax[blocks], exp_avg_absmax),
+                       (arena.exp_avg_sq_absmax[blocks], exp_avg_sq_absmax)]
+        else:
+            writes += list(zip(stored, moments))
+        _write_together(writes)
 
 
 def grad_power_sum(arena, *, grads, norm_type):

@@ -277,6 +277,7 @@ def test_numba_kernel_offsets_within_a_segment_past_2_to_the_31():
     numba_adam._adam_chunks(
         params=buffers[0].numpy(), master_params=None, exp_avg=buffers[1].numpy(),
         exp_avg_sq=buffers[2].numpy(), max_exp_avg_sq=buffers[3].numpy(),
+        exp_avg_absmax=None, exp_avg_sq_absmax=None,
         segments=numba_adam.Segments(np.array([start], **int64), np.array([0], **int64), steps),
         chunks=numba_adam.Chunks(np.array([0], **int64), np.array([offset], **int64),
                                  np.array([n], **int64)),
