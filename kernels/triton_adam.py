@@ -89,20 +89,10 @@ def _store_rounded(ptrs, x, mask):
 
 
 @triton.jit
-def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                max_exp_avg_sq_ptrs, mask, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
-                param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
-                bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
-                HAS_MAX_EXP_AVG_SQ: tl.constexpr):
-    # With a master copy the params are only written: the fp32 master is the value stepped.
-    if HAS_MASTER:
-        p = tl.load(master_param_ptrs, mask=mask)
-    else:
-        p = _to_compute(tl.load(param_ptrs, mask=mask))
-    g = _to_compute(tl.load(grad_ptrs, mask=mask))
-    m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
-    v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
-
+def _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
+                    param_decay, lerp_weight, beta2, one_minus_beta2):
+    """(p, m, v) after the gradient's scaling, weight decay and the moments' update: the math
+    both kernels share, on tiles of any shape."""
     # grad_scale is GradScaler's inverse scale, negated for maximize: exactly +-1.0 without a
     # scaler, so no rounding. Then the clipping factor (1.0 without clipping), rounded apart
     # as torch's unscale_ then clip_grad_norm_ round.
@@ -121,6 +111,33 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
     else:
         m = g - (g - m) * (1.0 - w)
     v = v * beta2.to(v.dtype) + (one_minus_beta2.to(v.dtype) * g) * g
+    return p, m, v
+
+
+@triton.jit
+def _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps):
+    """p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps), IEEE-rounded."""
+    denom = _div(_sqrt(v_hat), bias_correction2_sqrt.to(v_hat.dtype)) + eps.to(v_hat.dtype)
+    return p - _div(step_size.to(p.dtype) * m, denom)
+
+
+@triton.jit
+def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                max_exp_avg_sq_ptrs, mask, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
+                param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
+                bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
+                HAS_MAX_EXP_AVG_SQ: tl.constexpr):
+    # With a master copy the params are only written: the fp32 master is the value stepped.
+    if HAS_MASTER:
+        p = tl.load(master_param_ptrs, mask=mask)
+    else:
+        p = _to_compute(tl.load(param_ptrs, mask=mask))
+    g = _to_compute(tl.load(grad_ptrs, mask=mask))
+    m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
+    v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
+
+    p, m, v = _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay,
+                              decoupled_wd, param_decay, lerp_weight, beta2, one_minus_beta2)
     v_hat = v
     if HAS_MAX_EXP_AVG_SQ:
         if amsgrad:
@@ -128,14 +145,42 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
             # torch.maximum propagates NaN; tl.maximum does not unless asked.
             v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
             _store_rounded(max_exp_avg_sq_ptrs, v_hat, mask)
-    denom = _div(_sqrt(v_hat), bias_correction2_sqrt.to(v.dtype)) + eps.to(v.dtype)
-    p = p - _div(step_size.to(p.dtype) * m, denom)
+    p = _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps)
 
     if HAS_MASTER:
         tl.store(master_param_ptrs, p, mask=mask)
     _store_rounded(param_ptrs, p, mask)
     _store_rounded(exp_avg_ptrs, m, mask)
     _store_rounded(exp_avg_sq_ptrs, v, mask)
+
+
+@triton.jit
+def _segment_scalars(segment, segment_groups_ptr, steps_ptr, group_table_ptr,
+                     inv_grad_scale_ptr, inv_grad_scale, clip_factor_ptr):
+    """The scalars both kernels step a segment with, from its group row and step count."""
+    group_row = group_table_ptr + tl.load(segment_groups_ptr + segment) * _GROUP_COLUMNS
+    lr = tl.load(group_row + _LR)
+    beta1 = tl.load(group_row + _BETA1)
+    beta2 = tl.load(group_row + _BETA2)
+    eps = tl.load(group_row + _EPS)
+    weight_decay = tl.load(group_row + _WEIGHT_DECAY)
+    maximize = tl.load(group_row + _MAXIMIZE) != 0
+    amsgrad = tl.load(group_row + _AMSGRAD) != 0
+    decoupled_wd = tl.load(group_row + _DECOUPLED_WD) != 0
+
+    # Scalars in fp64 like torch's Python floats, cast to the compute dtype at their use.
+    step = tl.load(steps_ptr + segment).to(tl.float64)
+    bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    bias_correction2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = tl.sqrt(bias_correction2)
+    l2_weight_decay = tl.where(decoupled_wd, 0.0, weight_decay)
+    param_decay = 1.0 - lr * weight_decay
+    grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
+    grad_scale = tl.where(maximize, -grad_scale, grad_scale)
+    clip_factor = tl.load(clip_factor_ptr)
+    return (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2,
+            eps, step_size, bias_correction2_sqrt, amsgrad)
 
 
 @triton.jit
@@ -168,27 +213,10 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
 
     start = tl.load(segment_starts_ptr + segment)
     length = tl.load(segment_lengths_ptr + segment)
-    group_row = group_table_ptr + tl.load(segment_groups_ptr + segment) * _GROUP_COLUMNS
-    lr = tl.load(group_row + _LR)
-    beta1 = tl.load(group_row + _BETA1)
-    beta2 = tl.load(group_row + _BETA2)
-    eps = tl.load(group_row + _EPS)
-    weight_decay = tl.load(group_row + _WEIGHT_DECAY)
-    maximize = tl.load(group_row + _MAXIMIZE) != 0
-    amsgrad = tl.load(group_row + _AMSGRAD) != 0
-    decoupled_wd = tl.load(group_row + _DECOUPLED_WD) != 0
-
-    # Scalars in fp64 like torch's Python floats, cast to the compute dtype at their use.
-    step = tl.load(steps_ptr + segment).to(tl.float64)
-    bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-    bias_correction2 = 1.0 - tl.exp2(step * tl.log2(beta2))
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = tl.sqrt(bias_correction2)
-    l2_weight_decay = tl.where(decoupled_wd, 0.0, weight_decay)
-    param_decay = 1.0 - lr * weight_decay
-    grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
-    grad_scale = tl.where(maximize, -grad_scale, grad_scale)
-    clip_factor = tl.load(clip_factor_ptr)
+    (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2, eps,
+     step_size, bias_correction2_sqrt, amsgrad) = _segment_scalars(
+        segment, segment_groups_ptr, steps_ptr, group_table_ptr, inv_grad_scale_ptr,
+        inv_grad_scale, clip_factor_ptr)
 
     grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
     # Chunk offsets are multiples of BLOCK_SIZE and segment starts of SEGMENT_ALIGNMENT (16)
