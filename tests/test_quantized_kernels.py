@@ -24,6 +24,10 @@ import triton.language as tl  # noqa: E402  (after the skips: triton is optional
 from fused_adam import kernels  # noqa: E402
 from fused_adam.kernels import QUANT_BLOCK, ArenaTensors, reference, triton_adam  # noqa: E402
 
+# numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic: log2(0) of
+# a zero beta (a bias correction of exactly 1), 1 / subnormal = inf, inf * 0 = NaN.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
 # Five segments, starts on multiples of QUANT_BLOCK, reserved space rounded up to whole blocks:
 # 0: 4400 elements, blocks 0-17 (the last holds 48): whole chunks of 2048 and of 4096 elements
 #    (fp32 and bf16/fp16 launch configs) and a tail chunk;
