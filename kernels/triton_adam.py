@@ -10,6 +10,10 @@ flags stay per segment and per group without one compile per combination.
 Mixed precision follows the numba kernel's contract: bf16/fp16 params may have an fp32 master
 copy (stepped in their place, then rounded into them) and moments of their own dtype, fp32 or
 bf16; the math is fp32 (fp64 for fp64 params) and every narrower store rounds to nearest even.
+
+8-bit moments (int8/uint8 codes and an fp32 absmax per block of QUANT_BLOCK elements, see
+`fused_adam.kernels`) have a kernel of their own, `_adam_q8_kernel`, over the same chunk table:
+it decodes a chunk's blocks, steps as `_adam_kernel` does in fp32 and encodes the new moments.
 """
 
 import contextlib
@@ -20,8 +24,9 @@ import triton
 import triton.language as tl
 
 from fused_adam.kernels import (
-    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, GROUP_COLUMNS, LR, MASTER_DTYPES, MAXIMIZE,
-    PARAM_DTYPES, STATE_DTYPES, WEIGHT_DECAY, PerLayout,
+    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, GROUP_COLUMNS, LR,
+    MASTER_DTYPES, MAXIMIZE, PARAM_DTYPES, QUANT_BLOCK, SIGNED_LEVELS, STATE_DTYPES,
+    UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
 )
 
 GRADS = "addresses"
@@ -89,20 +94,10 @@ def _store_rounded(ptrs, x, mask):
 
 
 @triton.jit
-def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                max_exp_avg_sq_ptrs, mask, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
-                param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
-                bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
-                HAS_MAX_EXP_AVG_SQ: tl.constexpr):
-    # With a master copy the params are only written: the fp32 master is the value stepped.
-    if HAS_MASTER:
-        p = tl.load(master_param_ptrs, mask=mask)
-    else:
-        p = _to_compute(tl.load(param_ptrs, mask=mask))
-    g = _to_compute(tl.load(grad_ptrs, mask=mask))
-    m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
-    v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
-
+def _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
+                    param_decay, lerp_weight, beta2, one_minus_beta2):
+    """(p, m, v) after the gradient's scaling, weight decay and the moments' update: the math
+    both kernels share, on tiles of any shape."""
     # grad_scale is GradScaler's inverse scale, negated for maximize: exactly +-1.0 without a
     # scaler, so no rounding. Then the clipping factor (1.0 without clipping), rounded apart
     # as torch's unscale_ then clip_grad_norm_ round.
@@ -121,6 +116,33 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
     else:
         m = g - (g - m) * (1.0 - w)
     v = v * beta2.to(v.dtype) + (one_minus_beta2.to(v.dtype) * g) * g
+    return p, m, v
+
+
+@triton.jit
+def _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps):
+    """p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps), IEEE-rounded."""
+    denom = _div(_sqrt(v_hat), bias_correction2_sqrt.to(v_hat.dtype)) + eps.to(v_hat.dtype)
+    return p - _div(step_size.to(p.dtype) * m, denom)
+
+
+@triton.jit
+def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                max_exp_avg_sq_ptrs, mask, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
+                param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
+                bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
+                HAS_MAX_EXP_AVG_SQ: tl.constexpr):
+    # With a master copy the params are only written: the fp32 master is the value stepped.
+    if HAS_MASTER:
+        p = tl.load(master_param_ptrs, mask=mask)
+    else:
+        p = _to_compute(tl.load(param_ptrs, mask=mask))
+    g = _to_compute(tl.load(grad_ptrs, mask=mask))
+    m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
+    v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
+
+    p, m, v = _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay,
+                              decoupled_wd, param_decay, lerp_weight, beta2, one_minus_beta2)
     v_hat = v
     if HAS_MAX_EXP_AVG_SQ:
         if amsgrad:
@@ -128,14 +150,42 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
             # torch.maximum propagates NaN; tl.maximum does not unless asked.
             v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
             _store_rounded(max_exp_avg_sq_ptrs, v_hat, mask)
-    denom = _div(_sqrt(v_hat), bias_correction2_sqrt.to(v.dtype)) + eps.to(v.dtype)
-    p = p - _div(step_size.to(p.dtype) * m, denom)
+    p = _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps)
 
     if HAS_MASTER:
         tl.store(master_param_ptrs, p, mask=mask)
     _store_rounded(param_ptrs, p, mask)
     _store_rounded(exp_avg_ptrs, m, mask)
     _store_rounded(exp_avg_sq_ptrs, v, mask)
+
+
+@triton.jit
+def _segment_scalars(segment, segment_groups_ptr, steps_ptr, group_table_ptr,
+                     inv_grad_scale_ptr, inv_grad_scale, clip_factor_ptr):
+    """The scalars both kernels step a segment with, from its group row and step count."""
+    group_row = group_table_ptr + tl.load(segment_groups_ptr + segment) * _GROUP_COLUMNS
+    lr = tl.load(group_row + _LR)
+    beta1 = tl.load(group_row + _BETA1)
+    beta2 = tl.load(group_row + _BETA2)
+    eps = tl.load(group_row + _EPS)
+    weight_decay = tl.load(group_row + _WEIGHT_DECAY)
+    maximize = tl.load(group_row + _MAXIMIZE) != 0
+    amsgrad = tl.load(group_row + _AMSGRAD) != 0
+    decoupled_wd = tl.load(group_row + _DECOUPLED_WD) != 0
+
+    # Scalars in fp64 like torch's Python floats, cast to the compute dtype at their use.
+    step = tl.load(steps_ptr + segment).to(tl.float64)
+    bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    bias_correction2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = tl.sqrt(bias_correction2)
+    l2_weight_decay = tl.where(decoupled_wd, 0.0, weight_decay)
+    param_decay = 1.0 - lr * weight_decay
+    grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
+    grad_scale = tl.where(maximize, -grad_scale, grad_scale)
+    clip_factor = tl.load(clip_factor_ptr)
+    return (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2,
+            eps, step_size, bias_correction2_sqrt, amsgrad)
 
 
 @triton.jit
@@ -168,27 +218,10 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
 
     start = tl.load(segment_starts_ptr + segment)
     length = tl.load(segment_lengths_ptr + segment)
-    group_row = group_table_ptr + tl.load(segment_groups_ptr + segment) * _GROUP_COLUMNS
-    lr = tl.load(group_row + _LR)
-    beta1 = tl.load(group_row + _BETA1)
-    beta2 = tl.load(group_row + _BETA2)
-    eps = tl.load(group_row + _EPS)
-    weight_decay = tl.load(group_row + _WEIGHT_DECAY)
-    maximize = tl.load(group_row + _MAXIMIZE) != 0
-    amsgrad = tl.load(group_row + _AMSGRAD) != 0
-    decoupled_wd = tl.load(group_row + _DECOUPLED_WD) != 0
-
-    # Scalars in fp64 like torch's Python floats, cast to the compute dtype at their use.
-    step = tl.load(steps_ptr + segment).to(tl.float64)
-    bias_correction1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-    bias_correction2 = 1.0 - tl.exp2(step * tl.log2(beta2))
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = tl.sqrt(bias_correction2)
-    l2_weight_decay = tl.where(decoupled_wd, 0.0, weight_decay)
-    param_decay = 1.0 - lr * weight_decay
-    grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
-    grad_scale = tl.where(maximize, -grad_scale, grad_scale)
-    clip_factor = tl.load(clip_factor_ptr)
+    (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2, eps,
+     step_size, bias_correction2_sqrt, amsgrad) = _segment_scalars(
+        segment, segment_groups_ptr, steps_ptr, group_table_ptr, inv_grad_scale_ptr,
+        inv_grad_scale, clip_factor_ptr)
 
     grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
     # Chunk offsets are multiples of BLOCK_SIZE and segment starts of SEGMENT_ALIGNMENT (16)
@@ -240,6 +273,206 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
                     HAS_MASTER=HAS_MASTER, HAS_MAX_EXP_AVG_SQ=HAS_MAX_EXP_AVG_SQ)
 
 
+# ---------------------------------------------------------------------------------------------
+# 8-bit moments: the block map of `fused_adam.kernels`, in a kernel of its own. Its tile has a
+# row per block of QUANT_BLOCK elements (each row reduces to its block's absmax), it has two more
+# buffers and no amsgrad or fp64; as a constexpr branch of `_adam_kernel` it would have added
+# parameters to that kernel's signature (and to its direct calls in tests) and a second tile
+# shape to every branch of it, and each change to one would risk the other's code. The two
+# share the scalars and the fp32 math (`_segment_scalars`, `_update_moments`, `_stepped_param`),
+# and `_adam_kernel`'s PTX is what it was before this kernel existed.
+
+_QUANT_BLOCK = tl.constexpr(QUANT_BLOCK)
+_SIGNED_LEVELS = tl.constexpr(float(SIGNED_LEVELS))
+_UNSIGNED_LEVELS = tl.constexpr(float(UNSIGNED_LEVELS))
+# The decoding steps float32(1 / levels): a Python float beside an fp32 tile is an fp32
+# constant, rounded to nearest from the double (as the reference's torch.tensor(1 / levels)).
+_SIGNED_STEP = tl.constexpr(1 / SIGNED_LEVELS)
+_UNSIGNED_STEP = tl.constexpr(1 / UNSIGNED_LEVELS)
+_TWO_TO_THE_23 = tl.constexpr(float(2 ** 23))
+
+
+@triton.jit
+def _rint(x):
+    """x >= 0 (or NaN) rounded to an integer, to nearest even, for x < 2^23: adding 2^23 leaves
+    no fraction bits, so the sum rounds as every IEEE addition does (to nearest even) and the
+    subtraction is exact; from 2^23 up (inf included) the result stays >= 2^23, which the
+    encoders clamp to their top code as they would rint(x). libdevice.rint (cvt.rni.f32.f32)
+    is one instruction compiled, but Triton's interpreter (3.9) runs no extern calls; this
+    spelling is the same two IEEE additions compiled and interpreted."""
+    return (x + _TWO_TO_THE_23) - _TWO_TO_THE_23
+
+
+@triton.jit
+def _decode(codes, absmax, SIGNED: tl.constexpr):
+    """fp32 values of a tile of codes (see `_adam_q8_kernel`: [split, blocks, width]) under
+    their blocks' absmax ([blocks]):
+    t = q * float32(1 / levels);  m = (t * |t|) * s (signed),  v = ((t * t) * (t * t)) * s."""
+    if SIGNED:
+        t = codes.to(tl.float32) * _SIGNED_STEP
+        return (t * tl.abs(t)) * absmax[None, :, None]
+    else:
+        t = codes.to(tl.float32) * _UNSIGNED_STEP
+        squared = t * t
+        return (squared * squared) * absmax[None, :, None]
+
+
+@triton.jit
+def _encode(x, mask, SIGNED: tl.constexpr):
+    """(codes as fp32 integers, absmax [blocks]) of the fp32 tile `x` ([split, blocks, width]),
+    the elements outside `mask` left out of the absmax:
+
+    s = max |x| (NaN if any is NaN);  r = 1 / s if s > 0 else 0;  y = x * r
+    q = sign(y) * min(rint(sqrt(|y|) * 127), 127)   (signed)
+    q = min(rint(sqrt(sqrt(y)) * 255), 255)         (unsigned)
+    with q = 0 where it is NaN (a NaN y), all rounded as IEEE fp32 (div_rn, sqrt_rn)."""
+    # The absmax as an integer max over |x|'s bits: without the sign bit, fp32 bit patterns
+    # order as their values (+0 < subnormals < normals < inf), and every NaN's lie above
+    # inf's, so a block with a NaN gets a NaN, as the contract wants. tl.max on the floats
+    # drops NaN compiled (max.f32), and a NaN-propagating tl.reduce runs its combine function
+    # per element under the interpreter (minutes a test).
+    magnitude = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    if mask is not None:
+        magnitude = tl.where(mask, magnitude, 0)
+    absmax = tl.max(tl.max(magnitude, axis=2), axis=0).to(tl.float32, bitcast=True)
+    positive = absmax > 0
+    # 1 / s only where s > 0: no division by zero or NaN to warn about under the interpreter.
+    reciprocal = tl.where(positive, tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32),
+                                              tl.where(positive, absmax, 1.0)), 0.0)
+    y = x * reciprocal[None, :, None]
+    if SIGNED:
+        q = _rint(tl.sqrt_rn(tl.abs(y)) * _SIGNED_LEVELS)
+        # NaN first: tl.minimum keeps the number compiled (min.f32) and the NaN interpreted.
+        q = tl.where(q != q, 0.0, tl.minimum(q, _SIGNED_LEVELS))
+        q = tl.where(y < 0, -q, q)
+    else:
+        q = _rint(tl.sqrt_rn(tl.sqrt_rn(y)) * _UNSIGNED_LEVELS)
+        q = tl.where(q != q, 0.0, tl.minimum(q, _UNSIGNED_LEVELS))
+    return q, absmax
+
+
+@triton.jit
+def _store_quantized(code_ptrs, absmax_ptrs, x, mask, block_mask, SIGNED: tl.constexpr):
+    codes, absmax = _encode(x, mask, SIGNED)
+    tl.store(code_ptrs, codes.to(code_ptrs.dtype.element_ty), mask=mask)
+    tl.store(absmax_ptrs, absmax, mask=block_mask)
+
+
+@triton.jit
+def _adam_q8_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
+                   exp_avg_absmax_ptrs, exp_avg_sq_absmax_ptrs, mask, block_mask, grad_scale,
+                   clip_factor, l2_weight_decay, decoupled_wd, param_decay, lerp_weight, beta2,
+                   one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+                   HAS_MASTER: tl.constexpr):
+    if HAS_MASTER:
+        p = tl.load(master_param_ptrs, mask=mask)
+    else:
+        p = tl.load(param_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(grad_ptrs, mask=mask).to(tl.float32)
+    m = _decode(tl.load(exp_avg_ptrs, mask=mask), tl.load(exp_avg_absmax_ptrs, mask=block_mask),
+                SIGNED=True)
+    v = _decode(tl.load(exp_avg_sq_ptrs, mask=mask),
+                tl.load(exp_avg_sq_absmax_ptrs, mask=block_mask), SIGNED=False)
+    p, m, v = _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay,
+                              decoupled_wd, param_decay, lerp_weight, beta2, one_minus_beta2)
+    # The parameter steps with the unrounded new moments.
+    p = _stepped_param(p, m, v, step_size, bias_correction2_sqrt, eps)
+    if HAS_MASTER:
+        tl.store(master_param_ptrs, p, mask=mask)
+    _store_rounded(param_ptrs, p, mask)
+    _store_quantized(exp_avg_ptrs, exp_avg_absmax_ptrs, m, mask, block_mask, SIGNED=True)
+    _store_quantized(exp_avg_sq_ptrs, exp_avg_sq_absmax_ptrs, v, mask, block_mask, SIGNED=False)
+
+
+@triton.jit
+def _adam_q8_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                    exp_avg_absmax_ptr, exp_avg_sq_absmax_ptr,
+                    chunk_table_ptr, segment_starts_ptr, segment_lengths_ptr, segment_groups_ptr,
+                    steps_ptr, grad_addresses_ptr, group_table_ptr,
+                    inv_grad_scale_ptr, inv_grad_scale, found_inf_ptr, clip_factor_ptr,
+                    HAS_MASTER: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """`_adam_kernel`'s step (no amsgrad) with 8-bit moments: this program's chunk as a tile of
+    blocks (chunk offsets are multiples of BLOCK_SIZE, itself a multiple of QUANT_BLOCK, and
+    segment starts multiples of QUANT_BLOCK), the old moments decoded with their block's
+    absmax, the fp32 step of `_adam_kernel` (the parameter stepped with the unrounded new
+    moments), then each block's new absmax and codes stored (see `_encode`). Blocks and
+    elements past the segment's length are neither read nor written.
+
+    The tile is [BLOCK_SIZE // QUANT_BLOCK, QUANT_BLOCK] held as [SPLIT, BLOCKS, WIDTH]:
+    element (h, b, c) is element h * WIDTH + c of block b. Triton lays a tile out lanes first
+    along its contiguous dimension, then warps: with 4 elements a thread, a [8, 256] tile puts
+    two warps on each block, and each absmax is then reduced across warps through shared
+    memory. A row of WIDTH = 32 * ACCESS elements is one warp's width, so [2, 8, 128] gives
+    each block one warp (its two halves in the same threads) and the absmax is a reduction
+    within the thread and then across lanes (redux.sync.max.s32 on sm_80 and later); with 8
+    elements a thread, SPLIT is 1. What still goes through shared memory is each new absmax,
+    from its warp to the layout Triton gives the store of a [BLOCKS] vector (a few bytes)."""
+    found_inf = tl.load(found_inf_ptr)
+    pid = tl.program_id(0).to(tl.int64)
+    segment = tl.load(chunk_table_ptr + 2 * pid)
+    chunk_offset = tl.load(chunk_table_ptr + 2 * pid + 1)
+    grad_address = tl.load(grad_addresses_ptr + segment)
+    if (found_inf != 0) | (grad_address == 0):
+        return
+
+    start = tl.load(segment_starts_ptr + segment)
+    length = tl.load(segment_lengths_ptr + segment)
+    (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2, eps,
+     step_size, bias_correction2_sqrt, amsgrad) = _segment_scalars(
+        segment, segment_groups_ptr, steps_ptr, group_table_ptr, inv_grad_scale_ptr,
+        inv_grad_scale, clip_factor_ptr)
+
+    grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
+    # One contiguity for every stream, as in `_adam_kernel`: 128 bits of the widest (fp32
+    # params or master: 4 elements, so 32-bit accesses of the codes; bf16/fp16 params alone: 8,
+    # 64-bit code accesses). Hints as there, per dimension: along a row, ACCESS contiguous
+    # elements starting on a multiple of 16 (chunk offsets and segment starts are multiples
+    # of QUANT_BLOCK).
+    WIDEST_BITS: tl.constexpr = max(param_ptr.dtype.element_ty.primitive_bitwidth,
+                                    32 if HAS_MASTER else 0)
+    ACCESS: tl.constexpr = 128 // WIDEST_BITS
+    BLOCKS: tl.constexpr = BLOCK_SIZE // _QUANT_BLOCK
+    SPLIT: tl.constexpr = max(1, _QUANT_BLOCK // (32 * ACCESS))
+    WIDTH: tl.constexpr = _QUANT_BLOCK // SPLIT
+    block = tl.arange(0, BLOCKS)
+    block_offset = chunk_offset + block * _QUANT_BLOCK  # in the segment
+    in_block = tl.arange(0, SPLIT)[:, None, None] * WIDTH + tl.arange(0, WIDTH)[None, None, :]
+    in_segment = block_offset[None, :, None] + in_block
+    in_segment = tl.max_contiguous(tl.multiple_of(in_segment, [16, 16, 16]), [1, 1, ACCESS])
+    offsets = tl.max_contiguous(tl.multiple_of(start + in_segment, [16, 16, 16]), [1, 1, ACCESS])
+    grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptr + in_segment, [16, 16, 16]),
+                                  [1, 1, ACCESS])
+    if HAS_MASTER:
+        master_param_ptrs = master_param_ptr + offsets
+    else:
+        master_param_ptrs = None
+    # Element i's block is i // QUANT_BLOCK; unsigned, so that it compiles to one shift (a
+    # signed division would round toward zero through a sign fix-up).
+    blocks = (start + block_offset).to(tl.uint64, bitcast=True) // _QUANT_BLOCK
+    # Whole chunks unmasked (vector accesses), the segment's last one masked: see _adam_kernel.
+    if chunk_offset + BLOCK_SIZE <= length:
+        _adam_q8_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
+                       exp_avg_sq_ptr + offsets, exp_avg_absmax_ptr + blocks,
+                       exp_avg_sq_absmax_ptr + blocks, mask=None, block_mask=None,
+                       grad_scale=grad_scale, clip_factor=clip_factor,
+                       l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
+                       param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
+                       one_minus_beta2=1.0 - beta2, step_size=step_size,
+                       bias_correction2_sqrt=bias_correction2_sqrt, eps=eps,
+                       HAS_MASTER=HAS_MASTER)
+    else:
+        _adam_q8_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
+                       exp_avg_sq_ptr + offsets, exp_avg_absmax_ptr + blocks,
+                       exp_avg_sq_absmax_ptr + blocks, mask=in_segment < length,
+                       block_mask=block_offset < length,
+                       grad_scale=grad_scale, clip_factor=clip_factor,
+                       l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
+                       param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
+                       one_minus_beta2=1.0 - beta2, step_size=step_size,
+                       bias_correction2_sqrt=bias_correction2_sqrt, eps=eps,
+                       HAS_MASTER=HAS_MASTER)
+
+
 def launch_config(arena):
     """(BLOCK_SIZE, compile options) for `arena`'s buffer dtypes. 8 warps, each thread moving
     32 B of the widest stream (two 128-bit accesses): 2048 elements per program when any stream
@@ -250,10 +483,14 @@ def launch_config(arena):
     contiguity note in the kernel). Sized by the narrowest stream instead, the 4-byte streams
     would double their registers. FMA contraction off: the kernel then rounds exactly as the
     interpreter (and torch's separate ops) do, whatever a Triton version's default; the extra
-    FLOPs hide under the memory traffic."""
+    FLOPs hide under the memory traffic. With 8-bit moments the codes are never the widest
+    stream: 2048 elements (8 blocks of QUANT_BLOCK) beside fp32 params or master, 4096 (16)
+    for bf16/fp16 params alone; both multiples of QUANT_BLOCK, as `_adam_q8_kernel` needs."""
     widest = max(arena.params.element_size(), arena.exp_avg.element_size(),
                  4 if arena.master_params is not None else 0)
-    return 8192 // widest, dict(num_warps=8, enable_fp_fusion=False)
+    block_size = 8192 // widest
+    assert not arena.quantized or block_size % QUANT_BLOCK == 0
+    return block_size, dict(num_warps=8, enable_fp_fusion=False)
 
 
 def _check(name, tensor, dtype, device, n=None):
@@ -265,18 +502,35 @@ def _check(name, tensor, dtype, device, n=None):
 
 
 def _check_arena(arena):
-    """The contract's shapes and dtypes (host metadata only: no device read)."""
+    """The contract's shapes and dtypes (host metadata only: no device read, so that segment
+    starts are multiples of QUANT_BLOCK in an arena of 8-bit moments is the contract's word)."""
     params = arena.params
     device, dtype, state_dtype = params.device, params.dtype, arena.exp_avg.dtype
     assert dtype in PARAM_DTYPES, f"unsupported dtype {dtype}"
     assert params.dim() == 1, "arena buffers are 1-D"
-    assert state_dtype == dtype or (dtype != torch.float64 and state_dtype in STATE_DTYPES), \
-        f"{dtype} params cannot have {state_dtype} moments"
+    if arena.quantized:
+        # fp32 math: the reference's quantized step is fp32, and the optimizer never gives
+        # fp64 params 8-bit moments.
+        assert dtype != torch.float64, "8-bit moments are for fp32, bf16 and fp16 params"
+        assert arena.max_exp_avg_sq is None, "8-bit moments do not offer amsgrad"
+        assert params.numel() % QUANT_BLOCK == 0, \
+            f"an arena of 8-bit moments is whole blocks of {QUANT_BLOCK} elements"
+        moments = [("exp_avg", arena.exp_avg, EXP_AVG_CODES),
+                   ("exp_avg_sq", arena.exp_avg_sq, EXP_AVG_SQ_CODES)]
+        for name in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+            assert getattr(arena, name) is not None, f"8-bit moments without {name}"
+            _check(name, getattr(arena, name), torch.float32, device,
+                   params.numel() // QUANT_BLOCK)
+    else:
+        assert state_dtype == dtype or (dtype != torch.float64 and state_dtype in STATE_DTYPES), \
+            f"{dtype} params cannot have {state_dtype} moments"
+        assert arena.exp_avg_sq_absmax is None, "exp_avg_sq_absmax without exp_avg_absmax"
+        moments = [("exp_avg", arena.exp_avg, state_dtype),
+                   ("exp_avg_sq", arena.exp_avg_sq, state_dtype),
+                   ("max_exp_avg_sq", arena.max_exp_avg_sq, state_dtype)]
     assert arena.master_params is None or dtype in MASTER_DTYPES, \
         f"a master copy is for bf16/fp16 params, not {dtype}"
-    buffers = [("params", params, dtype), ("exp_avg", arena.exp_avg, state_dtype),
-               ("exp_avg_sq", arena.exp_avg_sq, state_dtype),
-               ("max_exp_avg_sq", arena.max_exp_avg_sq, state_dtype),
+    buffers = [("params", params, dtype), *moments,
                ("master_params", arena.master_params, torch.float32)]
     for name, buffer, buffer_dtype in buffers:
         if buffer is not None:
@@ -316,11 +570,29 @@ class _Derived:
 _derived_for = PerLayout(_Derived)
 
 
+def kernel_for(arena):
+    """The step kernel for `arena`: `_adam_q8_kernel` for 8-bit moments, else `_adam_kernel`."""
+    return _adam_q8_kernel if arena.quantized else _adam_kernel
+
+
 def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_scale,
                      found_inf_ptr, clip_factor_ptr):
-    """`_adam_kernel`'s arguments by name for `arena`, and (grid size, compile options): what
-    the launcher launches and what tests/test_triton_compile.py compiles ahead of time."""
+    """`kernel_for(arena)`'s arguments by name for `arena`, and (grid size, compile options):
+    what the launcher launches and what tests/test_triton_compile.py compiles ahead of time."""
     derived = _derived_for(arena)
+    if arena.quantized:
+        arguments = dict(
+            param_ptr=arena.params, master_param_ptr=arena.master_params,
+            exp_avg_ptr=arena.exp_avg, exp_avg_sq_ptr=arena.exp_avg_sq,
+            exp_avg_absmax_ptr=arena.exp_avg_absmax,
+            exp_avg_sq_absmax_ptr=arena.exp_avg_sq_absmax,
+            chunk_table_ptr=derived.chunk_table, segment_starts_ptr=arena.segment_starts,
+            segment_lengths_ptr=arena.segment_lengths, segment_groups_ptr=arena.segment_groups,
+            steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
+            inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
+            found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr,
+            HAS_MASTER=arena.master_params is not None, BLOCK_SIZE=derived.block_size)
+        return arguments, derived.n_chunks, derived.options
     has_max = arena.max_exp_avg_sq is not None
     arguments = dict(
         param_ptr=arena.params, master_param_ptr=arena.master_params,
@@ -348,6 +620,10 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
     _check("group_table", group_table, torch.float64, device)
     assert group_table.dim() == 2 and group_table.shape[1] == GROUP_COLUMNS, \
         f"group_table must be [n_groups, {GROUP_COLUMNS}], got {tuple(group_table.shape)}"
+    # The record has no max_exp_avg_sq (_check_arena); a group asking for amsgrad is refused
+    # by the optimizer, and here where that costs no device read (a table on the host).
+    assert not (arena.quantized and group_table.device.type == "cpu"
+                and group_table[:, AMSGRAD].any()), "8-bit moments do not offer amsgrad"
 
     advance = derived.advance
     torch.ne(grads, 0, out=advance)
@@ -381,7 +657,7 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
         arena, grads=grads, group_table=group_table, inv_grad_scale_ptr=inv_grad_scale_ptr,
         inv_grad_scale=inv_grad_scale, found_inf_ptr=found_inf, clip_factor_ptr=clip_factor)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _adam_kernel[(n_chunks,)](**arguments, **options)
+        kernel_for(arena)[(n_chunks,)](**arguments, **options)
 
 
 # ---------------------------------------------------------------------------------------------

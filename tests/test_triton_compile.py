@@ -1,9 +1,10 @@
 """Ahead-of-time compile of every specialization the Triton launcher can launch, for sm_80 and
 sm_90, without a GPU: each param dtype with each moment dtype and master copy an arena can have,
-with and without amsgrad. Then check its PTX (vector loads and stores, the grad's included: 128-bit
-for every 4- and 8-byte stream; 16-bit stores rounded to nearest even; no layout shuffle through
-shared memory; 64-bit address math) and its SASS (no spill per element). Works with Triton 3.6
-and later (ASTSource(fn, signature, constexprs, attrs) with string signature keys).
+with and without amsgrad, and with 8-bit moments. Then check its PTX (vector loads and stores, the
+grad's included: 128-bit for every 4- and 8-byte stream; 16-bit stores rounded to nearest even; no
+layout shuffle through shared memory; 64-bit address math) and its SASS (no spill per element).
+Works with Triton 3.6 and later (ASTSource(fn, signature, constexprs, attrs) with string signature
+keys).
 
 The compiles run in child processes (one per architecture, in parallel): tests/conftest.py turns
 on TRITON_INTERPRET without a GPU, and a process that imported triton in interpreter mode holds
@@ -25,14 +26,16 @@ import triton.language as tl  # noqa: E402  (after the skip: triton is optional)
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp64", "bf16", "fp16")
-TORCH_DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}
-ELEMENT_BYTES = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2}
+TORCH_DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16",
+                "int8": "int8"}
+ELEMENT_BYTES = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1}
 
 
 def _launchable():
     """(param dtype, state dtype, has master) of every arena FusedAdam can build: each param
-    dtype with each `state_dtype` the optimizer accepts (None, fp32, bf16) and with and without
-    `master_weights`, resolved by the Arena itself, so that a change there shows up here."""
+    dtype with each `state_dtype` the optimizer accepts (None, fp32, bf16, int8: 8-bit moments)
+    and with and without `master_weights`, resolved by the Arena itself, so that a change there
+    shows up here."""
     import torch
     from fused_adam.flat import Arena
 
@@ -40,7 +43,7 @@ def _launchable():
     combos = []
     for name in DTYPES:
         for master_weights in (False, True):
-            for state_dtype in (None, torch.float32, torch.bfloat16):
+            for state_dtype in (None, torch.float32, torch.bfloat16, torch.int8):
                 arena = Arena("cpu", getattr(torch, TORCH_DTYPES[name]), [],
                               state_dtype=state_dtype, master_weights=master_weights)
                 combo = (name, names[arena.state_dtype], arena.has_master)
@@ -49,9 +52,12 @@ def _launchable():
     return combos
 
 
-# (arch, param dtype, state dtype, has master, has max_exp_avg_sq): 24 per architecture.
+# (arch, param dtype, state dtype, has master, has max_exp_avg_sq): 24 per architecture, and
+# 5 of 8-bit moments (state "int8": int8 and uint8 codes; no amsgrad, no fp64).
 SPECS = [(arch, *combo, has_max)
-         for arch in ARCHS for combo in _launchable() for has_max in (False, True)]
+         for arch in ARCHS for combo in _launchable() for has_max in (False, True)
+         if not (combo[1] == "int8" and has_max)]
+QUANTIZED_SPECS = [spec for spec in SPECS if spec[2] == "int8"]
 
 
 def _spec_id(spec):
@@ -66,7 +72,10 @@ def _streams(spec):
     streams = [(name, not has_master, True), (name, True, False)]  # param, grad
     if has_master:
         streams.append(("fp32", True, True))
-    streams += [(state, True, True)] * (2 + has_max)  # exp_avg, exp_avg_sq (+ max_exp_avg_sq)
+    if state == "int8":
+        streams += [("int8", True, True), ("uint8", True, True)]  # the codes
+    else:
+        streams += [(state, True, True)] * (2 + has_max)  # exp_avg, exp_avg_sq (+ max)
     return streams
 
 
@@ -80,28 +89,35 @@ def _import_triton_adam():
 
 
 def _kernel_arguments(triton_adam, spec):
-    """What the launcher passes `_adam_kernel` for an arena of this spec (tiny CPU tensors of
-    the right dtypes stand in for the buffers): its own `kernel_arguments`, the one source of
-    the signature, and the launch options."""
+    """What the launcher passes its kernel for an arena of this spec (tiny CPU tensors of
+    the right dtypes stand in for the buffers): its own `kernel_for` and `kernel_arguments`,
+    the one source of the kernel and its signature, and the launch options."""
     import torch
-    from fused_adam.kernels import GROUP_COLUMNS, ArenaTensors
+    from fused_adam.kernels import (
+        EXP_AVG_CODES, EXP_AVG_SQ_CODES, GROUP_COLUMNS, QUANT_BLOCK, ArenaTensors,
+    )
 
     _, name, state, has_master, has_max = spec
     param_dtype, state_dtype = (getattr(torch, TORCH_DTYPES[n]) for n in (name, state))
-    zeros = lambda dtype: torch.zeros(64, dtype=dtype)  # noqa: E731
+    zeros = lambda dtype: torch.zeros(QUANT_BLOCK, dtype=dtype)  # noqa: E731
     one = torch.tensor([16], dtype=torch.int64)
+    quantized = state == "int8"
     arena = ArenaTensors(
-        params=zeros(param_dtype), exp_avg=zeros(state_dtype), exp_avg_sq=zeros(state_dtype),
+        params=zeros(param_dtype),
+        exp_avg=zeros(EXP_AVG_CODES if quantized else state_dtype),
+        exp_avg_sq=zeros(EXP_AVG_SQ_CODES if quantized else state_dtype),
         segment_starts=torch.zeros(1, dtype=torch.int64), segment_lengths=one,
         segment_groups=torch.zeros(1, dtype=torch.int64), steps=torch.zeros(1),
         master_params=zeros(torch.float32) if has_master else None,
-        max_exp_avg_sq=zeros(state_dtype) if has_max else None)
+        max_exp_avg_sq=zeros(state_dtype) if has_max else None,
+        exp_avg_absmax=torch.zeros(1) if quantized else None,
+        exp_avg_sq_absmax=torch.zeros(1) if quantized else None)
     arguments, _, options = triton_adam.kernel_arguments(
         arena, grads=torch.zeros(1, dtype=torch.int64),
         group_table=torch.zeros(1, GROUP_COLUMNS, dtype=torch.float64),
         inv_grad_scale_ptr=torch.ones(()), inv_grad_scale=1.0, found_inf_ptr=torch.zeros(()),
         clip_factor_ptr=torch.ones((), dtype=torch.float64))
-    return arguments, options
+    return triton_adam.kernel_for(arena), arguments, options
 
 
 # The gradient-norm kernel: (arch, grad dtype, norm type) for each reduction it specializes.
@@ -134,7 +150,7 @@ def _power_sum_arguments(triton_adam, spec):
 
 
 _TYPE_NAMES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16",
-               "int64": "i64"}
+               "int64": "i64", "int8": "i8", "uint8": "u8"}
 
 
 def _signature(kernel, arguments):
@@ -162,12 +178,11 @@ def _compile_arch(arch, out_dir):
     from triton.compiler import ASTSource
 
     triton_adam = _import_triton_adam()
-    kernel = triton_adam._adam_kernel
     meta = {}
     for spec in SPECS:
         if spec[0] != arch:
             continue
-        arguments, options = _kernel_arguments(triton_adam, spec)
+        kernel, arguments, options = _kernel_arguments(triton_adam, spec)
         signature, constexprs = _signature(kernel, arguments)
         block_size = constexprs["BLOCK_SIZE"]
         # What the JIT specializes at launch: every tensor argument is 16-byte aligned (the
@@ -180,7 +195,7 @@ def _compile_arch(arch, out_dir):
         cubin = Path(out_dir, _spec_id(spec) + ".cubin")
         cubin.write_bytes(compiled.asm["cubin"])
         meta[_spec_id(spec)] = dict(block_size=block_size, num_warps=options["num_warps"],
-                                    resources=_resource_usage(cubin))
+                                    kernel=kernel.fn.__name__, resources=_resource_usage(cubin))
     for spec in POWER_SPECS:
         if spec[0] != arch:
             continue
@@ -244,7 +259,8 @@ def compiled(tmp_path_factory):
 @pytest.mark.parametrize("spec", SPECS, ids=_spec_id)
 def test_compiles_without_spills(compiled, spec):
     ptx, meta = compiled(spec)
-    assert ".entry _adam_kernel" in ptx
+    kernel = "_adam_q8_kernel" if spec[2] == "int8" else "_adam_kernel"
+    assert meta["kernel"] == kernel and f".entry {kernel}" in ptx
     assert "st.local" not in ptx and "ld.local" not in ptx, "registers spill to local memory"
     resources = meta["resources"]
     if not resources:
@@ -264,7 +280,10 @@ def test_compiles_without_spills(compiled, spec):
 @pytest.mark.parametrize("spec", SPECS, ids=_spec_id)
 def test_no_round_trip_through_shared_memory(compiled, spec):
     """A convert_layout between two register layouts goes through shared memory with a
-    barrier; the kernel is written (one contiguity for every stream) so that none is needed."""
+    barrier; the kernel is written (one contiguity for every stream) so that none is needed.
+    8-bit moments: see test_quantized_kernel_moves_only_absmax_through_shared_memory."""
+    if spec[2] == "int8":
+        pytest.skip("8-bit moments exchange each block's absmax through shared memory")
     ptx, _ = compiled(spec)
     assert "bar.sync" not in ptx and "st.shared" not in ptx, "layout conversion in the kernel"
 
@@ -279,6 +298,8 @@ def _expected_vectors(spec, block_size, num_warps):
     per_access = 16 // max(ELEMENT_BYTES[name] for name, _, _ in streams)
     expected = Counter()
     for name, loaded, stored in streams:
+        if name in ("int8", "uint8"):
+            continue  # 32- or 64-bit: test_quantized_whole_chunks_move_codes_in_words
         bits = per_access * ELEMENT_BYTES[name] * 8
         vector = "v2.b64" if name == "fp64" else {128: "v4.b32", 64: "v2.b32"}[bits]
         for op, moves in (("ld", loaded), ("st", stored)):
@@ -307,6 +328,83 @@ def _stored_16_bit(spec, block_size, num_warps):
         if stores and name in ("bf16", "fp16"):
             stored[{"bf16": "bf16", "fp16": "f16"}[name]] += elements
     return stored
+
+
+# 8-bit moments. A thread holds ACCESS contiguous elements of every stream (128 bits of the
+# widest one), so the codes move 4 (beside fp32 params or master) or 8 (bf16/fp16 params alone)
+# to an instruction: b32 or v2.b32. 128-bit code accesses would need 16 codes a thread; Triton's
+# coalescing gives every load of a tile the widest vector any of them allows but caps each store
+# at 128 bits (4 fp32), so the fp32 stores would take another layout than the loads and every
+# fp32 result would go through shared memory (see the contiguity note in `_adam_kernel`).
+_CODE_VECTOR = {32: "b32", 64: "v2.b32"}
+
+
+def _unpredicated(op, vector, ptx):
+    """Global accesses `op` of exactly `vector` (b32 is not v4.b32) without a guard predicate:
+    the whole-chunk path's (the tail chunk's are predicated by its mask, and stores of a
+    replicated value by the lane that stores it)."""
+    return len(re.findall(rf"^\s*{op}\.global(?:\.(?!v\d)\w+)*\.{re.escape(vector)}\s",
+                          ptx, re.M))
+
+
+@pytest.mark.parametrize("spec", QUANTIZED_SPECS, ids=_spec_id)
+def test_quantized_whole_chunks_move_codes_in_words(compiled, spec):
+    """Whole chunks move the int8 and uint8 codes ACCESS to an instruction (32-bit beside fp32
+    params or master, 64-bit beside bf16/fp16 params alone), and only the tail chunk, masked
+    per element, moves single bytes."""
+    ptx, meta = compiled(spec)
+    elements = meta["block_size"] // (32 * meta["num_warps"])  # per thread
+    per_access = 16 // max(ELEMENT_BYTES[name] for name, _, _ in _streams(spec))
+    vector = _CODE_VECTOR[per_access * 8]
+    expected = 2 * elements // per_access  # exp_avg and exp_avg_sq
+    # Stores exactly: no other unpredicated store has this width (params are 64- or 128-bit).
+    stores = _unpredicated("st", vector, ptx)
+    assert stores == expected, f"{stores} st.global.{vector} of codes, expected {expected}"
+    # Loads at least: a few scalar loads of the prelude and the absmax are b32 too.
+    loads = _unpredicated("ld", vector, ptx)
+    assert loads >= expected, f"{loads} ld.global.{vector}, expected {expected} of codes"
+    for op in ("ld", "st"):
+        single = len(re.findall(rf"\b{op}\.global(?:\.\w+)*\.b8\b", ptx))
+        assert single == 2 * elements, \
+            f"{single} {op}.global.b8, expected {2 * elements} (the tail chunk's codes only)"
+
+
+@pytest.mark.parametrize("spec", QUANTIZED_SPECS, ids=_spec_id)
+def test_quantized_kernel_moves_only_absmax_through_shared_memory(compiled, spec):
+    """A block is one warp's ([SPLIT, BLOCKS, WIDTH] tile of `_adam_q8_kernel`), so its absmax
+    reduces within threads and then across lanes (one redux.sync.max.s32 on sm_80 and later:
+    the absmax is an integer max), with no tile through shared memory.
+    What does go through it: each new absmax, from the warp that reduced it to the 1-D layout
+    Triton gives the store of a [BLOCKS] vector; one st.shared and one ld.shared per moment in
+    each of the two paths (whole chunk, tail)."""
+    ptx, _ = compiled(spec)
+    assert re.search(r"\bredux\.sync\.max\.s32\b", ptx), "no warp reduction"
+    for op in ("st", "ld"):
+        found = re.findall(rf"\b{op}\.shared(?:\.\w+)*", ptx)
+        assert len(found) <= 4, f"{len(found)} {op}.shared: a tile goes through shared memory"
+
+
+@pytest.mark.parametrize("spec", QUANTIZED_SPECS, ids=_spec_id)
+def test_quantized_kernel_rounds_as_the_contract(compiled, spec):
+    """IEEE division and square roots (the interpreter's and torch's), the absmax an integer
+    max over the magnitudes' bits (NaN above everything: no max.f32, which drops NaN),
+    `_rint`'s two additions of +-2^23 (0f4B000000, 0fCB000000) not folded away, and no FMA
+    contraction."""
+    ptx, _ = compiled(spec)
+    assert re.search(r"\bdiv\.rn\.f32\b", ptx) and re.search(r"\bsqrt\.rn\.f32\b", ptx)
+    # (fp64 rcp.approx in libdevice's exp2/log2 of the bias corrections refines to full
+    # precision; the per-element math is fp32.)
+    approximate = re.findall(r"\b(?:div\.(?:full|approx)|sqrt\.approx|rcp\.approx)(?:\.ftz)?"
+                             r"\.f32\b", ptx)
+    assert not approximate, f"approximate math: {sorted(set(approximate))}"
+    assert re.search(r"\bmax\.s32\b", ptx) and not re.search(r"\bmax(?:\.\w+)*\.f32\b", ptx), \
+        "the absmax is not the integer max of the magnitudes' bits"
+    up = re.findall(r"\badd\.rn\.f32\s+(%\w+),\s*%\w+,\s*0f4B000000;", ptx)
+    down = re.findall(r"\b(?:add\.rn\.f32\s+%\w+,\s*(%\w+),\s*0fCB000000|"
+                      r"sub\.rn\.f32\s+%\w+,\s*(%\w+),\s*0f4B000000);", ptx)
+    rounded = {register for pair in down for register in pair if register}
+    assert up and set(up) <= rounded, "rint's x + 2^23 - 2^23 was folded"
+    assert not re.search(r"\bfma\.rn\.f32\b", ptx), "contracted into an FMA"
 
 
 @pytest.mark.parametrize("spec", [spec for spec in SPECS if spec[1] in ("bf16", "fp16")
@@ -380,7 +478,10 @@ def test_address_math_is_64_bit(compiled, spec):
     found = sorted(set(SIGN_EXTENSION.findall(ptx)))
     assert not found, f"32-bit index widened by sign extension: {found}"
     # Element index to byte offset, on 64-bit registers, for every element size moved.
-    for size in sorted({ELEMENT_BYTES[name] for name, _, _ in _streams(spec)}):
+    sizes = {ELEMENT_BYTES[name] for name, _, _ in _streams(spec)}
+    if spec[2] == "int8":
+        sizes = (sizes | {4}) - {1}  # fp32 absmax; a code's index is its byte offset
+    for size in sorted(sizes):
         shift = size.bit_length() - 1
         assert re.search(rf"\bshl\.b64\s+%rd\d+,\s*%rd\d+,\s*{shift};", ptx), \
             f"no 64-bit element-to-byte shift by {shift}"

@@ -1,0 +1,422 @@
+"""The Triton launcher with 8-bit moments (`_adam_q8_kernel`) on bare `ArenaTensors` records,
+against the reference backend's quantized step on identical copies: segments starting on
+multiples of QUANT_BLOCK with lengths that are not, whole and tail chunks, a zero-length
+segment, one without a gradient every other step, two groups (AdamW; Adam with maximize), a
+GradScaler scale and a clipping factor. Then the block map itself (`_encode`, `_decode`,
+`_rint`) against the reference's `encode` and `decode` on edge values.
+
+Runs the kernels through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 on a
+machine without a GPU); skipped where triton is not installed or the interpreter is off."""
+import math
+
+import pytest
+import torch
+
+from helpers import TOLERANCES, assert_close, cpu_backends, make_params
+
+triton = pytest.importorskip("triton")
+if "triton" not in cpu_backends():
+    pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) for CPU tensors",
+                allow_module_level=True)
+
+import triton.language as tl  # noqa: E402  (after the skips: triton is optional)
+
+from fused_adam import kernels  # noqa: E402
+from fused_adam.kernels import QUANT_BLOCK, ArenaTensors, reference, triton_adam  # noqa: E402
+
+# numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic: log2(0) of
+# a zero beta (a bias correction of exactly 1), 1 / subnormal = inf, inf * 0 = NaN.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+# Five segments, starts on multiples of QUANT_BLOCK, reserved space rounded up to whole blocks:
+# 0: 4400 elements, blocks 0-17 (the last holds 48): whole chunks of 2048 and of 4096 elements
+#    (fp32 and bf16/fp16 launch configs) and a tail chunk;
+# 1: empty, at 4608 (its gradient is empty): block 18 is padding between segments 0 and 2;
+# 2: 300 elements, blocks 19-20; its tail chunk's rows past block 20 would be segment 3's;
+# 3: one element (block 21), without a gradient in odd steps;
+# 4: 513 elements, blocks 22-24 (the last holds 1): its tail chunk's rows run past the end
+#    of the absmax buffers (25 blocks).
+LENGTHS = [4400, 0, 300, 1, 513]
+STARTS = [0, 4608, 4864, 5376, 5632]
+SIZE = 6400
+SEGMENT_GROUPS = [0, 1, 1, 0, 1]
+N_BLOCKS = SIZE // QUANT_BLOCK
+
+ADAMW = {kernels.LR: 1e-2, kernels.BETA1: 0.9, kernels.BETA2: 0.999, kernels.EPS: 1e-8,
+         kernels.WEIGHT_DECAY: 0.1, kernels.DECOUPLED_WD: 1.0}
+ADAM = {kernels.LR: 3e-3, kernels.BETA1: 0.8, kernels.BETA2: 0.99, kernels.EPS: 1e-6,
+        kernels.WEIGHT_DECAY: 0.05, kernels.MAXIMIZE: 1.0}
+ZERO_BETAS = {kernels.BETA1: 0.0, kernels.BETA2: 0.0}
+# Reference's L2 term, grad.add(param, alpha=wd), is one fused multiply-add in torch's
+# vectorized CPU kernel (as are its lerp and addcmul): one rounding where the contract (and
+# the kernel, compiled without FMA contraction) rounds twice. With zero betas the moments are
+# otherwise exact, so the bit-for-bit runs use decoupled weight decay only.
+NO_L2 = {kernels.WEIGHT_DECAY: 0.0}
+
+# Values the padding holds before the steps and must hold after them.
+PAD_PARAM, PAD_EXP_AVG, PAD_EXP_AVG_SQ, PAD_ABSMAX = 7.0, 55, 200, 123.0
+
+CONFIGS = {"fp32": (torch.float32, False), "bf16-master": (torch.bfloat16, True),
+           "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
+
+
+def _group_table(*groups):
+    table = torch.zeros(len(groups), kernels.GROUP_COLUMNS, dtype=torch.float64)
+    for row, group in zip(table, groups):
+        for column, value in group.items():
+            row[column] = value
+    return table
+
+
+def _in_segments():
+    """(element mask, block mask) of what the segments cover."""
+    elements = torch.zeros(SIZE, dtype=torch.bool)
+    blocks = torch.zeros(N_BLOCKS, dtype=torch.bool)
+    for start, length in zip(STARTS, LENGTHS):
+        elements[start:start + length] = True
+        blocks[start // QUANT_BLOCK:-(-(start + length) // QUANT_BLOCK)] = True
+    return elements, blocks
+
+
+def _arenas(dtype, master, seed=0):
+    """Two identical records (for the Triton launcher and the reference): random params and
+    moments already quantized segment by segment, sentinels in all padding."""
+    params, m, v = make_params([(SIZE,)] * 3, torch.float32, seed=seed)
+    m, v = m * 0.1, v.square() * 0.01
+    elements, blocks = _in_segments()
+    exp_avg = torch.full((SIZE,), PAD_EXP_AVG, dtype=torch.int8)
+    exp_avg_sq = torch.full((SIZE,), PAD_EXP_AVG_SQ, dtype=torch.uint8)
+    absmax = [torch.full((N_BLOCKS,), PAD_ABSMAX) for _ in range(2)]
+    for start, length in zip(STARTS, LENGTHS):
+        if length == 0:
+            continue
+        end, first = start + length, start // QUANT_BLOCK
+        for codes, scales, values, signed in ((exp_avg, absmax[0], m, True),
+                                              (exp_avg_sq, absmax[1], v, False)):
+            q, s = reference.quantize(values[start:end], signed=signed)
+            codes[start:end] = q
+            scales[first:first + s.numel()] = s
+    params = torch.where(elements, params, PAD_PARAM)
+    arena = ArenaTensors(
+        params=params.to(dtype), master_params=params.clone() if master else None,
+        exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_absmax=absmax[0],
+        exp_avg_sq_absmax=absmax[1], segment_starts=torch.tensor(STARTS),
+        segment_lengths=torch.tensor(LENGTHS), segment_groups=torch.tensor(SEGMENT_GROUPS),
+        steps=torch.zeros(len(LENGTHS)))
+    twin = ArenaTensors(**{name: None if value is None else value.clone()
+                           for name, value in vars(arena).items()})
+    return arena, twin
+
+
+def _addresses(grads):
+    # As the optimizer does: 0 is "no gradient", an empty gradient gets any nonzero address.
+    return torch.tensor([0 if g is None else (g.data_ptr() or 64) for g in grads])
+
+
+def _step_both(arena, twin, table, step, dtype, grads=None):
+    """One step of each launcher from the same gradients: odd steps with a GradScaler-like
+    scale (gradients times 1024, inv_grad_scale 2^-10) and a clipping factor."""
+    if grads is None:
+        grads = [g.to(dtype) for g in make_params([(n,) for n in LENGTHS], torch.float64,
+                                                  seed=100 + step)]
+        if step % 2:
+            grads[3] = None
+    options = {}
+    if step % 2:
+        grads = [None if g is None else g * 1024 for g in grads]
+        options = dict(inv_grad_scale=2.0 ** -10,
+                       clip_factor=torch.tensor([0.75], dtype=torch.float64))
+    triton_adam.adam_step(arena, grads=_addresses(grads), group_table=table, **options)
+    reference.adam_step(twin, grads=grads, group_table=table, **options)
+
+
+def _assert_padding_untouched(arena, dtype):
+    elements, blocks = _in_segments()
+    assert (arena.exp_avg[~elements] == PAD_EXP_AVG).all(), "exp_avg codes written in padding"
+    assert (arena.exp_avg_sq[~elements] == PAD_EXP_AVG_SQ).all(), \
+        "exp_avg_sq codes written in padding"
+    for name in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert (getattr(arena, name)[~blocks] == PAD_ABSMAX).all(), f"{name} written in padding"
+    assert (arena.params[~elements] == torch.tensor(PAD_PARAM).to(dtype)).all(), \
+        "params written in padding"
+    if arena.master_params is not None:
+        assert (arena.master_params[~elements] == PAD_PARAM).all()
+
+
+def _assert_bitwise_equal(actual, expected, what):
+    """Equal bit for bit, NaN where NaN (payloads aside)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    nan = expected.isnan() if expected.is_floating_point() else torch.zeros_like(expected).bool()
+    if nan.any():
+        assert torch.equal(actual.isnan(), nan), f"{what}: NaN in other places"
+    differ = torch.nonzero(actual[~nan] != expected[~nan])
+    assert differ.numel() == 0, (
+        f"{what}: {differ.numel()} of {int((~nan).sum())} differ; first at "
+        f"{int(torch.nonzero(~nan)[differ[0, 0]])}: {actual[~nan][differ[0, 0]].item()!r} vs "
+        f"{expected[~nan][differ[0, 0]].item()!r}")
+
+
+BUFFERS = ("params", "master_params", "exp_avg", "exp_avg_sq", "exp_avg_absmax",
+           "exp_avg_sq_absmax", "steps")
+
+
+@pytest.mark.parametrize("config", ["fp32", "bf16-master", "fp16"])
+def test_zero_betas_match_the_reference_bit_for_bit(config):
+    """beta1 = beta2 = 0: the new moments are g and g * g exactly, so the absmax, every code,
+    the master copy, the params and the steps equal the reference's bit for bit, 20 steps."""
+    dtype, master = CONFIGS[config]
+    arena, twin = _arenas(dtype, master)
+    table = _group_table({**ADAMW, **ZERO_BETAS}, {**ADAM, **ZERO_BETAS, **NO_L2})
+    for step in range(20):
+        _step_both(arena, twin, table, step, dtype)
+    assert arena.steps.tolist() == [20, 20, 20, 10, 20]
+    for name in BUFFERS:
+        if getattr(twin, name) is not None:
+            _assert_bitwise_equal(getattr(arena, name), getattr(twin, name), name)
+    _assert_padding_untouched(arena, dtype)
+
+
+@pytest.mark.parametrize("config", ["fp32", "bf16-master", "bf16"])
+def test_ordinary_betas_follow_the_reference(config):
+    """Betas 0.9/0.999 (AdamW) and 0.8/0.99 (Adam with L2 decay and maximize), 20 steps.
+
+    The reference's moments round once where the kernel rounds twice (torch's lerp, addcmul and
+    add-with-alpha are fused multiply-adds on CPU), so they part by an ulp; observed here: the
+    params (fp32, or the master copy) within 3e-7 of the reference's, the absmax within 2 ulp,
+    every code equal and the bf16 params equal. Asserted: params within TOLERANCES[fp32], bf16
+    params within one bf16 ulp, absmax within 1e-6 relative, codes at most 1 apart in at most
+    2 of the 5214 elements."""
+    dtype, master = CONFIGS[config]
+    arena, twin = _arenas(dtype, master, seed=1)
+    table = _group_table(ADAMW, ADAM)
+    for step in range(20):
+        _step_both(arena, twin, table, step, dtype)
+    assert torch.equal(arena.steps, twin.steps)
+    elements, blocks = _in_segments()
+    stepped = arena.master_params if master else arena.params
+    expected = twin.master_params if master else twin.params
+    if stepped.dtype == torch.float32:
+        assert_close(stepped[elements], expected[elements], what="params",
+                     **TOLERANCES[torch.float32])
+    if dtype != torch.float32:
+        assert_close(arena.params[elements], twin.params[elements], what=f"{config} params",
+                     rtol=2.0 ** -7, atol=0)
+    for name in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert_close(getattr(arena, name)[blocks], getattr(twin, name)[blocks], what=name,
+                     rtol=1e-6, atol=0)
+    for name in ("exp_avg", "exp_avg_sq"):
+        apart = (getattr(arena, name).int() - getattr(twin, name).int()).abs()
+        assert apart.max() <= 1 and (apart > 0).sum() <= 2, \
+            f"{name}: {int((apart > 0).sum())} codes differ, by up to {int(apart.max())}"
+    _assert_padding_untouched(arena, dtype)
+
+
+def test_nan_gradient_poisons_only_its_block():
+    """A NaN gradient element (one in a whole block of a whole chunk, one the last element of a
+    segment's partial last block) makes its block's absmax NaN, both moments, and every code
+    of the block 0; the next step decodes the block as NaN, so all its params go NaN, while
+    every other block stays finite. As the reference, bit for bit (zero betas)."""
+    arena, twin = _arenas(torch.float32, False, seed=2)
+    table = _group_table({**ADAMW, **ZERO_BETAS}, {**ADAM, **ZERO_BETAS, **NO_L2})
+    _step_both(arena, twin, table, 0, torch.float32)
+    grads = make_params([(n,) for n in LENGTHS], torch.float64, seed=7)
+    grads = [g.float() for g in grads]
+    grads[0][700] = float("nan")  # block 2
+    grads[2][299] = float("nan")  # segment 2's last element: block 20, 44 elements
+    _step_both(arena, twin, table, 2, torch.float32, grads=grads)
+    poisoned = torch.zeros(N_BLOCKS, dtype=torch.bool)
+    poisoned[[2, 20]] = True
+    _, blocks = _in_segments()
+    for name in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        scales = getattr(arena, name)
+        assert scales[poisoned].isnan().all(), f"{name}: a NaN gradient left its block finite"
+        assert scales[blocks & ~poisoned].isfinite().all(), f"{name}: NaN beyond its block"
+    for name in ("exp_avg", "exp_avg_sq"):
+        codes = getattr(arena, name)
+        assert not codes[2 * QUANT_BLOCK:3 * QUANT_BLOCK].any(), f"{name}: nonzero codes"
+        assert not codes[STARTS[2] + QUANT_BLOCK:STARTS[2] + LENGTHS[2]].any()
+    params = arena.params
+    assert params[700].isnan() and params[STARTS[2] + 299].isnan()
+    assert params[:700].isfinite().all() and params[701:STARTS[2] + 299].isfinite().all()
+
+    _step_both(arena, twin, table, 4, torch.float32)
+    in_poisoned = poisoned.repeat_interleave(QUANT_BLOCK)
+    elements, _ = _in_segments()
+    assert params[in_poisoned & elements].isnan().all(), "a NaN block decoded as numbers"
+    assert params[~in_poisoned & elements].isfinite().all()
+    for name in BUFFERS:
+        if getattr(twin, name) is not None:
+            _assert_bitwise_equal(getattr(arena, name), getattr(twin, name), name)
+    _assert_padding_untouched(arena, torch.float32)
+
+
+def test_found_inf_skips_everything():
+    arena, _ = _arenas(torch.float32, False)
+    before = {name: getattr(arena, name).clone() for name in BUFFERS
+              if getattr(arena, name) is not None}
+    grads = [torch.ones(n) for n in LENGTHS]
+    triton_adam.adam_step(arena, grads=_addresses(grads), group_table=_group_table(ADAMW, ADAM),
+                          found_inf=torch.ones(1))
+    for name, value in before.items():
+        assert torch.equal(getattr(arena, name), value), name
+
+
+def test_no_amsgrad_with_8_bit_moments():
+    arena, _ = _arenas(torch.float32, False)
+    grads = _addresses([torch.ones(n) for n in LENGTHS])
+    with pytest.raises(AssertionError, match="amsgrad"):
+        triton_adam.adam_step(arena, grads=grads,
+                              group_table=_group_table(ADAMW, {**ADAM, kernels.AMSGRAD: 1.0}))
+    with_max = ArenaTensors(**{**vars(arena), "max_exp_avg_sq": torch.zeros(SIZE)})
+    with pytest.raises(AssertionError, match="amsgrad"):
+        triton_adam.adam_step(with_max, grads=grads, group_table=_group_table(ADAMW, ADAM))
+
+
+# ------------------------------------------------------------------------------------------------
+# The block map, on one tile shaped as the kernel's ([SPLIT, BLOCKS, WIDTH], a block per row of
+# SPLIT * WIDTH = QUANT_BLOCK), against the reference's encode and decode.
+
+SPLIT, BLOCKS, WIDTH = 2, 8, QUANT_BLOCK // 2
+_encode, _decode, _rint = triton_adam._encode, triton_adam._decode, triton_adam._rint
+
+
+@triton.jit
+def _tile_offsets(SPLIT: tl.constexpr, BLOCKS: tl.constexpr, WIDTH: tl.constexpr):
+    return (tl.arange(0, BLOCKS)[None, :, None] * (SPLIT * WIDTH)
+            + tl.arange(0, SPLIT)[:, None, None] * WIDTH + tl.arange(0, WIDTH)[None, None, :])
+
+
+@triton.jit
+def _encode_kernel(x_ptr, codes_ptr, absmax_ptr, length, SIGNED: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCKS: tl.constexpr, WIDTH: tl.constexpr):
+    offsets = _tile_offsets(SPLIT, BLOCKS, WIDTH)
+    mask = offsets < length
+    # What lies past `length` is loaded as NaN: it must count in no absmax.
+    codes, absmax = _encode(tl.load(x_ptr + offsets, mask=mask, other=float("nan")), mask,
+                            SIGNED)
+    tl.store(codes_ptr + offsets, codes.to(codes_ptr.dtype.element_ty), mask=mask)
+    tl.store(absmax_ptr + tl.arange(0, BLOCKS), absmax)
+
+
+@triton.jit
+def _decode_kernel(codes_ptr, absmax_ptr, out_ptr, SIGNED: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCKS: tl.constexpr, WIDTH: tl.constexpr):
+    offsets = _tile_offsets(SPLIT, BLOCKS, WIDTH)
+    absmax = tl.load(absmax_ptr + tl.arange(0, BLOCKS))
+    tl.store(out_ptr + offsets, _decode(tl.load(codes_ptr + offsets), absmax, SIGNED))
+
+
+@triton.jit
+def _rint_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, _rint(tl.load(x_ptr + offsets)))
+
+
+def _edge_blocks(signed, seed):
+    """BLOCKS blocks of fp32 values, each a case of the map, and the valid length (the last
+    block partial)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(BLOCKS, QUANT_BLOCK, generator=generator)
+    blocks[1] = 0.0  # absmax 0: reciprocal 0, codes 0
+    blocks[1, ::2] = -0.0
+    blocks[2, 17] = float("nan")  # absmax NaN: codes 0
+    blocks[3, 5] = float("inf")  # absmax inf: reciprocal 0, inf * 0 = NaN -> 0, others 0
+    blocks[4] *= 1e-40  # subnormal absmax: 1 / s = inf, y = +-inf (top code) or NaN (0)
+    blocks[4, :8] = 0.0
+    blocks[5] = torch.exp(torch.randn(QUANT_BLOCK, generator=generator) * 8)  # wide range
+    blocks[5, ::3] *= -1
+    blocks[6, 0] = 1.0  # values at the code boundaries of an absmax of 1
+    levels = 127 if signed else 255
+    boundaries = ((torch.arange(1, 128, dtype=torch.float64) - 0.5) / levels)
+    boundaries = boundaries.square() if signed else boundaries ** 4
+    blocks[6, 1:128] = boundaries.float()
+    blocks[6, 128:255] = boundaries.float().nextafter(torch.tensor(2.0))
+    if not signed:
+        blocks = blocks.abs()  # exp_avg_sq is never negative
+    length = 7 * QUANT_BLOCK + 100  # block 7 holds 100 values; the rest must not count
+    return blocks.reshape(-1), length
+
+
+def _ieee_sqrt(x):
+    # fp32 square roots correctly rounded, as the contract's (IEEE) and the kernel's sqrt_rn:
+    # through float64, whose 53 bits make the double rounding exact for a square root.
+    return torch.sqrt(x.double()).float()
+
+
+def _contract_codes(values, absmax, signed):
+    """`reference.encode` op for op, with IEEE square roots. torch's own fp32 sqrt on CPU is
+    not always correctly rounded (torch 2.13's, with MKL: one ulp off for 0.6% of random
+    inputs in [0, 1)), which moves a code when sqrt(|y|) * levels sits within an ulp of a
+    half-integer (`_edge_blocks` puts values there)."""
+    levels = kernels.SIGNED_LEVELS if signed else kernels.UNSIGNED_LEVELS
+    reciprocal = torch.where(absmax > 0, 1 / absmax, torch.zeros_like(absmax))
+    y = values * reciprocal.repeat_interleave(QUANT_BLOCK)[:values.numel()]
+    root = _ieee_sqrt(y.abs()) if signed else _ieee_sqrt(_ieee_sqrt(y))
+    codes = torch.round(root * levels).clamp_(max=levels)
+    if signed:
+        codes = torch.where(y < 0, -codes, codes)
+    return codes.nan_to_num_(nan=0.0).to(
+        kernels.EXP_AVG_CODES if signed else kernels.EXP_AVG_SQ_CODES)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["exp_avg", "exp_avg_sq"])
+def test_encode_matches_the_reference(signed):
+    """Absmax and codes bit for bit the reference's map, with IEEE square roots (see
+    `_contract_codes`); `reference.quantize` itself agrees wherever torch's fp32 sqrt is
+    correctly rounded."""
+    values, length = _edge_blocks(signed, seed=5)
+    values[length:] = 1e30  # never read: loaded as NaN, and must not count either way
+    codes = torch.full((values.numel(),), 99,
+                       dtype=kernels.EXP_AVG_CODES if signed else kernels.EXP_AVG_SQ_CODES)
+    absmax = torch.empty(BLOCKS)
+    _encode_kernel[(1,)](values, codes, absmax, length, SIGNED=signed, SPLIT=SPLIT,
+                         BLOCKS=BLOCKS, WIDTH=WIDTH)
+    expected_codes, expected_absmax = reference.quantize(values[:length], signed=signed)
+    _assert_bitwise_equal(absmax, expected_absmax, "absmax")
+    _assert_bitwise_equal(codes[:length],
+                          _contract_codes(values[:length], expected_absmax, signed), "codes")
+    # Against torch's own: apart only where its sqrt is not IEEE, and by one code.
+    apart = codes[:length].int() != expected_codes.int()
+    y = values[:length] * torch.where(expected_absmax > 0, 1 / expected_absmax, 0.0) \
+        .repeat_interleave(QUANT_BLOCK)[:length]
+    if signed:
+        sqrt_differs = torch.sqrt(y.abs()) != _ieee_sqrt(y.abs())
+    else:
+        sqrt_differs = torch.sqrt(torch.sqrt(y)) != _ieee_sqrt(_ieee_sqrt(y))
+    assert not (apart & ~sqrt_differs).any()
+    assert (codes[:length].int() - expected_codes.int()).abs().max() <= 1
+    assert (codes[length:] == 99).all(), "codes stored past the length"
+    # The cases were reached: NaN and zero blocks, and codes at both ends of the map.
+    assert absmax[2].isnan() and absmax[1] == 0 and absmax[3] == float("inf")
+    top = 127 if signed else 255
+    assert (codes[:length].int().abs() == top).any() and (codes[:length] == 0).any()
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["exp_avg", "exp_avg_sq"])
+def test_decode_matches_the_reference(signed):
+    generator = torch.Generator().manual_seed(6)
+    if signed:
+        codes = torch.arange(-128, 128, dtype=torch.int8).repeat(BLOCKS)
+    else:
+        codes = torch.arange(256).to(torch.uint8).repeat(BLOCKS)
+    codes = codes[torch.randperm(codes.numel(), generator=generator)]
+    absmax = torch.rand(BLOCKS, generator=generator) * 10
+    absmax[1:5] = torch.tensor([0.0, float("nan"), float("inf"), 1e-40])
+    out = torch.empty(codes.numel())
+    _decode_kernel[(1,)](codes, absmax, out, SIGNED=signed, SPLIT=SPLIT, BLOCKS=BLOCKS,
+                         WIDTH=WIDTH)
+    _assert_bitwise_equal(out, reference.decode(codes, absmax, signed=signed), "decoded")
+
+
+def test_rint_rounds_to_nearest_even():
+    ties = torch.arange(0, 256, dtype=torch.float32) + 0.5
+    near = [0.49999997, 0.50000006, 1.4999999, 2 ** 22 + 0.5, 2 ** 23 - 0.5, 2 ** 23 - 1.5]
+    large = [2.0 ** 23, 2.0 ** 23 + 1, 2.0 ** 24 + 2, 1e30, float("inf")]
+    x = torch.cat([ties, torch.tensor(near + large + [0.0, -0.0, float("nan")]),
+                   torch.rand(512 - 256 - len(near) - len(large) - 3) * 300])
+    out = torch.empty_like(x)
+    _rint_kernel[(1,)](x, out, N=x.numel())
+    small = x < 2 ** 23
+    _assert_bitwise_equal(out[small].abs(), torch.round(x[small]).abs(), "rint below 2^23")
+    assert (out[x >= 2 ** 23] >= 2 ** 23).all(), "rint of a large value fell under 2^23"
+    assert math.isnan(out[x.isnan()].item())
