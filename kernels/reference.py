@@ -67,6 +67,12 @@ def block_absmax(values):
     return padded.view(n_blocks, QUANT_BLOCK).amax(dim=1)
 
 
+def _sqrt(x):
+    """fp32 square roots, correctly rounded (torch's fp32 sqrt on CPU is one ulp off for some
+    inputs; a square root taken in fp64 and rounded once to fp32 is exact to fp32's rounding)."""
+    return torch.sqrt(x.to(torch.float64)).to(torch.float32)
+
+
 def _level(x, top):
     """min(rint(x * top), top), 0 where x is NaN."""
     return torch.round(x * top).clamp_(max=top).nan_to_num_(nan=0.0)
@@ -80,11 +86,11 @@ def encode(values, absmax, *, signed):
     if signed:
         reciprocal = torch.where(absmax > 0, 1 / absmax, zero)
         y = values * _per_element(reciprocal, values.numel())
-        magnitude = _level(torch.sqrt(y.abs()), SIGNED_LEVELS)
+        magnitude = _level(_sqrt(y.abs()), SIGNED_LEVELS)
         return torch.where(y < 0, -magnitude, magnitude).to(EXP_AVG_CODES)
-    reciprocal_root = torch.where(absmax > 0, 1 / torch.sqrt(absmax), zero)
-    w = torch.sqrt(values) * _per_element(reciprocal_root, values.numel())
-    return _level(torch.sqrt(w), UNSIGNED_LEVELS).to(EXP_AVG_SQ_CODES)
+    reciprocal_root = torch.where(absmax > 0, 1 / _sqrt(absmax), zero)
+    w = _sqrt(values) * _per_element(reciprocal_root, values.numel())
+    return _level(_sqrt(w), UNSIGNED_LEVELS).to(EXP_AVG_SQ_CODES)
 
 
 def decode(codes, absmax, *, signed):
