@@ -35,6 +35,14 @@ MODES = {
     # bf16 params, fp32 master, bf16 moments: read 4 + 2 + 2 + 2, write 4 + 2 + 2 + 2.
     "bf16-master-bf16-states": (torch.bfloat16,
                                 dict(master_weights=True, state_dtype=torch.bfloat16), 20),
+    # bf16 params with an int8 remainder (16 significant bits) and 8-bit moments: read p 2,
+    # remainder 1, g 2, m 1, v 1; write p 2, remainder 1, m 1, v 1; and the absmax.
+    "bf16+8-int8-states": (torch.bfloat16,
+                           dict(master_weights="bf16+8", state_dtype=torch.int8), 12 + 16 / 256),
+    # bf16 params with an int16 remainder (exactly an fp32 master) and 8-bit moments.
+    "bf16+16-int8-states": (torch.bfloat16,
+                            dict(master_weights="bf16+16", state_dtype=torch.int8),
+                            14 + 16 / 256),
 }
 MODE_PROVIDERS = tuple(f"{ours}:{mode}" for ours in OURS[:2] for mode in MODES)
 # torch's own bf16 Adam (bf16 params and moments, 14 B/param), the comparator for the modes.
@@ -86,7 +94,8 @@ def default_providers(device_type):
     backend for CPUs: it only runs when asked for."""
     ours = COMPILED[device_type]
     return list(TORCH_PROVIDERS) + [ours, f"{ours}:bf16-states", f"{ours}:int8-states",
-                                    f"{ours}:bf16-master", "fused_adam-torch"]
+                                    f"{ours}:bf16-master", f"{ours}:bf16+8-int8-states",
+                                    "fused_adam-torch"]
 
 
 def prepare_environment(providers, device_type):
@@ -197,7 +206,8 @@ def footprint(name, clip=False):
                   if "state_dtype" in options else (4 if options.get("master_weights") else size))
     if options.get("state_dtype") == torch.int8:
         state_size += 4 / 256  # the absmax per block
-    master = 4 if options.get("master_weights") else 0
+    master = {"bf16+8": 1, "bf16+16": 2}.get(options.get("master_weights"),
+                                             4 if options.get("master_weights") else 0)
     resident = size + master + 2 * state_size
     transient = size + (4 if provider == "torch-foreach" else 0)
     per_largest = size + (8 if provider in ("torch-forloop", "fused_adam-torch") else 0)

@@ -20,8 +20,8 @@ from fused_adam.distributed import (
     local_shard, padded_shard_length, point_param_at,
 )
 from fused_adam.kernels import (
-    COMPACT_MASTERS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK, QUANTIZED_STATE_DTYPE,
-    SEGMENT_ALIGNMENT, ArenaTensors, reference,
+    COMPACT_MASTERS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK,
+    QUANTIZED_STATE_DTYPE, SEGMENT_ALIGNMENT, ArenaTensors, reference,
 )
 from fused_adam.storage import FlatBuffer
 

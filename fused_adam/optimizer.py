@@ -64,14 +64,15 @@ class FusedAdam(Optimizer):
     Args beyond torch's: `backend` is "numba", "triton", "torch" or None (by device; the
     `FUSED_ADAM_BACKEND` environment variable does the same). `master_weights=True` keeps an
     fp32 copy of bf16/fp16 params, which the step updates and rounds into them (a no-op, with a
-    warning, when no param is bf16/fp16). `state_dtype` (None, torch.float32 or
-    torch.bfloat16) is the dtype of the moments (default: fp32 with master weights, else the
-    params', as torch); torch.int8 keeps them as 8-bit codes with an fp32 absmax per block of
-    256 values (see `fused_adam.kernels`; no amsgrad), `state_dict()` carries the codes, and
-    `fused_adam.dequantized_state_dict` turns it into torch's format. `foreach` and `fused` are accepted for drop-in use and ignored: the
-    step is always fused. `capturable=True` (CUDA only): step counts, bias corrections and a
-    tensor `lr` stay on the device and nothing is read back to the host, so the step can be
-    captured in a CUDA graph after one eager step.
+    warning, when no param is bf16/fp16); "bf16+16" or "bf16+8" (bf16 params) keep it compact,
+    as an int16 (exact) or int8 remainder beside the param. `state_dtype` is the dtype of the
+    moments: None (fp32 with a master, else the params', as torch), torch.float32,
+    torch.bfloat16, or torch.int8 for 8-bit moments (codes with an fp32 absmax per 256 values,
+    no amsgrad; `fused_adam.dequantized_state_dict` turns their `state_dict()` into torch's
+    format). See `fused_adam.kernels` for the exact maps. `foreach` and `fused` are accepted
+    for drop-in use and ignored: the step is always fused. `capturable=True` (CUDA only): step
+    counts, bias corrections and a tensor `lr` stay on the device and nothing is read back to
+    the host, so the step can be captured in a CUDA graph after one eager step.
     """
 
     _step_supports_amp_scaling = True

@@ -120,9 +120,10 @@ class ArenaTensors:
     `master_params` fp32 or None, the moments in one dtype (`exp_avg`, `exp_avg_sq`,
     `max_exp_avg_sq`, the last None until some group asks for amsgrad), or 8-bit moments with
     `exp_avg_absmax` and `exp_avg_sq_absmax`, one fp32 per QUANT_BLOCK elements (else None);
-    `master_remainder` (int16 or int8) the compact master of bf16 params (else None). Tables have one entry
-    per segment: `segment_starts`, `segment_lengths` (int64 elements), `segment_groups` (int64
-    rows of the group table), `steps` (float32, torch's dtype for `state["step"]`).
+    `master_remainder` (int16 or int8) the compact master of bf16 params (else None). Tables
+    have one entry per segment: `segment_starts`, `segment_lengths` (int64 elements),
+    `segment_groups` (int64 rows of the group table), `steps` (float32, torch's dtype for
+    `state["step"]`).
 
     Compared and hashed by identity: a new layout is a new record, so a backend's cache keyed
     by the record is dropped with the layout it was derived from.
