@@ -73,6 +73,14 @@ def _float32_as_bits(typingctx, value):
 
 
 @intrinsic
+def _select(typingctx, condition, if_true, if_false):
+    """LLVM's `select`: `if_true` where `condition`, else `if_false`, with no branch."""
+    def codegen(context, builder, signature, args):
+        return builder.select(*args)
+    return if_true(types.boolean, if_true, if_false), codegen
+
+
+@intrinsic
 def _nan_max(typingctx, a, b):
     """LLVM's `llvm.maximum`: the larger, NaN if either is NaN (torch.max's rule), and a
     reduction over it vectorizes (a compare-and-select that keeps NaN does not)."""
@@ -119,12 +127,17 @@ def _narrow(value, buffer):
 @overload(_narrow, inline="always")
 def _narrow_overload(value, buffer):
     if buffer.dtype == types.uint16:
+        # Round to nearest even on the bits, and NaN as a select of the 32-bit result, so
+        # that one shift and one narrowing (vpmovdw) serve both. The NaN test written as a
+        # branch on the bits vectorized as a second shift, narrowing and blend per store,
+        # which made the bf16-moment step dearer than the fp32 one (ratio 0.83-0.93).
         def to_bf16(value, buffer):
-            bits = _float32_as_bits(np.float32(value))
-            if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))  # NaN stays NaN
-            rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-            return np.uint16((bits + rounding) >> np.uint32(16))
+            value = np.float32(value)
+            bits = _float32_as_bits(value)
+            rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+            # NaN stays NaN, quieted: (bits | 0x400000) >> 16 is (bits >> 16) | 0x40.
+            return np.uint16(_select(value != value, bits | np.uint32(0x400000), rounded)
+                             >> np.uint32(16))
         return to_bf16
     if buffer.dtype == types.int16:
         return lambda value, buffer: _float32_to_half_bits(np.float32(value))

@@ -150,6 +150,32 @@ def test_numba_pass_split_across_threads_is_the_one_pass():
         assert torch.equal(getattr(arena, name), getattr(one_pass, name)), name
 
 
+def test_numba_bf16_rounding_is_torchs_on_the_edges_of_every_binade():
+    """The bf16 store (`_narrow`, branch-free) against torch's `.to(torch.bfloat16)`: every
+    high half (every sign, exponent and bf16 mantissa: zeros, subnormals, infinities and NaNs
+    included) with the low halves where rounding turns (ties, one either side, all ones) and
+    a few others. NaN stays NaN, quieted, its high bits kept: (bits >> 16) | 0x40."""
+    import numba
+    from fused_adam.kernels import numba_adam
+
+    @numba.njit
+    def narrow_all(values, out):
+        for i in range(values.shape[0]):
+            out[i] = numba_adam._narrow(values[i], out)
+
+    lows = np.array([0, 1, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF, 0x1234, 0xC000],
+                    dtype=np.uint32)
+    bits = (np.arange(1 << 16, dtype=np.uint32)[:, None] << np.uint32(16) | lows).ravel()
+    values = bits.view(np.float32)
+    ours = np.empty(len(values), dtype=np.uint16)
+    narrow_all(values, ours)
+    nan = np.isnan(values)
+    torchs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy()
+    assert np.array_equal(ours[~nan], torchs.view(np.uint16)[~nan])
+    assert np.array_equal(ours[nan], ((bits[nan] >> np.uint32(16)) | np.uint32(0x40))
+                          .astype(np.uint16))
+
+
 def _step_in_child(arena, grads, table, connection):
     from fused_adam.kernels import numba_adam
 
