@@ -103,40 +103,51 @@ def clip_cost_line(table, ours):
                f"to {max_norm:g} (every step clips)." if norms and max_norm else ""))
 
 
+# The compressed modes the headline shows beside FusedAdam's step, when the run timed them.
+HEADLINE_MODES = (("bf16-states", "bf16 moments"), ("int8-states", "8-bit moments"),
+                  ("bf16+8-int8-states", "bf16+8 master, 8-bit moments"))
+
+
 def headline_markdown(rows):
     """The compact table: per config, torch-fused's step, FusedAdam's, the speedup, its share of
-    the roofline, and the bf16-moment mode; then, where clip+step was timed, torch-fused's
-    clip+step (torch's clip_grad_norm_ foreach, then the fused step) and FusedAdam's with its
-    speedup, and below the table the clip's own cost."""
+    the roofline, and each compressed mode timed (step and speedup); then, where clip+step was
+    timed, torch-fused's clip+step (torch's clip_grad_norm_ foreach, then the fused step) and
+    FusedAdam's with its speedup, and below the table the clip's own cost."""
     table = results.Table([r for r in rows if r["command"] == "step"])
     first = table.first()
     ours = _ours(table, first["device"])
-    bf16 = f"{ours}:bf16-states"
+    modes = [(f"{ours}:{mode}", label) for mode, label in HEADLINE_MODES
+             if any(table.get(config, f"{ours}:{mode}", "step_ms_median") is not None
+                    for config in table.configs)]
     clip = has_clip(table)
     lines = ["| config | torch-fused step | FusedAdam step | speedup | FusedAdam GB/s "
-             "(% of roofline) | bf16 moments step (speedup) |"
+             "(% of roofline) |" + "".join(f" {label} step (speedup) |" for _, label in modes)
              + (" torch-fused clip+step | FusedAdam clip+step (speedup) |" if clip else ""),
-             "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if clip else "")]
+             "|---|---:|---:|---:|---:|" + "---:|" * len(modes) + ("---:|---:|" if clip else "")]
     # torch-fused's time in FusedAdam's own pair, so that a row's two times give its speedup
     # (on a busy machine the pairs ran at different paces).
     for config in table.configs:
         label = _config_label(table, config, short=True)
         if table.get(config, ANCHOR, "step_ms_median") is None:
             reason = (table.row(config, ANCHOR, "skipped") or {}).get("reason", "not measured")
-            lines.append(f"| {label} | {reason} | | | | |" + (" | |" if clip else ""))
+            lines.append(f"| {label} | {reason} | | | |" + " |" * len(modes)
+                         + (" | |" if clip else ""))
             continue
         fraction = table.get(config, ours, "roofline_fraction")
         gbps = table.get(config, ours, "GBps")
         speed = table.get(config, ours, "speedup_vs_torch_fused")
-        bf16_ms = table.get(config, bf16, "step_ms_median")
+        mode_cells = ""
+        for provider, _ in modes:
+            mode_ms = table.get(config, provider, "step_ms_median")
+            mode_cells += (" —" if mode_ms is None else
+                           f" {fmt_ms(mode_ms)} ms ({_speed(table, config, provider)})") + " |"
         lines.append(
             f"| {label} | {fmt_ms(table.get(config, ours, 'torch_fused_step_ms_in_pair'))} ms | "
             f"{fmt_ms(table.get(config, ours, 'step_ms_median'))} ms | "
             + ("—" if speed is None else _speed(table, config, ours)) + " | "
             + ("—" if gbps is None else f"{gbps:.1f}")
-            + ("" if fraction is None else f" ({100 * fraction:.0f}%)") + " | "
-            + ("—" if bf16_ms is None else f"{fmt_ms(bf16_ms)} ms ({_speed(table, config, bf16)})")
-            + " |"
+            + ("" if fraction is None else f" ({100 * fraction:.0f}%)") + " |"
+            + mode_cells
             + (_clip_cells(table, config, ours) if clip else ""))
     cost = clip_cost_line(table, ours) if clip else None
     if cost:
@@ -166,7 +177,7 @@ def step_markdown(rows):
     lines = _header(first, "Adam step benchmark")
     lines += ["## Headline", "", f"FusedAdam = `{_ours(table, first['device'])}`; torch-fused "
               "and FusedAdam step = medians over the rounds the two shared, speedup = their "
-              "ratio; the bf16-moment mode's speedup is from its own pair."
+              "ratio; each compressed mode's speedup is from its own pair."
               + (" Clip+step = the gradients' norm clipped, then the step, timed as the step is "
                  "and in the same rounds: torch-fused's is `torch.nn.utils.clip_grad_norm_("
                  "params, max_norm, foreach=True)` then its fused step, FusedAdam's is "
