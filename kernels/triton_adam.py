@@ -122,7 +122,13 @@ def _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay, decoup
 @triton.jit
 def _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps):
     """p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps), IEEE-rounded."""
-    denom = _div(_sqrt(v_hat), bias_correction2_sqrt.to(v_hat.dtype)) + eps.to(v_hat.dtype)
+    return _stepped_param_by_root(p, m, _sqrt(v_hat), step_size, bias_correction2_sqrt, eps)
+
+
+@triton.jit
+def _stepped_param_by_root(p, m, root, step_size, bias_correction2_sqrt, eps):
+    """`_stepped_param` from root = sqrt(v_hat), for a caller that needs the root too."""
+    denom = _div(root, bias_correction2_sqrt.to(root.dtype)) + eps.to(root.dtype)
     return p - _div(step_size.to(p.dtype) * m, denom)
 
 
@@ -318,14 +324,16 @@ def _decode(codes, absmax, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _encode(x, mask, SIGNED: tl.constexpr):
+def _encode(x, root, mask, SIGNED: tl.constexpr):
     """(codes as fp32 integers, absmax [blocks]) of the fp32 tile `x` ([split, blocks, width]),
-    the elements outside `mask` left out of the absmax:
+    the elements outside `mask` left out of the absmax; `root` is sqrt(x) for the unsigned map
+    (which the step has taken already), None for the signed one:
 
-    s = max |x| (NaN if any is NaN);  r = 1 / s if s > 0 else 0;  y = x * r
-    q = sign(y) * min(rint(sqrt(|y|) * 127), 127)   (signed)
-    q = min(rint(sqrt(sqrt(y)) * 255), 255)         (unsigned)
-    with q = 0 where it is NaN (a NaN y), all rounded as IEEE fp32 (div_rn, sqrt_rn)."""
+    s = max |x| (NaN if any is NaN)
+    signed:    r = 1 / s if s > 0 else 0;         y = x * r;     q = sign(y) * L(sqrt(|y|), 127)
+    unsigned:  r = 1 / sqrt(s) if s > 0 else 0;   w = root * r;  q = L(sqrt(w), 255)
+    L(z, top) = min(rint(z * top), top), 0 where z is NaN; all rounded as IEEE fp32 (div_rn,
+    sqrt_rn)."""
     # The absmax as an integer max over |x|'s bits: without the sign bit, fp32 bit patterns
     # order as their values (+0 < subnormals < normals < inf), and every NaN's lie above
     # inf's, so a block with a NaN gets a NaN, as the contract wants. tl.max on the floats
@@ -336,24 +344,29 @@ def _encode(x, mask, SIGNED: tl.constexpr):
         magnitude = tl.where(mask, magnitude, 0)
     absmax = tl.max(tl.max(magnitude, axis=2), axis=0).to(tl.float32, bitcast=True)
     positive = absmax > 0
-    # 1 / s only where s > 0: no division by zero or NaN to warn about under the interpreter.
-    reciprocal = tl.where(positive, tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32),
-                                              tl.where(positive, absmax, 1.0)), 0.0)
-    y = x * reciprocal[None, :, None]
+    # The reciprocal only where s > 0: no division by zero or NaN to warn about under the
+    # interpreter. One division (and square root) a block, not an element.
+    scale = tl.where(positive, absmax, 1.0)
+    if not SIGNED:
+        scale = tl.sqrt_rn(scale)
+    reciprocal = tl.where(positive, tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), scale),
+                          0.0)
     if SIGNED:
+        y = x * reciprocal[None, :, None]
         q = _rint(tl.sqrt_rn(tl.abs(y)) * _SIGNED_LEVELS)
         # NaN first: tl.minimum keeps the number compiled (min.f32) and the NaN interpreted.
         q = tl.where(q != q, 0.0, tl.minimum(q, _SIGNED_LEVELS))
         q = tl.where(y < 0, -q, q)
     else:
-        q = _rint(tl.sqrt_rn(tl.sqrt_rn(y)) * _UNSIGNED_LEVELS)
+        w = root * reciprocal[None, :, None]
+        q = _rint(tl.sqrt_rn(w) * _UNSIGNED_LEVELS)
         q = tl.where(q != q, 0.0, tl.minimum(q, _UNSIGNED_LEVELS))
     return q, absmax
 
 
 @triton.jit
-def _store_quantized(code_ptrs, absmax_ptrs, x, mask, block_mask, SIGNED: tl.constexpr):
-    codes, absmax = _encode(x, mask, SIGNED)
+def _store_quantized(code_ptrs, absmax_ptrs, x, root, mask, block_mask, SIGNED: tl.constexpr):
+    codes, absmax = _encode(x, root, mask, SIGNED)
     tl.store(code_ptrs, codes.to(code_ptrs.dtype.element_ty), mask=mask)
     tl.store(absmax_ptrs, absmax, mask=block_mask)
 
@@ -375,13 +388,16 @@ def _adam_q8_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_a
                 tl.load(exp_avg_sq_absmax_ptrs, mask=block_mask), SIGNED=False)
     p, m, v = _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay,
                               decoupled_wd, param_decay, lerp_weight, beta2, one_minus_beta2)
-    # The parameter steps with the unrounded new moments.
-    p = _stepped_param(p, m, v, step_size, bias_correction2_sqrt, eps)
+    # The parameter steps with the unrounded new moments; v's code is taken from the same
+    # sqrt(v).
+    root = tl.sqrt_rn(v)
+    p = _stepped_param_by_root(p, m, root, step_size, bias_correction2_sqrt, eps)
     if HAS_MASTER:
         tl.store(master_param_ptrs, p, mask=mask)
     _store_rounded(param_ptrs, p, mask)
-    _store_quantized(exp_avg_ptrs, exp_avg_absmax_ptrs, m, mask, block_mask, SIGNED=True)
-    _store_quantized(exp_avg_sq_ptrs, exp_avg_sq_absmax_ptrs, v, mask, block_mask, SIGNED=False)
+    _store_quantized(exp_avg_ptrs, exp_avg_absmax_ptrs, m, None, mask, block_mask, SIGNED=True)
+    _store_quantized(exp_avg_sq_ptrs, exp_avg_sq_absmax_ptrs, v, root, mask, block_mask,
+                     SIGNED=False)
 
 
 @triton.jit
