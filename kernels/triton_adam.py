@@ -10,6 +10,10 @@ flags stay per segment and per group without one compile per combination.
 Mixed precision follows the numba kernel's contract: bf16/fp16 params may have an fp32 master
 copy (stepped in their place, then rounded into them) and moments of their own dtype, fp32 or
 bf16; the math is fp32 (fp64 for fp64 params) and every narrower store rounds to nearest even.
+bf16 params may keep a compact master instead (an int16 or int8 remainder beside them, see
+`fused_adam.kernels`): both kernels join it with the params into the fp32 value they step and
+split that back with the contract's integer arithmetic (the params then round ties away from
+zero); which master a kernel has, fp32 or compact, it tells by `master_param_ptr`'s dtype.
 
 8-bit moments (int8/uint8 codes and an fp32 absmax per block of QUANT_BLOCK elements, see
 `fused_adam.kernels`) have a kernel of their own, `_adam_q8_kernel`, over the same chunk table:
@@ -24,9 +28,9 @@ import triton
 import triton.language as tl
 
 from fused_adam.kernels import (
-    AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, GROUP_COLUMNS, LR,
-    MASTER_DTYPES, MAXIMIZE, PARAM_DTYPES, QUANT_BLOCK, SIGNED_LEVELS, STATE_DTYPES,
-    UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
+    AMSGRAD, BETA1, BETA2, COMPACT_MASTERS, DECOUPLED_WD, EPS, EXP_AVG_CODES, EXP_AVG_SQ_CODES,
+    GROUP_COLUMNS, LR, MASTER_DTYPES, MAXIMIZE, PARAM_DTYPES, QUANT_BLOCK, SIGNED_LEVELS,
+    STATE_DTYPES, UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
 )
 
 GRADS = "addresses"
@@ -94,6 +98,65 @@ def _store_rounded(ptrs, x, mask):
 
 
 @triton.jit
+def _join_master(param, remainder):
+    """The fp32 master of bf16 params and their compact remainder (int16: the low 16 bits; int8:
+    the top 8 of them): (param_bits << 16) + r, or + (r << 8), in 32-bit integers."""
+    high = param.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    low = remainder.to(tl.int32)  # sign-extended
+    if remainder.dtype == tl.int8:
+        low = low << 8
+    return (high + low.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_master(p, REMAINDER: tl.constexpr):
+    """(bf16 params, remainder of dtype REMAINDER) of the fp32 master `p`: param_bits = (bits +
+    0x8000) >> 16 (nearest, ties away from zero), r = bits - (param_bits << 16) (int16), or
+    min((that + 0x80) >> 8, 127) (int8, arithmetic shift); NaN stores 0x7FC0 and r = 0. Integer
+    arithmetic on the bits, compiled and interpreted alike (no float rounding mode involved)."""
+    bits = p.to(tl.uint32, bitcast=True)
+    nan = p != p
+    high = tl.where(nan, 0x7FC0, (bits + 0x8000) >> 16)
+    low = (bits - (high << 16)).to(tl.int32, bitcast=True)  # in -0x8000..0x7FFF
+    if REMAINDER == tl.int8:
+        low = tl.minimum((low + 0x80) >> 8, 127)
+    low = tl.where(nan, 0, low)
+    return high.to(tl.uint16).to(tl.bfloat16, bitcast=True), low.to(REMAINDER)
+
+
+@triton.jit
+def _load_stepped(param_ptrs, master_param_ptrs, mask, HAS_MASTER: tl.constexpr):
+    """The value a chunk steps, in the compute dtype: the master where there is one (HAS_MASTER:
+    fp32, or a compact one joined from the params and their remainder, by `master_param_ptrs`'
+    dtype), else the params."""
+    if HAS_MASTER:
+        if master_param_ptrs.dtype.element_ty == tl.float32:
+            # The params are only written: the fp32 master is the value stepped.
+            p = tl.load(master_param_ptrs, mask=mask)
+        else:
+            p = _join_master(tl.load(param_ptrs, mask=mask), tl.load(master_param_ptrs, mask=mask))
+    else:
+        p = _to_compute(tl.load(param_ptrs, mask=mask))
+    return p
+
+
+@triton.jit
+def _store_stepped(param_ptrs, master_param_ptrs, p, mask, HAS_MASTER: tl.constexpr):
+    """Store the stepped `p` as `_load_stepped` found it: the fp32 master and the params rounded
+    to nearest even, or split into the bf16 params and their remainder, or the params alone."""
+    if HAS_MASTER:
+        if master_param_ptrs.dtype.element_ty == tl.float32:
+            tl.store(master_param_ptrs, p, mask=mask)
+            _store_rounded(param_ptrs, p, mask)
+        else:
+            high, remainder = _split_master(p, master_param_ptrs.dtype.element_ty)
+            tl.store(param_ptrs, high, mask=mask)
+            tl.store(master_param_ptrs, remainder, mask=mask)
+    else:
+        _store_rounded(param_ptrs, p, mask)
+
+
+@triton.jit
 def _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
                     param_decay, lerp_weight, beta2, one_minus_beta2):
     """(p, m, v) after the gradient's scaling, weight decay and the moments' update: the math
@@ -122,7 +185,13 @@ def _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay, decoup
 @triton.jit
 def _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps):
     """p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps), IEEE-rounded."""
-    denom = _div(_sqrt(v_hat), bias_correction2_sqrt.to(v_hat.dtype)) + eps.to(v_hat.dtype)
+    return _stepped_param_by_root(p, m, _sqrt(v_hat), step_size, bias_correction2_sqrt, eps)
+
+
+@triton.jit
+def _stepped_param_by_root(p, m, root, step_size, bias_correction2_sqrt, eps):
+    """`_stepped_param` from root = sqrt(v_hat), for a caller that needs the root too."""
+    denom = _div(root, bias_correction2_sqrt.to(root.dtype)) + eps.to(root.dtype)
     return p - _div(step_size.to(p.dtype) * m, denom)
 
 
@@ -132,11 +201,7 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
                 param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
                 bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
                 HAS_MAX_EXP_AVG_SQ: tl.constexpr):
-    # With a master copy the params are only written: the fp32 master is the value stepped.
-    if HAS_MASTER:
-        p = tl.load(master_param_ptrs, mask=mask)
-    else:
-        p = _to_compute(tl.load(param_ptrs, mask=mask))
+    p = _load_stepped(param_ptrs, master_param_ptrs, mask, HAS_MASTER)
     g = _to_compute(tl.load(grad_ptrs, mask=mask))
     m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
     v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
@@ -152,9 +217,7 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
             _store_rounded(max_exp_avg_sq_ptrs, v_hat, mask)
     p = _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps)
 
-    if HAS_MASTER:
-        tl.store(master_param_ptrs, p, mask=mask)
-    _store_rounded(param_ptrs, p, mask)
+    _store_stepped(param_ptrs, master_param_ptrs, p, mask, HAS_MASTER)
     _store_rounded(exp_avg_ptrs, m, mask)
     _store_rounded(exp_avg_sq_ptrs, v, mask)
 
@@ -204,8 +267,10 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
     v_hat = max(v_max, v)  (amsgrad, v_max := v_hat)   else v_hat = v
     p = p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
 
-    in fp32 (fp64 for fp64 params), p taken from and written to the fp32 master copy when
-    HAS_MASTER (then param = p rounded); values stored in a narrower dtype (params, and the
+    in fp32 (fp64 for fp64 params), p taken from and written to the master when HAS_MASTER:
+    an fp32 copy (then param = p rounded), or, where `master_param_ptr` is int16 or int8, a
+    compact one (p joined from the bf16 params and that remainder, and split back into them:
+    `_join_master`, `_split_master`); values stored in a narrower dtype (params, and the
     moments, whose dtype may differ from the params') are rounded to nearest even.
     """
     found_inf = tl.load(found_inf_ptr)
@@ -233,9 +298,13 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
     # fp32 result between the two layouts through shared memory (a bar.sync per fp32 store:
     # 14 in the bf16-master-fp32-states amsgrad kernel). Capped at 4 elements, all streams
     # share one layout: fp32 stays v4, 2-byte streams beside it take v2.b32 (64-bit) accesses.
+    # A compact master's remainder (int16 or int8) is never the widest: beside bf16 moments
+    # (8 elements) it moves in 128-bit (int16) or 64-bit (int8) accesses, beside fp32 moments
+    # (4) in 64-bit or 32-bit ones.
     WIDEST_BITS: tl.constexpr = max(param_ptr.dtype.element_ty.primitive_bitwidth,
                                     exp_avg_ptr.dtype.element_ty.primitive_bitwidth,
-                                    32 if HAS_MASTER else 0)
+                                    master_param_ptr.dtype.element_ty.primitive_bitwidth
+                                    if HAS_MASTER else 0)
     ACCESS: tl.constexpr = 128 // WIDEST_BITS
     in_segment = chunk_offset + tl.arange(0, BLOCK_SIZE)
     in_segment = tl.max_contiguous(tl.multiple_of(in_segment, BLOCK_SIZE), ACCESS)
@@ -318,14 +387,16 @@ def _decode(codes, absmax, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _encode(x, mask, SIGNED: tl.constexpr):
+def _encode(x, root, mask, SIGNED: tl.constexpr):
     """(codes as fp32 integers, absmax [blocks]) of the fp32 tile `x` ([split, blocks, width]),
-    the elements outside `mask` left out of the absmax:
+    the elements outside `mask` left out of the absmax; `root` is sqrt(x) for the unsigned map
+    (which the step has taken already), None for the signed one:
 
-    s = max |x| (NaN if any is NaN);  r = 1 / s if s > 0 else 0;  y = x * r
-    q = sign(y) * min(rint(sqrt(|y|) * 127), 127)   (signed)
-    q = min(rint(sqrt(sqrt(y)) * 255), 255)         (unsigned)
-    with q = 0 where it is NaN (a NaN y), all rounded as IEEE fp32 (div_rn, sqrt_rn)."""
+    s = max |x| (NaN if any is NaN)
+    signed:    r = 1 / s if s > 0 else 0;         y = x * r;     q = sign(y) * L(sqrt(|y|), 127)
+    unsigned:  r = 1 / sqrt(s) if s > 0 else 0;   w = root * r;  q = L(sqrt(w), 255)
+    L(z, top) = min(rint(z * top), top), 0 where z is NaN; all rounded as IEEE fp32 (div_rn,
+    sqrt_rn)."""
     # The absmax as an integer max over |x|'s bits: without the sign bit, fp32 bit patterns
     # order as their values (+0 < subnormals < normals < inf), and every NaN's lie above
     # inf's, so a block with a NaN gets a NaN, as the contract wants. tl.max on the floats
@@ -336,24 +407,29 @@ def _encode(x, mask, SIGNED: tl.constexpr):
         magnitude = tl.where(mask, magnitude, 0)
     absmax = tl.max(tl.max(magnitude, axis=2), axis=0).to(tl.float32, bitcast=True)
     positive = absmax > 0
-    # 1 / s only where s > 0: no division by zero or NaN to warn about under the interpreter.
-    reciprocal = tl.where(positive, tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32),
-                                              tl.where(positive, absmax, 1.0)), 0.0)
-    y = x * reciprocal[None, :, None]
+    # The reciprocal only where s > 0: no division by zero or NaN to warn about under the
+    # interpreter. One division (and square root) a block, not an element.
+    scale = tl.where(positive, absmax, 1.0)
+    if not SIGNED:
+        scale = tl.sqrt_rn(scale)
+    reciprocal = tl.where(positive, tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), scale),
+                          0.0)
     if SIGNED:
+        y = x * reciprocal[None, :, None]
         q = _rint(tl.sqrt_rn(tl.abs(y)) * _SIGNED_LEVELS)
         # NaN first: tl.minimum keeps the number compiled (min.f32) and the NaN interpreted.
         q = tl.where(q != q, 0.0, tl.minimum(q, _SIGNED_LEVELS))
         q = tl.where(y < 0, -q, q)
     else:
-        q = _rint(tl.sqrt_rn(tl.sqrt_rn(y)) * _UNSIGNED_LEVELS)
+        w = root * reciprocal[None, :, None]
+        q = _rint(tl.sqrt_rn(w) * _UNSIGNED_LEVELS)
         q = tl.where(q != q, 0.0, tl.minimum(q, _UNSIGNED_LEVELS))
     return q, absmax
 
 
 @triton.jit
-def _store_quantized(code_ptrs, absmax_ptrs, x, mask, block_mask, SIGNED: tl.constexpr):
-    codes, absmax = _encode(x, mask, SIGNED)
+def _store_quantized(code_ptrs, absmax_ptrs, x, root, mask, block_mask, SIGNED: tl.constexpr):
+    codes, absmax = _encode(x, root, mask, SIGNED)
     tl.store(code_ptrs, codes.to(code_ptrs.dtype.element_ty), mask=mask)
     tl.store(absmax_ptrs, absmax, mask=block_mask)
 
@@ -364,10 +440,7 @@ def _adam_q8_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_a
                    clip_factor, l2_weight_decay, decoupled_wd, param_decay, lerp_weight, beta2,
                    one_minus_beta2, step_size, bias_correction2_sqrt, eps,
                    HAS_MASTER: tl.constexpr):
-    if HAS_MASTER:
-        p = tl.load(master_param_ptrs, mask=mask)
-    else:
-        p = tl.load(param_ptrs, mask=mask).to(tl.float32)
+    p = _load_stepped(param_ptrs, master_param_ptrs, mask, HAS_MASTER)
     g = tl.load(grad_ptrs, mask=mask).to(tl.float32)
     m = _decode(tl.load(exp_avg_ptrs, mask=mask), tl.load(exp_avg_absmax_ptrs, mask=block_mask),
                 SIGNED=True)
@@ -375,13 +448,14 @@ def _adam_q8_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_a
                 tl.load(exp_avg_sq_absmax_ptrs, mask=block_mask), SIGNED=False)
     p, m, v = _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay,
                               decoupled_wd, param_decay, lerp_weight, beta2, one_minus_beta2)
-    # The parameter steps with the unrounded new moments.
-    p = _stepped_param(p, m, v, step_size, bias_correction2_sqrt, eps)
-    if HAS_MASTER:
-        tl.store(master_param_ptrs, p, mask=mask)
-    _store_rounded(param_ptrs, p, mask)
-    _store_quantized(exp_avg_ptrs, exp_avg_absmax_ptrs, m, mask, block_mask, SIGNED=True)
-    _store_quantized(exp_avg_sq_ptrs, exp_avg_sq_absmax_ptrs, v, mask, block_mask, SIGNED=False)
+    # The parameter steps with the unrounded new moments; v's code is taken from the same
+    # sqrt(v).
+    root = tl.sqrt_rn(v)
+    p = _stepped_param_by_root(p, m, root, step_size, bias_correction2_sqrt, eps)
+    _store_stepped(param_ptrs, master_param_ptrs, p, mask, HAS_MASTER)
+    _store_quantized(exp_avg_ptrs, exp_avg_absmax_ptrs, m, None, mask, block_mask, SIGNED=True)
+    _store_quantized(exp_avg_sq_ptrs, exp_avg_sq_absmax_ptrs, v, root, mask, block_mask,
+                     SIGNED=False)
 
 
 @triton.jit
@@ -424,12 +498,14 @@ def _adam_q8_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr,
 
     grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
     # One contiguity for every stream, as in `_adam_kernel`: 128 bits of the widest (fp32
-    # params or master: 4 elements, so 32-bit accesses of the codes; bf16/fp16 params alone: 8,
-    # 64-bit code accesses). Hints as there, per dimension: along a row, ACCESS contiguous
+    # params or master: 4 elements, so 32-bit accesses of the codes; bf16/fp16 params alone or
+    # with a compact master: 8, 64-bit code accesses, and 128-bit (int16) or 64-bit (int8) ones
+    # of the remainder). Hints as there, per dimension: along a row, ACCESS contiguous
     # elements starting on a multiple of 16 (chunk offsets and segment starts are multiples
     # of QUANT_BLOCK).
     WIDEST_BITS: tl.constexpr = max(param_ptr.dtype.element_ty.primitive_bitwidth,
-                                    32 if HAS_MASTER else 0)
+                                    master_param_ptr.dtype.element_ty.primitive_bitwidth
+                                    if HAS_MASTER else 0)
     ACCESS: tl.constexpr = 128 // WIDEST_BITS
     BLOCKS: tl.constexpr = BLOCK_SIZE // _QUANT_BLOCK
     SPLIT: tl.constexpr = max(1, _QUANT_BLOCK // (32 * ACCESS))
@@ -485,9 +561,12 @@ def launch_config(arena):
     interpreter (and torch's separate ops) do, whatever a Triton version's default; the extra
     FLOPs hide under the memory traffic. With 8-bit moments the codes are never the widest
     stream: 2048 elements (8 blocks of QUANT_BLOCK) beside fp32 params or master, 4096 (16)
-    for bf16/fp16 params alone; both multiples of QUANT_BLOCK, as `_adam_q8_kernel` needs."""
+    for bf16/fp16 params alone; both multiples of QUANT_BLOCK, as `_adam_q8_kernel` needs. A
+    compact master's remainder (2 or 1 bytes) is a stream like the others: 4096 elements for
+    bf16 params with bf16 or 8-bit moments, 2048 with fp32 moments."""
     widest = max(arena.params.element_size(), arena.exp_avg.element_size(),
-                 4 if arena.master_params is not None else 0)
+                 4 if arena.master_params is not None else 0,
+                 0 if arena.master_remainder is None else arena.master_remainder.element_size())
     block_size = 8192 // widest
     assert not arena.quantized or block_size % QUANT_BLOCK == 0
     return block_size, dict(num_warps=8, enable_fp_fusion=False)
@@ -530,8 +609,16 @@ def _check_arena(arena):
                    ("max_exp_avg_sq", arena.max_exp_avg_sq, state_dtype)]
     assert arena.master_params is None or dtype in MASTER_DTYPES, \
         f"a master copy is for bf16/fp16 params, not {dtype}"
+    remainder = arena.master_remainder
+    if remainder is not None:
+        assert dtype == torch.bfloat16, f"a compact master is for bf16 params, not {dtype}"
+        assert arena.master_params is None, "both an fp32 master and a compact one"
+        assert remainder.dtype in COMPACT_MASTERS.values(), \
+            f"master_remainder: expected one of {sorted(map(str, COMPACT_MASTERS.values()))}, " \
+            f"got {remainder.dtype}"
     buffers = [("params", params, dtype), *moments,
-               ("master_params", arena.master_params, torch.float32)]
+               ("master_params", arena.master_params, torch.float32),
+               ("master_remainder", remainder, None if remainder is None else remainder.dtype)]
     for name, buffer, buffer_dtype in buffers:
         if buffer is not None:
             _check(name, buffer, buffer_dtype, device, params.numel())
@@ -578,11 +665,14 @@ def kernel_for(arena):
 def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_scale,
                      found_inf_ptr, clip_factor_ptr):
     """`kernel_for(arena)`'s arguments by name for `arena`, and (grid size, compile options):
-    what the launcher launches and what tests/test_triton_compile.py compiles ahead of time."""
+    what the launcher launches and what tests/test_triton_compile.py compiles ahead of time.
+    `master_param_ptr` is the master in whichever form the arena keeps it (the kernels tell an
+    fp32 one from a compact one's remainder by its dtype), HAS_MASTER whether there is one."""
     derived = _derived_for(arena)
+    master = arena.master_params if arena.master_remainder is None else arena.master_remainder
     if arena.quantized:
         arguments = dict(
-            param_ptr=arena.params, master_param_ptr=arena.master_params,
+            param_ptr=arena.params, master_param_ptr=master,
             exp_avg_ptr=arena.exp_avg, exp_avg_sq_ptr=arena.exp_avg_sq,
             exp_avg_absmax_ptr=arena.exp_avg_absmax,
             exp_avg_sq_absmax_ptr=arena.exp_avg_sq_absmax,
@@ -591,11 +681,11 @@ def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_
             steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
             inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
             found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr,
-            HAS_MASTER=arena.master_params is not None, BLOCK_SIZE=derived.block_size)
+            HAS_MASTER=master is not None, BLOCK_SIZE=derived.block_size)
         return arguments, derived.n_chunks, derived.options
     has_max = arena.max_exp_avg_sq is not None
     arguments = dict(
-        param_ptr=arena.params, master_param_ptr=arena.master_params,
+        param_ptr=arena.params, master_param_ptr=master,
         exp_avg_ptr=arena.exp_avg, exp_avg_sq_ptr=arena.exp_avg_sq,
         # Never touched without amsgrad; a moment buffer keeps the pointer's type the moments'.
         max_exp_avg_sq_ptr=arena.max_exp_avg_sq if has_max else arena.exp_avg,
@@ -604,7 +694,7 @@ def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_
         steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
         inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
         found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr,
-        HAS_MASTER=arena.master_params is not None,
+        HAS_MASTER=master is not None,
         HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=derived.block_size)
     return arguments, derived.n_chunks, derived.options
 

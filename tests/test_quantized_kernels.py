@@ -274,7 +274,8 @@ def test_no_amsgrad_with_8_bit_moments():
 
 # ------------------------------------------------------------------------------------------------
 # The block map, on one tile shaped as the kernel's ([SPLIT, BLOCKS, WIDTH], a block per row of
-# SPLIT * WIDTH = QUANT_BLOCK), against the reference's encode and decode.
+# SPLIT * WIDTH = QUANT_BLOCK), against the reference's encode and decode (the oracle: its
+# square roots are correctly rounded, as the kernel's).
 
 SPLIT, BLOCKS, WIDTH = 2, 8, QUANT_BLOCK // 2
 _encode, _decode, _rint = triton_adam._encode, triton_adam._decode, triton_adam._rint
@@ -292,8 +293,13 @@ def _encode_kernel(x_ptr, codes_ptr, absmax_ptr, length, SIGNED: tl.constexpr,
     offsets = _tile_offsets(SPLIT, BLOCKS, WIDTH)
     mask = offsets < length
     # What lies past `length` is loaded as NaN: it must count in no absmax.
-    codes, absmax = _encode(tl.load(x_ptr + offsets, mask=mask, other=float("nan")), mask,
-                            SIGNED)
+    x = tl.load(x_ptr + offsets, mask=mask, other=float("nan"))
+    # The unsigned map codes sqrt(x), which the kernel hands in as the step has taken it.
+    if SIGNED:
+        root = None
+    else:
+        root = tl.sqrt_rn(x)
+    codes, absmax = _encode(x, root, mask, SIGNED)
     tl.store(codes_ptr + offsets, codes.to(codes_ptr.dtype.element_ty), mask=mask)
     tl.store(absmax_ptr + tl.arange(0, BLOCKS), absmax)
 
@@ -321,7 +327,9 @@ def _edge_blocks(signed, seed):
     blocks[1, ::2] = -0.0
     blocks[2, 17] = float("nan")  # absmax NaN: codes 0
     blocks[3, 5] = float("inf")  # absmax inf: reciprocal 0, inf * 0 = NaN -> 0, others 0
-    blocks[4] *= 1e-40  # subnormal absmax: 1 / s = inf, y = +-inf (top code) or NaN (0)
+    # Subnormal absmax: signed, 1 / s = inf and y = +-inf (top code) or NaN (0); unsigned,
+    # 1 / sqrt(s) is finite.
+    blocks[4] *= 1e-40
     blocks[4, :8] = 0.0
     blocks[5] = torch.exp(torch.randn(QUANT_BLOCK, generator=generator) * 8)  # wide range
     blocks[5, ::3] *= -1
@@ -337,33 +345,11 @@ def _edge_blocks(signed, seed):
     return blocks.reshape(-1), length
 
 
-def _ieee_sqrt(x):
-    # fp32 square roots correctly rounded, as the contract's (IEEE) and the kernel's sqrt_rn:
-    # through float64, whose 53 bits make the double rounding exact for a square root.
-    return torch.sqrt(x.double()).float()
-
-
-def _contract_codes(values, absmax, signed):
-    """`reference.encode` op for op, with IEEE square roots. torch's own fp32 sqrt on CPU is
-    not always correctly rounded (torch 2.13's, with MKL: one ulp off for 0.6% of random
-    inputs in [0, 1)), which moves a code when sqrt(|y|) * levels sits within an ulp of a
-    half-integer (`_edge_blocks` puts values there)."""
-    levels = kernels.SIGNED_LEVELS if signed else kernels.UNSIGNED_LEVELS
-    reciprocal = torch.where(absmax > 0, 1 / absmax, torch.zeros_like(absmax))
-    y = values * reciprocal.repeat_interleave(QUANT_BLOCK)[:values.numel()]
-    root = _ieee_sqrt(y.abs()) if signed else _ieee_sqrt(_ieee_sqrt(y))
-    codes = torch.round(root * levels).clamp_(max=levels)
-    if signed:
-        codes = torch.where(y < 0, -codes, codes)
-    return codes.nan_to_num_(nan=0.0).to(
-        kernels.EXP_AVG_CODES if signed else kernels.EXP_AVG_SQ_CODES)
-
-
 @pytest.mark.parametrize("signed", [True, False], ids=["exp_avg", "exp_avg_sq"])
 def test_encode_matches_the_reference(signed):
-    """Absmax and codes bit for bit the reference's map, with IEEE square roots (see
-    `_contract_codes`); `reference.quantize` itself agrees wherever torch's fp32 sqrt is
-    correctly rounded."""
+    """Absmax and codes bit for bit `reference.quantize`'s (whose square roots are correctly
+    rounded, as the kernel's sqrt_rn: `_edge_blocks` puts values within an ulp of the code
+    boundaries, where a square root one ulp off moves a code)."""
     values, length = _edge_blocks(signed, seed=5)
     values[length:] = 1e30  # never read: loaded as NaN, and must not count either way
     codes = torch.full((values.numel(),), 99,
@@ -373,18 +359,7 @@ def test_encode_matches_the_reference(signed):
                          BLOCKS=BLOCKS, WIDTH=WIDTH)
     expected_codes, expected_absmax = reference.quantize(values[:length], signed=signed)
     _assert_bitwise_equal(absmax, expected_absmax, "absmax")
-    _assert_bitwise_equal(codes[:length],
-                          _contract_codes(values[:length], expected_absmax, signed), "codes")
-    # Against torch's own: apart only where its sqrt is not IEEE, and by one code.
-    apart = codes[:length].int() != expected_codes.int()
-    y = values[:length] * torch.where(expected_absmax > 0, 1 / expected_absmax, 0.0) \
-        .repeat_interleave(QUANT_BLOCK)[:length]
-    if signed:
-        sqrt_differs = torch.sqrt(y.abs()) != _ieee_sqrt(y.abs())
-    else:
-        sqrt_differs = torch.sqrt(torch.sqrt(y)) != _ieee_sqrt(_ieee_sqrt(y))
-    assert not (apart & ~sqrt_differs).any()
-    assert (codes[:length].int() - expected_codes.int()).abs().max() <= 1
+    _assert_bitwise_equal(codes[:length], expected_codes, "codes")
     assert (codes[length:] == 99).all(), "codes stored past the length"
     # The cases were reached: NaN and zero blocks, and codes at both ends of the map.
     assert absmax[2].isnan() and absmax[1] == 0 and absmax[3] == float("inf")

@@ -27,51 +27,86 @@ import triton.language as tl  # noqa: E402  (after the skip: triton is optional)
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp64", "bf16", "fp16")
 TORCH_DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16",
-                "int8": "int8"}
-ELEMENT_BYTES = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1}
+                "int8": "int8", "int16": "int16"}
+ELEMENT_BYTES = {"fp32": 4, "fp64": 8, "bf16": 2, "fp16": 2, "int8": 1, "uint8": 1, "int16": 2}
+# A spec's master: False (none), True (an fp32 copy), or a compact one (bf16 params plus a
+# remainder of this dtype, `master_weights="bf16+16"` or `"bf16+8"`).
+COMPACT = {"bf16+16": "int16", "bf16+8": "int8"}
+
+
+def _refused(dtype, master_weights):
+    """Whether FusedAdam refuses `master_weights` for params of `dtype` (compact masters for
+    fp16 params), asked of the optimizer itself."""
+    import warnings
+
+    import torch
+    from fused_adam import FusedAdam
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "master_weights does nothing here" (fp32, fp64)
+        try:
+            FusedAdam([torch.zeros(1, dtype=dtype, requires_grad=True)], backend="torch",
+                      master_weights=master_weights)
+        except ValueError:
+            return True
+    return False
 
 
 def _launchable():
-    """(param dtype, state dtype, has master) of every arena FusedAdam can build: each param
-    dtype with each `state_dtype` the optimizer accepts (None, fp32, bf16, int8: 8-bit moments)
-    and with and without `master_weights`, resolved by the Arena itself, so that a change there
-    shows up here."""
+    """(param dtype, state dtype, master) of every arena FusedAdam can build: each param dtype
+    with each `state_dtype` the optimizer accepts (None, fp32, bf16, int8: 8-bit moments) and
+    each `master_weights` (False, True, "bf16+16", "bf16+8") it does not refuse, resolved by
+    the Arena itself, so that a change there shows up here."""
     import torch
     from fused_adam.flat import Arena
 
     names = {getattr(torch, torch_name): name for name, torch_name in TORCH_DTYPES.items()}
     combos = []
     for name in DTYPES:
-        for master_weights in (False, True):
+        dtype = getattr(torch, TORCH_DTYPES[name])
+        for master_weights in (False, True, *COMPACT):
+            if _refused(dtype, master_weights):
+                continue
             for state_dtype in (None, torch.float32, torch.bfloat16, torch.int8):
-                arena = Arena("cpu", getattr(torch, TORCH_DTYPES[name]), [],
-                              state_dtype=state_dtype, master_weights=master_weights)
-                combo = (name, names[arena.state_dtype], arena.has_master)
+                arena = Arena("cpu", dtype, [], state_dtype=state_dtype,
+                              master_weights=master_weights)
+                if arena.remainder_dtype is not None:
+                    master = {COMPACT[key]: key for key in COMPACT}[names[arena.remainder_dtype]]
+                else:
+                    master = arena.has_master
+                combo = (name, names[arena.state_dtype], master)
                 if combo not in combos:
                     combos.append(combo)
     return combos
 
 
-# (arch, param dtype, state dtype, has master, has max_exp_avg_sq): 24 per architecture, and
-# 5 of 8-bit moments (state "int8": int8 and uint8 codes; no amsgrad, no fp64).
+# (arch, param dtype, state dtype, master, has max_exp_avg_sq): 24 per architecture with no or
+# an fp32 master, 5 of 8-bit moments (state "int8": int8 and uint8 codes; no amsgrad, no fp64),
+# and 10 with a compact master (bf16 params with fp32 or bf16 moments, with and without
+# amsgrad, or 8-bit moments; each with an int16 or an int8 remainder).
 SPECS = [(arch, *combo, has_max)
          for arch in ARCHS for combo in _launchable() for has_max in (False, True)
          if not (combo[1] == "int8" and has_max)]
 QUANTIZED_SPECS = [spec for spec in SPECS if spec[2] == "int8"]
+COMPACT_SPECS = [spec for spec in SPECS if spec[3] in COMPACT]
 
 
 def _spec_id(spec):
-    arch, name, state, has_master, has_max = spec
-    master = "-master" if has_master else ""
+    arch, name, state, master, has_max = spec
+    master = {False: "", True: "-master", "bf16+16": "-master16", "bf16+8": "-master8"}[master]
     return f"sm{arch}-{name}{master}-{state}states-{'amsgrad' if has_max else 'adam'}"
 
 
 def _streams(spec):
     """(dtype name, loaded, stored) of every buffer the whole-chunk path moves."""
-    _, name, state, has_master, has_max = spec
-    streams = [(name, not has_master, True), (name, True, False)]  # param, grad
-    if has_master:
+    _, name, state, master, has_max = spec
+    # The params are read unless an fp32 master stands in for them (a compact one is joined
+    # from them).
+    streams = [(name, master is not True, True), (name, True, False)]  # param, grad
+    if master is True:
         streams.append(("fp32", True, True))
+    elif master:
+        streams.append((COMPACT[master], True, True))  # the remainder
     if state == "int8":
         streams += [("int8", True, True), ("uint8", True, True)]  # the codes
     else:
@@ -97,7 +132,7 @@ def _kernel_arguments(triton_adam, spec):
         EXP_AVG_CODES, EXP_AVG_SQ_CODES, GROUP_COLUMNS, QUANT_BLOCK, ArenaTensors,
     )
 
-    _, name, state, has_master, has_max = spec
+    _, name, state, master, has_max = spec
     param_dtype, state_dtype = (getattr(torch, TORCH_DTYPES[n]) for n in (name, state))
     zeros = lambda dtype: torch.zeros(QUANT_BLOCK, dtype=dtype)  # noqa: E731
     one = torch.tensor([16], dtype=torch.int64)
@@ -108,7 +143,9 @@ def _kernel_arguments(triton_adam, spec):
         exp_avg_sq=zeros(EXP_AVG_SQ_CODES if quantized else state_dtype),
         segment_starts=torch.zeros(1, dtype=torch.int64), segment_lengths=one,
         segment_groups=torch.zeros(1, dtype=torch.int64), steps=torch.zeros(1),
-        master_params=zeros(torch.float32) if has_master else None,
+        master_params=zeros(torch.float32) if master is True else None,
+        master_remainder=(zeros(getattr(torch, TORCH_DTYPES[COMPACT[master]]))
+                          if master in COMPACT else None),
         max_exp_avg_sq=zeros(state_dtype) if has_max else None,
         exp_avg_absmax=torch.zeros(1) if quantized else None,
         exp_avg_sq_absmax=torch.zeros(1) if quantized else None)
@@ -150,7 +187,7 @@ def _power_sum_arguments(triton_adam, spec):
 
 
 _TYPE_NAMES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16",
-               "int64": "i64", "int8": "i8", "uint8": "u8"}
+               "int64": "i64", "int8": "i8", "uint8": "u8", "int16": "i16"}
 
 
 def _signature(kernel, arguments):
@@ -298,8 +335,8 @@ def _expected_vectors(spec, block_size, num_warps):
     per_access = 16 // max(ELEMENT_BYTES[name] for name, _, _ in streams)
     expected = Counter()
     for name, loaded, stored in streams:
-        if name in ("int8", "uint8"):
-            continue  # 32- or 64-bit: test_quantized_whole_chunks_move_codes_in_words
+        if ELEMENT_BYTES[name] == 1:
+            continue  # 32- or 64-bit: test_whole_chunks_move_bytes_in_words
         bits = per_access * ELEMENT_BYTES[name] * 8
         vector = "v2.b64" if name == "fp64" else {128: "v4.b32", 64: "v2.b32"}[bits]
         for op, moves in (("ld", loaded), ("st", stored)):
@@ -321,22 +358,28 @@ def test_whole_chunks_use_vector_accesses(compiled, spec):
 
 
 def _stored_16_bit(spec, block_size, num_warps):
-    """{"bf16" or "f16": fp32 values per thread the whole-chunk path rounds and stores}."""
+    """{"bf16" or "f16": fp32 values per thread the whole-chunk path rounds and stores}: not
+    the params beside a compact master, split from it by integer operations."""
     elements = block_size // (32 * num_warps)
     stored = Counter()
-    for name, _, stores in _streams(spec):
+    for index, (name, _, stores) in enumerate(_streams(spec)):
+        if index == 0 and spec[3] in COMPACT:
+            continue
         if stores and name in ("bf16", "fp16"):
             stored[{"bf16": "bf16", "fp16": "f16"}[name]] += elements
     return stored
 
 
-# 8-bit moments. A thread holds ACCESS contiguous elements of every stream (128 bits of the
-# widest one), so the codes move 4 (beside fp32 params or master) or 8 (bf16/fp16 params alone)
-# to an instruction: b32 or v2.b32. 128-bit code accesses would need 16 codes a thread; Triton's
-# coalescing gives every load of a tile the widest vector any of them allows but caps each store
-# at 128 bits (4 fp32), so the fp32 stores would take another layout than the loads and every
-# fp32 result would go through shared memory (see the contiguity note in `_adam_kernel`).
-_CODE_VECTOR = {32: "b32", 64: "v2.b32"}
+# 1-byte streams: 8-bit moments' codes, bf16+8's int8 remainder. A thread holds ACCESS
+# contiguous elements of every stream (128 bits of the widest one), so the bytes move 4 (beside
+# fp32 params, master or moments) or 8 (beside 2-byte streams alone) to an instruction: b32 or
+# v2.b32. 128-bit byte accesses would need 16 bytes a thread; Triton's coalescing gives every
+# load of a tile the widest vector any of them allows but caps each store at 128 bits (4 fp32,
+# 8 bf16), so the wider streams' stores would take another layout than the loads and every
+# result would go through shared memory (see the contiguity note in `_adam_kernel`).
+_BYTE_VECTOR = {32: "b32", 64: "v2.b32"}
+BYTE_SPECS = [spec for spec in SPECS if any(ELEMENT_BYTES[name] == 1
+                                            for name, _, _ in _streams(spec))]
 
 
 def _unpredicated(op, vector, ptx):
@@ -347,26 +390,28 @@ def _unpredicated(op, vector, ptx):
                           ptx, re.M))
 
 
-@pytest.mark.parametrize("spec", QUANTIZED_SPECS, ids=_spec_id)
-def test_quantized_whole_chunks_move_codes_in_words(compiled, spec):
-    """Whole chunks move the int8 and uint8 codes ACCESS to an instruction (32-bit beside fp32
-    params or master, 64-bit beside bf16/fp16 params alone), and only the tail chunk, masked
-    per element, moves single bytes."""
+@pytest.mark.parametrize("spec", BYTE_SPECS, ids=_spec_id)
+def test_whole_chunks_move_bytes_in_words(compiled, spec):
+    """Whole chunks move the 1-byte streams (int8 and uint8 codes, an int8 remainder) ACCESS to
+    an instruction (32-bit beside 4-byte streams, 64-bit beside 2-byte streams alone), and only
+    the tail chunk, masked per element, moves single bytes."""
     ptx, meta = compiled(spec)
     elements = meta["block_size"] // (32 * meta["num_warps"])  # per thread
     per_access = 16 // max(ELEMENT_BYTES[name] for name, _, _ in _streams(spec))
-    vector = _CODE_VECTOR[per_access * 8]
-    expected = 2 * elements // per_access  # exp_avg and exp_avg_sq
-    # Stores exactly: no other unpredicated store has this width (params are 64- or 128-bit).
+    vector = _BYTE_VECTOR[per_access * 8]
+    byte_streams = sum(ELEMENT_BYTES[name] == 1 for name, _, _ in _streams(spec))
+    expected = byte_streams * elements // per_access
+    # Stores exactly: no other unpredicated store has this width (the 2- and 4-byte streams'
+    # are 64- or 128-bit).
     stores = _unpredicated("st", vector, ptx)
-    assert stores == expected, f"{stores} st.global.{vector} of codes, expected {expected}"
+    assert stores == expected, f"{stores} st.global.{vector} of bytes, expected {expected}"
     # Loads at least: a few scalar loads of the prelude and the absmax are b32 too.
     loads = _unpredicated("ld", vector, ptx)
-    assert loads >= expected, f"{loads} ld.global.{vector}, expected {expected} of codes"
+    assert loads >= expected, f"{loads} ld.global.{vector}, expected {expected} of bytes"
     for op in ("ld", "st"):
         single = len(re.findall(rf"\b{op}\.global(?:\.\w+)*\.b8\b", ptx))
-        assert single == 2 * elements, \
-            f"{single} {op}.global.b8, expected {2 * elements} (the tail chunk's codes only)"
+        assert single == byte_streams * elements, \
+            f"{single} {op}.global.b8, expected {byte_streams * elements} (the tail chunk's only)"
 
 
 @pytest.mark.parametrize("spec", QUANTIZED_SPECS, ids=_spec_id)
@@ -405,6 +450,41 @@ def test_quantized_kernel_rounds_as_the_contract(compiled, spec):
     rounded = {register for pair in down for register in pair if register}
     assert up and set(up) <= rounded, "rint's x + 2^23 - 2^23 was folded"
     assert not re.search(r"\bfma\.rn\.f32\b", ptx), "contracted into an FMA"
+
+
+@pytest.mark.parametrize("spec", [spec for spec in SPECS if spec[1] != "fp64"
+                                  and spec[2] != "int8"], ids=_spec_id)
+def test_fp32_math_rounds_as_the_contract(compiled, spec):
+    """`_adam_kernel`'s fp32 math (8-bit moments: see the test above): IEEE division and square
+    roots, as the interpreter's and torch's, and no FMA contraction."""
+    ptx, _ = compiled(spec)
+    assert re.search(r"\bdiv\.rn\.f32\b", ptx) and re.search(r"\bsqrt\.rn\.f32\b", ptx)
+    approximate = re.findall(r"\b(?:div\.(?:full|approx)|sqrt\.approx|rcp\.approx)(?:\.ftz)?"
+                             r"\.f32\b", ptx)
+    assert not approximate, f"approximate math: {sorted(set(approximate))}"
+    assert not re.search(r"\bfma\.rn\.f32\b", ptx), "contracted into an FMA"
+
+
+@pytest.mark.parametrize("spec", COMPACT_SPECS, ids=_spec_id)
+def test_compact_master_splits_with_integer_operations(compiled, spec):
+    """The master is split as the contract says, on its bits: (bits + 0x8000) >> 16 for every
+    element a thread steps, in the whole chunk and in the tail (add.s32 32768: ties away from
+    zero, where a cvt.rn would round them to even), and for bf16+8 the remainder's
+    (r + 0x80) >> 8 (an arithmetic shift) clamped to 127. No fp32 -> bf16 conversion where
+    the moments are not bf16: the params are never rounded by cvt."""
+    ptx, meta = compiled(spec)
+    elements = meta["block_size"] // (32 * meta["num_warps"])  # per thread
+    _, _, state, master, _ = spec
+    found = len(re.findall(r"\badd\.s32\s+%r\d+,\s*%r\d+,\s*32768;", ptx))
+    assert found == 2 * elements, f"{found} add.s32 32768, expected {2 * elements}"
+    if master == "bf16+8":
+        for pattern in (r"shr\.s32\s+%r\d+,\s*%r\d+,\s*8;",
+                        r"min\.s32\s+%r\d+,\s*%r\d+,\s*127;"):
+            found = len(re.findall(rf"\b{pattern}", ptx))
+            assert found == 2 * elements, f"{found} {pattern}, expected {2 * elements}"
+    if state != "bf16":
+        rounded = re.findall(r"\bcvt(?:\.\w+)*\.bf16(?:x2)?\.f32\b", ptx)
+        assert not rounded, f"a param rounded by {sorted(set(rounded))}"
 
 
 @pytest.mark.parametrize("spec", [spec for spec in SPECS if spec[1] in ("bf16", "fp16")
@@ -480,7 +560,8 @@ def test_address_math_is_64_bit(compiled, spec):
     # Element index to byte offset, on 64-bit registers, for every element size moved.
     sizes = {ELEMENT_BYTES[name] for name, _, _ in _streams(spec)}
     if spec[2] == "int8":
-        sizes = (sizes | {4}) - {1}  # fp32 absmax; a code's index is its byte offset
+        sizes |= {4}  # fp32 absmax
+    sizes -= {1}  # a code's or an int8 remainder's index is its byte offset
     for size in sorted(sizes):
         shift = size.bit_length() - 1
         assert re.search(rf"\bshl\.b64\s+%rd\d+,\s*%rd\d+,\s*{shift};", ptx), \
