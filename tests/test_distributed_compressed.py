@@ -19,7 +19,7 @@ remainders, params), except where the quantization blocks differ.
   `scale` (1 row) leaves rank 1 an empty shard.
 - DCP: get_optimizer_state_dict -> dcp.save -> dcp.load -> set_optimizer_state_dict into a
   fresh FusedAdam: the state as saved, and the next steps bit for bit. Each DTensor parameter's
-  absmax is a DTensor sharded like its blocks (see `fused_adam.distributed.like_param_blocks`):
+  absmax is a DTensor sharded like its blocks (see `fused_adam.distributed.blocks_like_param`):
   as plain tensors DCP would save one rank's and load it on every rank.
 """
 import pytest
