@@ -163,6 +163,30 @@ def padded_shard_length(fsdp_param, length):
     return length if fsdp_param is None else max(length, fsdp_param._sharded_param_data.numel())
 
 
+def largest_shard_length(p, fsdp_param, length):
+    """The most elements any rank's local shard of parameter `p` holds, computed alike on every
+    rank without communication (`length`, this rank's, for a tensor): FSDP2's padded shard, the
+    size every rank's all-gather input has; else the shard of mesh coordinate 0, the largest
+    where shards are cut as torch.chunk cuts them (Shard placements)."""
+    if not isinstance(p, DTensor):
+        return length
+    if fsdp_param is not None:
+        return padded_shard_length(fsdp_param, length)
+    try:
+        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    except ImportError:
+        raise NotImplementedError(
+            "FusedAdam: 8-bit moments of a DTensor parameter that FSDP2 does not manage need "
+            "torch.distributed.tensor._utils._compute_local_shape_and_global_offset, which "
+            "this torch version lacks") from None
+    shape, _ = _compute_local_shape_and_global_offset(
+        p.shape, p.device_mesh.shape, [0] * p.device_mesh.ndim, p.placements, skip_offset=True)
+    numel = 1
+    for size in shape:
+        numel *= size
+    return max(length, numel * (2 if p.is_complex() else 1))
+
+
 def point_param_at(p, local, fsdp_param=None, padded=None):
     """Make parameter `p` (its local shard, for a DTensor) the arena tensor `local`; FSDP2's
     padded shard becomes `padded`, the 1-D arena tensor `local` is a prefix of."""
@@ -182,6 +206,37 @@ def like_param(p, local):
         return local
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                               shape=p.shape, stride=p.stride())
+
+
+def blocks_like_param(p, local, blocks_per_shard):
+    """A per-block state tensor (8-bit moments' absmax) for parameter `p` over the arena tensor
+    `local`: `local` itself for a plain parameter; for a DTensor parameter, whose blocks start
+    at its local shard's start, a 1-D DTensor of every shard's blocks, each shard's padded with
+    zeros to `blocks_per_shard` (the largest shard's count, the same on every rank) and sharded
+    with Shard(0) over every mesh dim the parameter is sharded on (Replicate over the others).
+
+    Evenly sharded so that torch.distributed.checkpoint, which places a shard where torch.chunk
+    would cut it, saves each rank's blocks at their own offset and loads them back there (a
+    plain tensor would be taken as replicated: one rank's values saved, loaded on all)."""
+    if not isinstance(p, DTensor):
+        return local
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = p.device_mesh
+    placements = [Replicate() if placement.is_replicate() else Shard(0)
+                  for placement in p.placements]
+    shards = 1
+    for dim, placement in enumerate(placements):
+        if not placement.is_replicate():
+            shards *= mesh.size(dim)
+    return DTensor.from_local(local, mesh, placements, run_check=False,
+                              shape=(shards * blocks_per_shard,), stride=(1,))
+
+
+def is_sharded(tensor):
+    """Whether DTensor `tensor` is split over some mesh dim (not merely replicated)."""
+    return isinstance(tensor, DTensor) and not all(
+        placement.is_replicate() for placement in tensor.placements)
 
 
 def as_local_value(value, like):

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from fused_adam.distributed import (
-    as_local_value, fsdp_params_of, held_by_others, is_dtensor, like_param, local_data_ptr,
-    local_shard, padded_shard_length, point_param_at,
+    as_local_value, blocks_like_param, fsdp_params_of, held_by_others, is_dtensor, is_sharded,
+    largest_shard_length, like_param, local_data_ptr, local_shard, padded_shard_length,
+    point_param_at,
 )
 from fused_adam.kernels import (
     COMPACT_MASTERS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK,
@@ -123,6 +124,13 @@ class Arena:
         if self.is_distributed:
             self._reserved = np.array([padded_shard_length(f, n) for f, n in
                                        zip(self.fsdp_params, self.lengths)], dtype=np.int64)
+            if self.quantized:
+                # ... and, with 8-bit moments, for the largest rank's blocks: a DTensor
+                # parameter's absmax is padded to as many blocks on every rank (see
+                # `blocks_like_param`).
+                self._reserved = np.array(
+                    [largest_shard_length(p, f, n) for p, f, n in
+                     zip(self.params_in_order, self.fsdp_params, self.lengths)], dtype=np.int64)
         aligned = -(-self._reserved // alignment) * alignment
         self.starts = np.cumsum(aligned) - aligned
         size = int(aligned.sum())
@@ -209,7 +217,14 @@ class Arena:
             if name == "step":
                 view = self._steps.segment(index, 1).view(())
             elif name in ABSMAX_KEYS.values():
-                view = self._segment(name, index)  # one per block, flat whatever the shape
+                # One per block, flat whatever the shape; a DTensor's padded to the largest
+                # shard's blocks (zeros past this shard's, which no step touches).
+                p = self.params_in_order[index]
+                if is_dtensor(p):
+                    padded = self._segment(name, index, padded=True)
+                    view = blocks_like_param(p, padded, padded.numel())
+                else:
+                    view = self._segment(name, index)
             else:
                 view = self._shaped(index, self._segment(name, index))
                 if name != "param":
@@ -410,10 +425,7 @@ class Arena:
         if name == REMAINDER_KEY and value.dtype != self.remainder_dtype:
             return f"state[{name!r}] is {value.dtype}, not {self.remainder_dtype}"
         if name in ABSMAX_KEYS.values():
-            blocks = -(-int(self.lengths[index]) // QUANT_BLOCK)
-            if value.numel() != blocks:
-                return f"state[{name!r}] has {value.numel()} blocks, the parameter {blocks}"
-            return None
+            return self._blocks_problem(index, name, value)
         if name in ABSMAX_KEYS and not (value.is_floating_point() or value.is_complex()):
             if not self.quantized:
                 return (f"state[{name!r}] holds 8-bit codes ({value.dtype}); this optimizer "
@@ -428,6 +440,26 @@ class Arena:
         if value.numel() != expected.numel():
             return (f"state[{name!r}] has shape {tuple(value.shape)}, but the parameter has "
                     f"shape {tuple(expected.shape)}")
+        return None
+
+    def _blocks_problem(self, index, name, value):
+        """Why `value` cannot be segment `index`'s per-block absmax `name`, or None. Blocks
+        start at each shard's start, so a sharded checkpoint's absmax fits only the sharding it
+        was saved from: a DTensor value must have our DTensor's shape (as many shards, as many
+        blocks each), a plain one this shard's blocks (padded or not)."""
+        blocks = -(-int(self.lengths[index]) // QUANT_BLOCK)
+        ours = self._view(name, index)
+        if is_sharded(value) and not is_dtensor(ours):
+            return (f"state[{name!r}] holds the per-shard blocks of a sharded parameter "
+                    f"({value.placements}); this parameter is whole")
+        if is_dtensor(value):
+            if value.shape != ours.shape:
+                return (f"state[{name!r}] has {value.numel()} blocks over its shards, this "
+                        f"parameter's sharding {ours.numel()} ({ours.placements}): 8-bit "
+                        "moments load only into the sharding they were saved from")
+            return None
+        if value.numel() not in (blocks, local_shard(ours).numel()):
+            return f"state[{name!r}] has {value.numel()} blocks, the parameter {blocks}"
         return None
 
     def write_state(self, index, name, value):
@@ -454,13 +486,21 @@ class Arena:
             self._segment(ABSMAX_KEYS[name], index).copy_(absmax)
             return
         target = local_shard(view)
+        if name in ABSMAX_KEYS.values():  # this shard's blocks, or as many padded
+            local = as_local_value(value, view).detach().reshape(-1)
+            target[:local.numel()].copy_(local)
+            target[local.numel():].zero_()
+            return
         target.copy_(as_local_value(value, view).reshape(target.shape))
 
     def reset_state(self, index):
         """Segment `index` back to torch's state before its first step."""
-        for name in (*MOMENT_KEYS, MAX_KEY, *ABSMAX_KEYS.values()):
+        for name in (*MOMENT_KEYS, MAX_KEY):
             if name in self._buffers:
                 self._segment(name, index).zero_()
+        for name in ABSMAX_KEYS.values():
+            if name in self._buffers:
+                self._segment(name, index, padded=True).zero_()
         self._view("step", index).zero_()
         self._master_from_params(index)
         self.has_state[index] = False
