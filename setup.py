@@ -27,6 +27,10 @@ setup(
         # people train with: tests/test_integrations.py runs FusedAdam inside each of them.
         "test": ["pytest", "hypothesis", "triton>=3.6", "psutil", "matplotlib", "tqdm",
                  "safetensors>=0.4", "accelerate>=1.0", "transformers>=4.46", "lightning>=2.0"],
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "triton>=3.6"],
+        # bitsandbytes and torchao: `python -m bench accuracy`'s third-party 8-bit AdamWs (both
+        # run on CPU; tried with bitsandbytes 0.50.2, torchao 0.18.0, torch 2.13); the command
+        # reports them as skipped when they are not installed.
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "triton>=3.6", "bitsandbytes",
+                  "torchao"],
     },
 )

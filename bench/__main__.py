@@ -5,6 +5,10 @@
                     [--clip-providers ...|all] [--no-clip]
     python -m bench train [--iters N] [--max-grad-norm X] [--device ...] [--out DIR]
     torchrun --nproc_per_node=2 -m bench train --ddp [--bucket-view] [--iters N]
+    python -m bench accuracy [--iters N] [--variants ...] [--tolerance F] [--device ...]
+                                        (the char GPT trained once per optimizer variant:
+                                         FusedAdamW's compressed states, bitsandbytes' and
+                                         torchao's 8-bit AdamW, against fp32 torch AdamW)
     python -m bench grad-layout [--quick] [--device ...] [--out DIR]
     python -m bench breakdown [--config small-800] [--allocations N] [--out DIR]
                                         (a FusedAdam step split into its parameter visit and
@@ -24,7 +28,7 @@ import signal
 import sys
 from pathlib import Path
 
-COMMANDS = ("step", "train", "grad-layout", "breakdown", "report", "gpu")
+COMMANDS = ("step", "train", "accuracy", "grad-layout", "breakdown", "report", "gpu")
 
 
 def _best_device():
@@ -128,6 +132,38 @@ def _train_parser():
                         help="with --ddp: gradient_as_bucket_view=True (grads are views of DDP's "
                              "buckets, which FusedAdamW reads in place)")
     return parser
+
+
+def _accuracy_parser():
+    from bench.accuracy import FINAL_WINDOW, TOLERANCE, VARIANTS
+    parser = argparse.ArgumentParser(
+        prog="python -m bench accuracy",
+        description="Train the char GPT of `bench train` once per optimizer variant (same seed, "
+                    "same batches, gradients clipped) and compare every variant's final loss "
+                    f"(mean of the last {FINAL_WINDOW} iterations) with fp32 torch AdamW's, "
+                    "beside its optimizer-state bytes per parameter and step time.")
+    _common(parser)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
+                        help="clip the gradients' total norm to X (default 1.0; 0: no clipping)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="F",
+                        help="PASS when |final loss / torch AdamW fp32's - 1| <= F "
+                             f"(default {TOLERANCE:g})")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", default=None,
+                        help="default: all; torch-fp32, the reference, always runs. "
+                             + "; ".join(f"{v.name}: {v.label}" for v in VARIANTS))
+    return parser
+
+
+def _check_variants(parser, args):
+    from bench.accuracy import VARIANT_NAMES
+    unknown = [name for name in args.variants or () if name not in VARIANT_NAMES]
+    if unknown:
+        parser.error(f"unknown variant{'s' if len(unknown) > 1 else ''} "
+                     f"{', '.join(map(repr, unknown))}; choose from {', '.join(VARIANT_NAMES)}")
+    return args
 
 
 def _grad_layout_parser():
@@ -252,6 +288,11 @@ def main(argv=None):
         args = _resolve(_train_parser().parse_args(argv), "train")
         from bench import train
         return train.run(args)
+    elif command == "accuracy":
+        parser = _accuracy_parser()
+        args = _resolve(_check_variants(parser, parser.parse_args(argv)), "accuracy")
+        from bench import accuracy
+        return accuracy.run(args)
     elif command == "grad-layout":
         args = _resolve(_grad_layout_parser().parse_args(argv), "grad-layout")
         from bench import grad_layout

@@ -2,7 +2,7 @@
 one row per (config, provider, metric), each row carrying where and when it was measured, so rows
 from different runs and machines can be pooled without losing where they came from.
 
-    command        "step" | "breakdown" | "grad-layout" | "train" | "train-ddp"
+    command        "step" | "breakdown" | "grad-layout" | "train" | "train-ddp" | "accuracy"
     config         "gpt2-small", "small-800", "large", "char-gpt", ...
     config_detail  the config in words (says when it was scaled down, and why)
     n_params, n_tensors
@@ -29,7 +29,7 @@ from bench.timing import summarize
 QUANTILES = ("median", "p20", "p80")
 # Which file each command's rows live in (one folder may hold several commands' files).
 STEMS = {"step": "results", "breakdown": "breakdown", "grad-layout": "grad_layout",
-         "train": "train", "train-ddp": "train_ddp"}
+         "train": "train", "train-ddp": "train_ddp", "accuracy": "accuracy"}
 
 
 def config_fields(name, detail, n_params, n_tensors):
