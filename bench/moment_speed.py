@@ -1,20 +1,21 @@
-"""bf16 moments against fp32 moments, interleaved in one process: the ratio the project aims at
-(fp32-moment step time / bf16-moment step time, at least 1.3 on GPT-2-small's shapes) and how
-close each step is to its bytes' floor.
+"""Narrow moments against fp32 moments, interleaved in one process: the ratios the project aims
+at (fp32-moment step time over the bf16-moment step's, at least 1.3 on GPT-2-small's shapes, and
+over the 8-bit-moment step's) and how close each step is to its bytes' floor.
 
-    python -m bench.bf16_states [--configs gpt2-small large-16M] [--rounds 15]
-                                [--kernel-from REV] [--threads N] [--kernel-only]
+    python -m bench.moment_speed [--configs gpt2-small large-16M] [--rounds 15]
+                                 [--kernel-from REV] [--threads N] [--kernel-only]
 
 Subjects, each round in a rotating order, medians over rounds (ratios from the rounds two
 subjects shared):
 
-- `fp32`, `bf16`: `FusedAdam(params)` and `FusedAdam(params, state_dtype=torch.bfloat16)`
-  stepping fp32 params whose gradients are set once (28 and 20 B per element);
+- `fp32`, `bf16`, `int8`: `FusedAdam(params)`, with `state_dtype=torch.bfloat16` and with
+  `state_dtype=torch.int8`, stepping fp32 params whose gradients are set once (28, 20 and
+  16 + 1/16 B per element);
 - `fp32@REV`, `bf16@REV` with `--kernel-from REV`: the same, with `kernels/numba_adam.py` as it
   was at git revision REV (loaded beside the current one), for a before/after in one process;
-- `no-math 28B`, `no-math 20B`: Numba kernels that move exactly the two steps' bytes (fp32 p, g;
-  fp32 or 16-bit m, v) with one add and no Adam math, built as the step's kernel is (parallel
-  chunks, a contiguous inner loop);
+- `no-math 28B`, `no-math 20B`, `no-math 16B`: Numba kernels that move exactly the steps'
+  bytes (fp32 p, g; fp32, 16-bit or 8-bit m, v) with one add and no Adam math, built as the
+  step's kernel is (parallel chunks, a contiguous inner loop);
 - `copy`: torch's copy_ of one fp32 buffer (8 B per element), the bandwidth reference;
 - `sqrt+2div in L1`: the step's divider work alone (one sqrt and two divisions per element) on
   data in L1, on the same threads: the arithmetic floor, which no bit-identical rewrite lowers.
@@ -172,9 +173,9 @@ class _Recording:
 
 
 def _no_math_step(n, state_dtype):
-    moment = np.float32 if state_dtype is None else np.uint16
+    moment = {None: np.float32, torch.bfloat16: np.uint16, torch.int8: np.int8}[state_dtype]
     arrays = [np.full(n, 0.5, dtype=np.float32), np.zeros(n, dtype=np.float32),
-              np.full(n, 0x3F00, dtype=moment), np.full(n, 0x3E00, dtype=moment)]
+              np.full(n, 0x3F, dtype=moment), np.full(n, 0x3E, dtype=moment)]
     step = lambda: _no_math(*arrays)  # noqa: E731
     step()
     return step
@@ -198,13 +199,16 @@ def measure(shapes, rounds, kernels=None, label="", kernel_only=False):
     n = sum(int(np.prod(shape)) for shape in shapes)
     repeat = max(1, (1 << 19) // n)
     subjects = {"fp32": (_optimizer_step(shapes, None, None, kernel_only), 28 * n),
-                "bf16": (_optimizer_step(shapes, torch.bfloat16, None, kernel_only), 20 * n)}
+                "bf16": (_optimizer_step(shapes, torch.bfloat16, None, kernel_only), 20 * n),
+                "int8": (_optimizer_step(shapes, torch.int8, None, kernel_only),
+                         (16 + 16 / 256) * n)}
     if kernels is not None:
         subjects[f"fp32@{label}"] = (_optimizer_step(shapes, None, kernels, kernel_only), 28 * n)
         subjects[f"bf16@{label}"] = (_optimizer_step(shapes, torch.bfloat16, kernels,
                                                      kernel_only), 20 * n)
     subjects["no-math 28B"] = (_no_math_step(n, None), 28 * n)
     subjects["no-math 20B"] = (_no_math_step(n, torch.bfloat16), 20 * n)
+    subjects["no-math 16B"] = (_no_math_step(n, torch.int8), 16 * n)
     subjects["copy"] = (_copy_step(n), 8 * n)
     subjects["sqrt+2div in L1"] = (_divider_step(n), 0)
     names = list(subjects)
@@ -225,7 +229,7 @@ def ratio(times, slow, fast):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bf16_states", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.moment_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["gpt2-small", "large-16M"],
                         choices=sorted(CONFIGS))
@@ -263,9 +267,10 @@ def main(argv=None):
                   f"   (fastest round {best * 1e3:9.2f} ms  {nbytes / best / 1e9:6.1f} GB/s)"
                   if nbytes else f"  {name:<16} {median * 1e3:9.2f} ms"
                   f"               (fastest round {best * 1e3:9.2f} ms)")
-        pairs = [("fp32", "bf16"), ("no-math 28B", "no-math 20B"), ("bf16", "no-math 20B"),
-                 ("fp32", "no-math 28B"), ("bf16", "sqrt+2div in L1"),
-                 ("fp32", "sqrt+2div in L1")]
+        pairs = [("fp32", "bf16"), ("fp32", "int8"), ("no-math 28B", "no-math 20B"),
+                 ("no-math 28B", "no-math 16B"), ("bf16", "no-math 20B"),
+                 ("int8", "no-math 16B"), ("fp32", "no-math 28B"), ("bf16", "sqrt+2div in L1"),
+                 ("int8", "sqrt+2div in L1"), ("fp32", "sqrt+2div in L1")]
         if kernels is not None:
             pairs = [("fp32", "bf16"), (f"fp32@{label}", f"bf16@{label}"),
                      (f"bf16@{label}", "bf16"), (f"fp32@{label}", "fp32")] + pairs[1:]
