@@ -25,8 +25,11 @@ setup(
         "triton": ["triton>=3.6"],
         # matplotlib and tqdm: the tests run the benchmark commands end to end. The libraries
         # people train with: tests/test_integrations.py runs FusedAdam inside each of them.
+        # kernels (PyPI's, which transformers imports): tests/test_import_names.py checks that
+        # the checkout's kernels/ folder never shadows it.
         "test": ["pytest", "hypothesis", "triton>=3.6", "psutil", "matplotlib", "tqdm",
-                 "safetensors>=0.4", "accelerate>=1.0", "transformers>=4.46", "lightning>=2.0"],
+                 "safetensors>=0.4", "accelerate>=1.0", "transformers>=4.46", "lightning>=2.0",
+                 "kernels"],
         # bitsandbytes and torchao: `python -m bench accuracy`'s third-party 8-bit AdamWs (both
         # run on CPU; tried with bitsandbytes 0.50.2, torchao 0.18.0, torch 2.13); the command
         # reports them as skipped when they are not installed.

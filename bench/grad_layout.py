@@ -28,7 +28,7 @@ PHASES = report.GRAD_LAYOUT_PHASES
 ROUNDS = {False: (2, 10), True: (1, 5)}  # quick -> (warmup, timed)
 # Flat-buffer segments start where the arena's do (64 B for fp32: kernels read grads 128 bits
 # at once).
-from fused_adam.kernels import SEGMENT_ALIGNMENT as _ALIGN  # noqa: E402
+from fused_adam.kernels.contract import SEGMENT_ALIGNMENT as _ALIGN  # noqa: E402
 
 
 def _gpt2_words(hp):

@@ -22,7 +22,7 @@ from bench.memory import Footprint
 def _library_constant(name):
     """A constant the library owns, wherever it keeps it (the shared constants module, or the
     numba kernel's), so that it is written down once."""
-    for module in ("fused_adam.kernels", "fused_adam.kernels.numba_adam"):
+    for module in ("fused_adam.kernels.contract", "fused_adam.kernels.numba_adam"):
         value = getattr(importlib.import_module(module), name, None)
         if value is not None:
             return value

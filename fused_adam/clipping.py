@@ -16,7 +16,7 @@ import operator
 import torch
 
 from fused_adam import distributed
-from fused_adam.kernels import supported_norm_type
+from fused_adam.kernels.contract import supported_norm_type
 
 # torch's wording (torch/nn/utils/clip_grad.py), so that code matching on it keeps working.
 NONFINITE_NORM = ("The total norm of order {norm_type} for gradients from `parameters` is "

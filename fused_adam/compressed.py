@@ -17,7 +17,8 @@ import torch
 
 from fused_adam.distributed import DTensor, is_dtensor, local_shard
 from fused_adam.flat import ABSMAX_KEYS
-from fused_adam.kernels import QUANT_BLOCK, reference
+from fused_adam.kernels.contract import QUANT_BLOCK
+from fused_adam.kernels import reference
 
 
 def dequantized_state_dict(state_dict):

@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 import os
 
-from fused_adam.kernels import PARAM_DTYPES
+from fused_adam.kernels.contract import PARAM_DTYPES
 
 BACKENDS = ("numba", "triton", "torch")
 ENVIRONMENT_VARIABLE = "FUSED_ADAM_BACKEND"

@@ -20,10 +20,11 @@ from fused_adam.distributed import (
     largest_shard_length, like_param, local_data_ptr, local_shard, padded_shard_length,
     point_param_at,
 )
-from fused_adam.kernels import (
+from fused_adam.kernels.contract import (
     COMPACT_MASTERS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK,
-    QUANTIZED_STATE_DTYPE, SEGMENT_ALIGNMENT, ArenaTensors, reference,
+    QUANTIZED_STATE_DTYPE, SEGMENT_ALIGNMENT, ArenaTensors,
 )
+from fused_adam.kernels import reference
 from fused_adam.storage import FlatBuffer
 
 # The state keys torch's Adam keeps per parameter, in its order.
@@ -31,7 +32,7 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 MAX_KEY = "max_exp_avg_sq"
 MASTER_KEY = "master_param"  # ours: the fp32 master copy of a bf16/fp16 parameter
 REMAINDER_KEY = "master_remainder"  # ours: a bf16 parameter's compact master (bf16+8, bf16+16)
-# Ours, with 8-bit moments: each moment's per-block absmax (see `fused_adam.kernels`).
+# Ours, with 8-bit moments: each moment's per-block absmax (see `kernels/contract.py`).
 ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "exp_avg_sq": "exp_avg_sq_absmax"}
 # What a parameter's state must hold once it has any (torch's Adam raises KeyError without it).
 _REQUIRED_KEYS = ("step", *MOMENT_KEYS)

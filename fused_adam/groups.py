@@ -1,14 +1,14 @@
 """Param groups: torch's checks of a new group and of Adam's hyperparameters, and the group
 table the kernels read.
 
-The table has one float64 row per param group (columns in `fused_adam.kernels`); it is rebuilt
+The table has one float64 row per param group (columns in `kernels/contract.py`); it is rebuilt
 only when a hyperparameter changed (an LR scheduler writes `group["lr"]` every step or epoch).
 A learning rate that is a GPU tensor is copied into the table on the device, so reading it
 costs no host sync and a captured CUDA graph follows its changes.
 """
 import torch
 
-from fused_adam.kernels import GROUP_COLUMNS, LR
+from fused_adam.kernels.contract import GROUP_COLUMNS, LR
 
 # Stands in the row for a learning rate that lives on a GPU (see `GroupTables.table`).
 _LR_ON_DEVICE = -1.0

@@ -24,7 +24,7 @@ from fused_adam.arenas import Arenas
 from fused_adam.clipping import PendingClip, clip_coefficient, gradient_norm
 from fused_adam.clock import NO_CLOCK
 from fused_adam.distributed import local_grad_of
-from fused_adam.kernels import COMPACT_MASTERS, QUANTIZED_STATE_DTYPE
+from fused_adam.kernels.contract import COMPACT_MASTERS, QUANTIZED_STATE_DTYPE
 from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
     GroupTables,
@@ -69,7 +69,7 @@ class FusedAdam(Optimizer):
     moments: None (fp32 with a master, else the params', as torch), torch.float32,
     torch.bfloat16, or torch.int8 for 8-bit moments (codes with an fp32 absmax per 256 values,
     no amsgrad; `fused_adam.dequantized_state_dict` turns their `state_dict()` into torch's
-    format). See `fused_adam.kernels` for the exact maps. `foreach` and `fused` are accepted
+    format). See `kernels/contract.py` for the exact maps. `foreach` and `fused` are accepted
     for drop-in use and ignored: the step is always fused. `capturable=True` (CUDA only): step
     counts, bias corrections and a tensor `lr` stay on the device and nothing is read back to
     the host, so the step can be captured in a CUDA graph after one eager step.

@@ -21,7 +21,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from fused_adam.kernels import cpu_threads
-from fused_adam.kernels import (
+from fused_adam.kernels.contract import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, LR, MAXIMIZE, PARAM_DTYPES, QUANT_BLOCK,
     SIGNED_LEVELS, UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
 )
@@ -297,7 +297,7 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
 # ---------------------------------------------------------------------------------------------
-# 8-bit moments (the block map of `fused_adam.kernels`): a block is decoded, updated and
+# 8-bit moments (the block map of `contract.py`): a block is decoded, updated and
 # re-encoded in one visit. Its new absmax is needed before the first code can be stored, so the
 # block is passed over twice: the first pass does all the fp32 math (the parameter steps with the
 # unrounded moments) and keeps the new m and sqrt(v) in a block-sized scratch (in L1), the
@@ -571,7 +571,7 @@ _LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:9
 
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
               clip_factor=None):
-    """One pass over every chunk of `arena` (see `fused_adam.kernels` for the contract), on
+    """One pass over every chunk of `arena` (see `contract.py` for the contract), on
     the threads `cpu_threads` picks:
 
     - one thread (torch allowed one, or the arena is small): `_adam_chunks` in one call;
@@ -700,7 +700,7 @@ def _power_sum_chunks(params, chunks, grad_addresses, norm_type, partials, first
 
 def grad_power_sum(arena, *, grads, norm_type):
     """sum(|g|^p) over every gradient of `arena` (max |g| for p = inf), a 0-d float64 tensor
-    (see `fused_adam.kernels`): partial sums per chunk on the threads `adam_step` would use,
+    (see `contract.py`): partial sums per chunk on the threads `adam_step` would use,
     added up here (numpy's pairwise sum)."""
     assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
     derived = _derived_for(arena)

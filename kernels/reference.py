@@ -7,7 +7,7 @@ with torch to rounding. Slow on purpose: obviously correct beats fast here.
 """
 import torch
 
-from fused_adam.kernels import (
+from fused_adam.kernels.contract import (
     AMSGRAD, BETA1, BETA2, DECOUPLED_WD, EPS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, LR, MAXIMIZE,
     QUANT_BLOCK, SIGNED_LEVELS, UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
 )
@@ -51,7 +51,7 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, b
 
 
 # ---------------------------------------------------------------------------------------------
-# 8-bit moments: the block map of `fused_adam.kernels`, op for op in fp32.
+# 8-bit moments: the block map of `contract.py`, op for op in fp32.
 
 def _per_element(per_block, n):
     return per_block.repeat_interleave(QUANT_BLOCK)[:n]
@@ -113,7 +113,7 @@ def quantize(values, *, signed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Compact master weights (see `fused_adam.kernels`): bf16 params plus a remainder.
+# Compact master weights (see `contract.py`): bf16 params plus a remainder.
 
 def join_master(params, remainder):
     """The fp32 master of bf16 `params` and their int16 or int8 `remainder`."""
@@ -177,7 +177,7 @@ def _write_together(writes):
 
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
               clip_factor=None):
-    """The launcher contract of `fused_adam.kernels`, one segment at a time. Math is fp32 for
+    """The launcher contract of `contract.py`, one segment at a time. Math is fp32 for
     16-bit buffers (the kernels' contract), on the master where there is one."""
     if found_inf is not None and bool(found_inf.item()):
         return

@@ -11,12 +11,12 @@ Mixed precision follows the numba kernel's contract: bf16/fp16 params may have a
 copy (stepped in their place, then rounded into them) and moments of their own dtype, fp32 or
 bf16; the math is fp32 (fp64 for fp64 params) and every narrower store rounds to nearest even.
 bf16 params may keep a compact master instead (an int16 or int8 remainder beside them, see
-`fused_adam.kernels`): both kernels join it with the params into the fp32 value they step and
+`contract.py`): both kernels join it with the params into the fp32 value they step and
 split that back with the contract's integer arithmetic (the params then round ties away from
 zero); which master a kernel has, fp32 or compact, it tells by `master_param_ptr`'s dtype.
 
 8-bit moments (int8/uint8 codes and an fp32 absmax per block of QUANT_BLOCK elements, see
-`fused_adam.kernels`) have a kernel of their own, `_adam_q8_kernel`, over the same chunk table:
+`contract.py`) have a kernel of their own, `_adam_q8_kernel`, over the same chunk table:
 it decodes a chunk's blocks, steps as `_adam_kernel` does in fp32 and encodes the new moments.
 """
 
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_adam.kernels import (
+from fused_adam.kernels.contract import (
     AMSGRAD, BETA1, BETA2, COMPACT_MASTERS, DECOUPLED_WD, EPS, EXP_AVG_CODES, EXP_AVG_SQ_CODES,
     GROUP_COLUMNS, LR, MASTER_DTYPES, MAXIMIZE, PARAM_DTYPES, QUANT_BLOCK, SIGNED_LEVELS,
     STATE_DTYPES, UNSIGNED_LEVELS, WEIGHT_DECAY, PerLayout,
@@ -343,7 +343,7 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
 
 
 # ---------------------------------------------------------------------------------------------
-# 8-bit moments: the block map of `fused_adam.kernels`, in a kernel of its own. Its tile has a
+# 8-bit moments: the block map of `contract.py`, in a kernel of its own. Its tile has a
 # row per block of QUANT_BLOCK elements (each row reduces to its block's absmax), it has two more
 # buffers and no amsgrad or fp64; as a constexpr branch of `_adam_kernel` it would have added
 # parameters to that kernel's signature (and to its direct calls in tests) and a second tile
@@ -701,7 +701,7 @@ def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_
 
 def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
               clip_factor=None):
-    """One Adam/AdamW step over every segment of `arena` (see `fused_adam.kernels`): advances
+    """One Adam/AdamW step over every segment of `arena` (see `contract.py`): advances
     `steps` where a grad is present (and found_inf is zero), then launches the kernel once.
     Nothing is read back to the host."""
     derived = _derived_for(arena)
@@ -819,7 +819,7 @@ def power_sum_arguments(arena, *, grads, norm_type, partials):
 
 def grad_power_sum(arena, *, grads, norm_type):
     """sum(|g|^p) over every gradient of `arena` (max |g| for p = inf) as a 0-d float64 tensor
-    on its device (see `fused_adam.kernels`); nothing is read back to the host."""
+    on its device (see `contract.py`); nothing is read back to the host."""
     derived = _derived_for(arena)
     device = arena.params.device
     _check("grads", grads, torch.int64, device, arena.n_segments)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fused_adam import FusedAdam, FusedAdamW
-from fused_adam.kernels import ArenaTensors
+from fused_adam.kernels.contract import ArenaTensors
 from helpers import TOLERANCES, assert_close, assert_same_trajectory, cpu_backends, loss_of
 
 BACKENDS = cpu_backends()
@@ -297,7 +297,7 @@ def test_clip_factor_rounds_after_the_unscale(backend):
     """adam_step(inv_grad_scale=s, clip_factor=c) == torch's Adam on grads unscaled in place
     and then multiplied by c, each product rounded to fp32."""
     kernels = _kernels(backend)
-    from fused_adam.kernels import GROUP_COLUMNS, LR as LR_COLUMN, BETA1, BETA2, EPS
+    from fused_adam.kernels.contract import GROUP_COLUMNS, LR as LR_COLUMN, BETA1, BETA2, EPS
     n = 300
     arena = _bare_arena([n], torch.float32)
     generator = torch.Generator().manual_seed(2)

@@ -1,5 +1,5 @@
 """The Triton launcher with a compact master (bf16 params plus an int16 or int8
-`master_remainder`, see `fused_adam.kernels`) on bare `ArenaTensors` records, against the
+`master_remainder`, see `kernels/contract.py`) on bare `ArenaTensors` records, against the
 reference backend on identical copies, with fp32, bf16 and 8-bit moments: both kernels
 (`_adam_kernel`, `_adam_q8_kernel`), whole and tail chunks, a zero-length segment, one without
 a gradient every other step, two groups (AdamW; Adam with maximize, and amsgrad where the
@@ -20,8 +20,9 @@ if "triton" not in cpu_backends():
 
 import triton.language as tl  # noqa: E402  (after the skips: triton is optional)
 
-from fused_adam import kernels  # noqa: E402
-from fused_adam.kernels import QUANT_BLOCK, ArenaTensors, reference, triton_adam  # noqa: E402
+from fused_adam.kernels import contract  # noqa: E402
+from fused_adam.kernels.contract import QUANT_BLOCK, ArenaTensors  # noqa: E402
+from fused_adam.kernels import reference, triton_adam  # noqa: E402
 
 # numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic (log2(0) of
 # a zero beta: a bias correction of exactly 1; NaN compared in the NaN test).
@@ -37,14 +38,14 @@ SIZE = 6400
 SEGMENT_GROUPS = [0, 1, 1, 0, 1]
 N_BLOCKS = SIZE // QUANT_BLOCK
 
-ADAMW = {kernels.LR: 1e-2, kernels.BETA1: 0.9, kernels.BETA2: 0.999, kernels.EPS: 1e-8,
-         kernels.WEIGHT_DECAY: 0.1, kernels.DECOUPLED_WD: 1.0}
-ADAM = {kernels.LR: 3e-3, kernels.BETA1: 0.8, kernels.BETA2: 0.99, kernels.EPS: 1e-6,
-        kernels.WEIGHT_DECAY: 0.05, kernels.MAXIMIZE: 1.0}
-ZERO_BETAS = {kernels.BETA1: 0.0, kernels.BETA2: 0.0}
+ADAMW = {contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999, contract.EPS: 1e-8,
+         contract.WEIGHT_DECAY: 0.1, contract.DECOUPLED_WD: 1.0}
+ADAM = {contract.LR: 3e-3, contract.BETA1: 0.8, contract.BETA2: 0.99, contract.EPS: 1e-6,
+        contract.WEIGHT_DECAY: 0.05, contract.MAXIMIZE: 1.0}
+ZERO_BETAS = {contract.BETA1: 0.0, contract.BETA2: 0.0}
 # The reference's L2 term is one fused multiply-add in torch's CPU kernel where the contract
 # rounds twice (see test_quantized_kernels.py): the bit-for-bit runs decay decoupled only.
-NO_L2 = {kernels.WEIGHT_DECAY: 0.0}
+NO_L2 = {contract.WEIGHT_DECAY: 0.0}
 
 REMAINDERS = {"bf16+16": torch.int16, "bf16+8": torch.int8}
 MOMENTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.int8}
@@ -56,7 +57,7 @@ PAD_PARAM, PAD_REMAINDER = 7.0, 77
 
 
 def _group_table(*groups):
-    table = torch.zeros(len(groups), kernels.GROUP_COLUMNS, dtype=torch.float64)
+    table = torch.zeros(len(groups), contract.GROUP_COLUMNS, dtype=torch.float64)
     for row, group in zip(table, groups):
         for column, value in group.items():
             row[column] = value
@@ -96,8 +97,8 @@ def _arenas(master, moments, seed=0, *, amsgrad=False, fp32_master=False):
     remainder = torch.where(elements, remainder,
                             torch.tensor(PAD_REMAINDER, dtype=remainder_dtype))
     if MOMENTS[moments] == torch.int8:
-        exp_avg, exp_avg_absmax = _quantized(m, kernels.EXP_AVG_CODES, signed=True)
-        exp_avg_sq, exp_avg_sq_absmax = _quantized(v, kernels.EXP_AVG_SQ_CODES, signed=False)
+        exp_avg, exp_avg_absmax = _quantized(m, contract.EXP_AVG_CODES, signed=True)
+        exp_avg_sq, exp_avg_sq_absmax = _quantized(v, contract.EXP_AVG_SQ_CODES, signed=False)
         moment_buffers = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                               exp_avg_absmax=exp_avg_absmax, exp_avg_sq_absmax=exp_avg_sq_absmax)
     else:
@@ -152,7 +153,7 @@ def _step_both(arena, twin, table, step, grads=None):
 def _tables(moments, zero_betas):
     second = {**ADAM}
     if MOMENTS[moments] != torch.int8:
-        second[kernels.AMSGRAD] = 1.0
+        second[contract.AMSGRAD] = 1.0
     if zero_betas:
         return _group_table({**ADAMW, **ZERO_BETAS}, {**second, **ZERO_BETAS, **NO_L2})
     return _group_table(ADAMW, second)

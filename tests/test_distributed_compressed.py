@@ -33,7 +33,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from fused_adam import FusedAdam  # noqa: E402
-from fused_adam.kernels import QUANT_BLOCK  # noqa: E402
+from fused_adam.kernels.contract import QUANT_BLOCK  # noqa: E402
 from helpers import reloaded  # noqa: E402
 from test_distributed import WORLD_SIZE, _local, _on_two_ranks  # noqa: E402
 

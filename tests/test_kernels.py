@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fused_adam import dispatch, kernels
-from fused_adam.kernels import ArenaTensors, reference
+from fused_adam import dispatch
+from fused_adam.kernels import contract, reference
+from fused_adam.kernels.contract import ArenaTensors
 from helpers import TOLERANCES, assert_close, cpu_backends, make_params
 
 BACKENDS = cpu_backends()
@@ -17,7 +18,7 @@ BACKEND_IDS = [f"cpu-{backend}" for backend in BACKENDS]
 
 
 def _group_table(*groups):
-    table = torch.zeros(len(groups), kernels.GROUP_COLUMNS, dtype=torch.float64)
+    table = torch.zeros(len(groups), contract.GROUP_COLUMNS, dtype=torch.float64)
     for row, group in zip(table, groups):
         for column, value in group.items():
             row[column] = value
@@ -25,10 +26,10 @@ def _group_table(*groups):
 
 
 GROUPS = [
-    {kernels.LR: 1e-2, kernels.BETA1: 0.9, kernels.BETA2: 0.999, kernels.EPS: 1e-8,
-     kernels.WEIGHT_DECAY: 0.1, kernels.DECOUPLED_WD: 1.0},
-    {kernels.LR: 3e-3, kernels.BETA1: 0.8, kernels.BETA2: 0.99, kernels.EPS: 1e-6,
-     kernels.WEIGHT_DECAY: 0.05, kernels.AMSGRAD: 1.0, kernels.MAXIMIZE: 1.0},
+    {contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999, contract.EPS: 1e-8,
+     contract.WEIGHT_DECAY: 0.1, contract.DECOUPLED_WD: 1.0},
+    {contract.LR: 3e-3, contract.BETA1: 0.8, contract.BETA2: 0.99, contract.EPS: 1e-6,
+     contract.WEIGHT_DECAY: 0.05, contract.AMSGRAD: 1.0, contract.MAXIMIZE: 1.0},
 ]
 
 
@@ -74,12 +75,12 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
             state["step"] += 1
             reference.adam_update(
                 state["p"], grad.double(), state["m"], state["v"], state["v_max"],
-                step=state["step"], lr=group[kernels.LR], beta1=group[kernels.BETA1],
-                beta2=group[kernels.BETA2], eps=group[kernels.EPS],
-                weight_decay=group[kernels.WEIGHT_DECAY],
-                amsgrad=bool(group.get(kernels.AMSGRAD)),
-                maximize=bool(group.get(kernels.MAXIMIZE)),
-                decoupled_weight_decay=bool(group.get(kernels.DECOUPLED_WD)))
+                step=state["step"], lr=group[contract.LR], beta1=group[contract.BETA1],
+                beta2=group[contract.BETA2], eps=group[contract.EPS],
+                weight_decay=group[contract.WEIGHT_DECAY],
+                amsgrad=bool(group.get(contract.AMSGRAD)),
+                maximize=bool(group.get(contract.MAXIMIZE)),
+                decoupled_weight_decay=bool(group.get(contract.DECOUPLED_WD)))
     assert arena.steps.tolist() == [state["step"] for state in oracle] == [20, 10, 20]
     for segment, (start, n, state) in enumerate(zip(starts, lengths, oracle)):
         for name, buffer, expected in (("param", arena.params, state["p"]),
@@ -243,8 +244,8 @@ def _far_case(n, dtype, seed):
     expected = [x.double() for x in (p, m, v, v_max)]
     reference.adam_update(*expected[:1], g.double(), *expected[1:], step=5, lr=1e-2, beta1=0.9,
                           beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True)
-    table = _group_table({kernels.LR: 1e-2, kernels.BETA1: 0.9, kernels.BETA2: 0.999,
-                          kernels.EPS: 1e-8, kernels.WEIGHT_DECAY: 0.1, kernels.AMSGRAD: 1.0})
+    table = _group_table({contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999,
+                          contract.EPS: 1e-8, contract.WEIGHT_DECAY: 0.1, contract.AMSGRAD: 1.0})
     return (p, m, v, v_max, g), expected, table
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import fused_adam
-from fused_adam.kernels import QUANT_BLOCK, SIGNED_LEVELS, UNSIGNED_LEVELS, reference
+from fused_adam.kernels.contract import QUANT_BLOCK, SIGNED_LEVELS, UNSIGNED_LEVELS
+from fused_adam.kernels import reference
 from helpers import (
     DTYPE_IDS, TOLERANCES, assert_close, cpu_backends, make_params, reloaded, run_steps,
 )

@@ -21,8 +21,9 @@ if "triton" not in cpu_backends():
 
 import triton.language as tl  # noqa: E402  (after the skips: triton is optional)
 
-from fused_adam import kernels  # noqa: E402
-from fused_adam.kernels import QUANT_BLOCK, ArenaTensors, reference, triton_adam  # noqa: E402
+from fused_adam.kernels import contract  # noqa: E402
+from fused_adam.kernels.contract import QUANT_BLOCK, ArenaTensors  # noqa: E402
+from fused_adam.kernels import reference, triton_adam  # noqa: E402
 
 # numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic: log2(0) of
 # a zero beta (a bias correction of exactly 1), 1 / subnormal = inf, inf * 0 = NaN.
@@ -42,16 +43,16 @@ SIZE = 6400
 SEGMENT_GROUPS = [0, 1, 1, 0, 1]
 N_BLOCKS = SIZE // QUANT_BLOCK
 
-ADAMW = {kernels.LR: 1e-2, kernels.BETA1: 0.9, kernels.BETA2: 0.999, kernels.EPS: 1e-8,
-         kernels.WEIGHT_DECAY: 0.1, kernels.DECOUPLED_WD: 1.0}
-ADAM = {kernels.LR: 3e-3, kernels.BETA1: 0.8, kernels.BETA2: 0.99, kernels.EPS: 1e-6,
-        kernels.WEIGHT_DECAY: 0.05, kernels.MAXIMIZE: 1.0}
-ZERO_BETAS = {kernels.BETA1: 0.0, kernels.BETA2: 0.0}
+ADAMW = {contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999, contract.EPS: 1e-8,
+         contract.WEIGHT_DECAY: 0.1, contract.DECOUPLED_WD: 1.0}
+ADAM = {contract.LR: 3e-3, contract.BETA1: 0.8, contract.BETA2: 0.99, contract.EPS: 1e-6,
+        contract.WEIGHT_DECAY: 0.05, contract.MAXIMIZE: 1.0}
+ZERO_BETAS = {contract.BETA1: 0.0, contract.BETA2: 0.0}
 # Reference's L2 term, grad.add(param, alpha=wd), is one fused multiply-add in torch's
 # vectorized CPU kernel (as are its lerp and addcmul): one rounding where the contract (and
 # the kernel, compiled without FMA contraction) rounds twice. With zero betas the moments are
 # otherwise exact, so the bit-for-bit runs use decoupled weight decay only.
-NO_L2 = {kernels.WEIGHT_DECAY: 0.0}
+NO_L2 = {contract.WEIGHT_DECAY: 0.0}
 
 # Values the padding holds before the steps and must hold after them.
 PAD_PARAM, PAD_EXP_AVG, PAD_EXP_AVG_SQ, PAD_ABSMAX = 7.0, 55, 200, 123.0
@@ -61,7 +62,7 @@ CONFIGS = {"fp32": (torch.float32, False), "bf16-master": (torch.bfloat16, True)
 
 
 def _group_table(*groups):
-    table = torch.zeros(len(groups), kernels.GROUP_COLUMNS, dtype=torch.float64)
+    table = torch.zeros(len(groups), contract.GROUP_COLUMNS, dtype=torch.float64)
     for row, group in zip(table, groups):
         for column, value in group.items():
             row[column] = value
@@ -266,7 +267,7 @@ def test_no_amsgrad_with_8_bit_moments():
     grads = _addresses([torch.ones(n) for n in LENGTHS])
     with pytest.raises(AssertionError, match="amsgrad"):
         triton_adam.adam_step(arena, grads=grads,
-                              group_table=_group_table(ADAMW, {**ADAM, kernels.AMSGRAD: 1.0}))
+                              group_table=_group_table(ADAMW, {**ADAM, contract.AMSGRAD: 1.0}))
     with_max = ArenaTensors(**{**vars(arena), "max_exp_avg_sq": torch.zeros(SIZE)})
     with pytest.raises(AssertionError, match="amsgrad"):
         triton_adam.adam_step(with_max, grads=grads, group_table=_group_table(ADAMW, ADAM))
@@ -353,7 +354,7 @@ def test_encode_matches_the_reference(signed):
     values, length = _edge_blocks(signed, seed=5)
     values[length:] = 1e30  # never read: loaded as NaN, and must not count either way
     codes = torch.full((values.numel(),), 99,
-                       dtype=kernels.EXP_AVG_CODES if signed else kernels.EXP_AVG_SQ_CODES)
+                       dtype=contract.EXP_AVG_CODES if signed else contract.EXP_AVG_SQ_CODES)
     absmax = torch.empty(BLOCKS)
     _encode_kernel[(1,)](values, codes, absmax, length, SIGNED=signed, SPLIT=SPLIT,
                          BLOCKS=BLOCKS, WIDTH=WIDTH)

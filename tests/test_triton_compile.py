@@ -114,21 +114,12 @@ def _streams(spec):
     return streams
 
 
-def _import_triton_adam():
-    try:
-        return importlib.import_module("fused_adam.kernels.triton_adam")
-    except ImportError:
-        # Not installed: use the source tree (kernels/ ships as fused_adam.kernels).
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        return importlib.import_module("kernels.triton_adam")
-
-
 def _kernel_arguments(triton_adam, spec):
     """What the launcher passes its kernel for an arena of this spec (tiny CPU tensors of
     the right dtypes stand in for the buffers): its own `kernel_for` and `kernel_arguments`,
     the one source of the kernel and its signature, and the launch options."""
     import torch
-    from fused_adam.kernels import (
+    from fused_adam.kernels.contract import (
         EXP_AVG_CODES, EXP_AVG_SQ_CODES, GROUP_COLUMNS, QUANT_BLOCK, ArenaTensors,
     )
 
@@ -170,7 +161,7 @@ def _power_spec_id(spec):
 def _power_sum_arguments(triton_adam, spec):
     """`_power_sum_kernel`'s arguments from the launcher's own `power_sum_arguments`."""
     import torch
-    from fused_adam.kernels import ArenaTensors
+    from fused_adam.kernels.contract import ArenaTensors
 
     _, name, norm = spec
     dtype = getattr(torch, TORCH_DTYPES[name])
@@ -214,7 +205,7 @@ def _compile_arch(arch, out_dir):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    triton_adam = _import_triton_adam()
+    triton_adam = importlib.import_module("fused_adam.kernels.triton_adam")
     meta = {}
     for spec in SPECS:
         if spec[0] != arch:
@@ -500,7 +491,7 @@ def test_compiled_16_bit_stores_round_to_nearest_even(compiled, spec):
         assert found >= values // 2, f"only {found} cvt.rn.{kind}x2.f32, expected {values // 2}"
 
 
-_store_rounded = _import_triton_adam()._store_rounded
+_store_rounded = importlib.import_module("fused_adam.kernels.triton_adam")._store_rounded
 
 
 @triton.jit
