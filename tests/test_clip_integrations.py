@@ -62,16 +62,32 @@ def fused_clips(monkeypatch):
 
 @pytest.fixture
 def torch_clips(monkeypatch):
-    """The norms torch.nn.utils.clip_grad_norm_ returned (what the libraries call to clip)."""
+    """The norms torch's clip clipped with, as the libraries call it: `clip_grad_norm_` (Lightning,
+    accelerate before 1.13), or `get_total_norm` then `clip_grads_with_norm_` (accelerate's
+    DTensor-aware clip since then, which Trainer reaches through it). One entry per outermost
+    call: torch's `clip_grad_norm_` is itself built on the other two in recent torch."""
     norms = []
-    original = torch.nn.utils.clip_grad_norm_
+    depth = [0]
 
-    def spy(*args, **kwargs):
-        norm = original(*args, **kwargs)
-        norms.append(norm)
-        return norm
+    def spying(original, norm_of):
+        def spy(*args, **kwargs):
+            depth[0] += 1
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                norms.append(norm_of(result, args, kwargs))
+            return result
+        return spy
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spying(
+        torch.nn.utils.clip_grad_norm_, lambda result, args, kwargs: result))
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+        monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", spying(
+            torch.nn.utils.clip_grads_with_norm_,
+            lambda result, args, kwargs: kwargs.get("total_norm", args[2] if len(args) > 2
+                                                    else None)))
     return norms
 
 
