@@ -15,6 +15,7 @@ Gradients are not packed: see `fused_adam.grads`.
 import numpy as np
 import torch
 
+from fused_adam.aliasing import first_shared
 from fused_adam.distributed import (
     as_local_value, blocks_like_param, fsdp_params_of, held_by_others, is_dtensor, is_sharded,
     largest_shard_length, like_param, local_data_ptr, local_shard, padded_shard_length,
@@ -285,6 +286,15 @@ class Arena:
                     f"{self.device} was replaced by a tensor of {p.dtype}, shape "
                     f"{tuple(p.shape)} on {p.device}; create the optimizer after moving or "
                     "converting the model")
+        shared = first_shared([local_shard(p) for p in self.params_in_order])
+        if shared is not None:
+            # `b.data = a.data`: torch would step the memory once for each; a segment each
+            # would untie them.
+            index, other = shared[::-1] if shared[1] in moved else shared
+            raise RuntimeError(
+                f"FusedAdam: {self.describe(index)} of the {self.dtype} arena on {self.device} "
+                f"was replaced by a tensor that shares memory with {self.describe(other)}; tie "
+                "weights by using one Parameter in both places")
         locals_ = [local_shard(self.params_in_order[index]) for index in moved]
         for index, local in zip(moved, locals_):
             self._copy_in(index, local)
@@ -331,6 +341,11 @@ class Arena:
                 home.copy_(self._view("param", index))
             else:
                 del self._homes[index]
+
+    def former_memory(self):
+        """[(param, tensor)]: memory a parameter had before the arena took it, that another
+        owner still holds (see `_remember_homes`)."""
+        return [(self.params_in_order[index], home) for index, home in self._homes.items()]
 
     def homes(self):
         """How many parameters are also written back to another owner's memory each step."""
