@@ -77,6 +77,16 @@ def _overlaps_itself(tensor):
     return offsets.unique().numel() < tensor.numel()
 
 
+def _carried_by_torch(name, value):
+    """Whether `value`, a checkpoint's `master_param` or `master_remainder`, came through
+    torch's Adam, which casts every state tensor to its param's dtype and carries what it does
+    not use unchanged through its steps: a bf16/fp16 `master_param` or a floating-point
+    `master_remainder` (ours are fp32, and int16 or int8), stale since torch stepped."""
+    if not torch.is_tensor(value):
+        return False
+    return value.dtype in MASTER_DTYPES if name == MASTER_KEY else value.is_floating_point()
+
+
 def table_device(device):
     """Where segment tables and step counts live: beside the buffers on CPU and CUDA (the
     kernels read them there), on the host elsewhere (the torch backend reads them)."""
@@ -381,9 +391,25 @@ class Arena:
 
     def lacks_master(self, entry):
         """Whether a state entry leaves this arena's master to be taken from the params
-        (torch's, or one of a FusedAdam without this kind of master)."""
-        return self.has_master and MASTER_KEY not in entry and not (
-            self.remainder_dtype is not None and REMAINDER_KEY in entry)
+        (torch's, one of a FusedAdam without this kind of master, or one whose master torch
+        carried: see `_carried_by_torch`)."""
+        def holds(name):
+            return name in entry and not _carried_by_torch(name, entry[name])
+
+        return self.has_master and not holds(MASTER_KEY) and not (
+            self.remainder_dtype is not None and holds(REMAINDER_KEY))
+
+    def master_value(self, index):
+        """A copy of segment `index`'s master, shaped as its parameter: the fp32 copy, the
+        params joined with a compact master's remainder, or (no master) the params."""
+        params = self._segment("param", index)
+        if self.remainder_dtype is not None:
+            flat = reference.join_master(params, self._segment(REMAINDER_KEY, index))
+        elif self.has_master:
+            flat = self._segment(MASTER_KEY, index).clone()
+        else:
+            flat = params.clone()
+        return like_param(self.params_in_order[index], self._shaped(index, flat))
 
     def owns(self, index, name, value):
         """Whether `value` is this arena's own tensor for `name` of segment `index`."""
@@ -407,6 +433,8 @@ class Arena:
                 continue
             if name == MASTER_KEY and not self.has_master:
                 continue
+            if name in (MASTER_KEY, REMAINDER_KEY) and _carried_by_torch(name, entry[name]):
+                continue  # stale: the master comes from the params (`lacks_master`)
             if name == REMAINDER_KEY and self.remainder_dtype is None:
                 continue  # a compact master's, for an optimizer that keeps another kind
             if name in ABSMAX_KEYS.values() and not self._takes_codes(entry, name):
