@@ -69,8 +69,9 @@ class FusedAdam(Optimizer):
     moments: None (fp32 with a master, else the params', as torch), torch.float32,
     torch.bfloat16, or torch.int8 for 8-bit moments (codes with an fp32 absmax per 256 values,
     no amsgrad; `fused_adam.dequantized_state_dict` turns their `state_dict()` into torch's
-    format). See `kernels/contract.py` for the exact maps. `foreach` and `fused` are accepted
-    for drop-in use and ignored: the step is always fused. `capturable=True` (CUDA only): step
+    format, `fused_adam.master_params` gives a master as fp32 values). See
+    `kernels/contract.py` for the exact maps. `foreach` and `fused` are accepted for drop-in
+    use and ignored: the step is always fused. `capturable=True` (CUDA only): step
     counts, bias corrections and a tensor `lr` stay on the device and nothing is read back to
     the host, so the step can be captured in a CUDA graph after one eager step.
     """
