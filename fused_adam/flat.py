@@ -15,6 +15,7 @@ Gradients are not packed: see `fused_adam.grads`.
 import numpy as np
 import torch
 
+from fused_adam.aliasing import first_shared
 from fused_adam.distributed import (
     as_local_value, blocks_like_param, fsdp_params_of, held_by_others, is_dtensor, is_sharded,
     largest_shard_length, like_param, local_data_ptr, local_shard, padded_shard_length,
@@ -74,6 +75,16 @@ def _overlaps_itself(tensor):
     span = sum((n - 1) * s for s, n in zip(tensor.stride(), tensor.shape)) + 1
     offsets = torch.arange(span).as_strided(tensor.shape, tensor.stride())
     return offsets.unique().numel() < tensor.numel()
+
+
+def _carried_by_torch(name, value):
+    """Whether `value`, a checkpoint's `master_param` or `master_remainder`, came through
+    torch's Adam, which casts every state tensor to its param's dtype and carries what it does
+    not use unchanged through its steps: a bf16/fp16 `master_param` or a floating-point
+    `master_remainder` (ours are fp32, and int16 or int8), stale since torch stepped."""
+    if not torch.is_tensor(value):
+        return False
+    return value.dtype in MASTER_DTYPES if name == MASTER_KEY else value.is_floating_point()
 
 
 def table_device(device):
@@ -285,6 +296,15 @@ class Arena:
                     f"{self.device} was replaced by a tensor of {p.dtype}, shape "
                     f"{tuple(p.shape)} on {p.device}; create the optimizer after moving or "
                     "converting the model")
+        shared = first_shared([local_shard(p) for p in self.params_in_order])
+        if shared is not None:
+            # `b.data = a.data`: torch would step the memory once for each; a segment each
+            # would untie them.
+            index, other = shared[::-1] if shared[1] in moved else shared
+            raise RuntimeError(
+                f"FusedAdam: {self.describe(index)} of the {self.dtype} arena on {self.device} "
+                f"was replaced by a tensor that shares memory with {self.describe(other)}; tie "
+                "weights by using one Parameter in both places")
         locals_ = [local_shard(self.params_in_order[index]) for index in moved]
         for index, local in zip(moved, locals_):
             self._copy_in(index, local)
@@ -332,6 +352,11 @@ class Arena:
             else:
                 del self._homes[index]
 
+    def former_memory(self):
+        """[(param, tensor)]: memory a parameter had before the arena took it, that another
+        owner still holds (see `_remember_homes`)."""
+        return [(self.params_in_order[index], home) for index, home in self._homes.items()]
+
     def homes(self):
         """How many parameters are also written back to another owner's memory each step."""
         return len(self._homes)
@@ -366,9 +391,25 @@ class Arena:
 
     def lacks_master(self, entry):
         """Whether a state entry leaves this arena's master to be taken from the params
-        (torch's, or one of a FusedAdam without this kind of master)."""
-        return self.has_master and MASTER_KEY not in entry and not (
-            self.remainder_dtype is not None and REMAINDER_KEY in entry)
+        (torch's, one of a FusedAdam without this kind of master, or one whose master torch
+        carried: see `_carried_by_torch`)."""
+        def holds(name):
+            return name in entry and not _carried_by_torch(name, entry[name])
+
+        return self.has_master and not holds(MASTER_KEY) and not (
+            self.remainder_dtype is not None and holds(REMAINDER_KEY))
+
+    def master_value(self, index):
+        """A copy of segment `index`'s master, shaped as its parameter: the fp32 copy, the
+        params joined with a compact master's remainder, or (no master) the params."""
+        params = self._segment("param", index)
+        if self.remainder_dtype is not None:
+            flat = reference.join_master(params, self._segment(REMAINDER_KEY, index))
+        elif self.has_master:
+            flat = self._segment(MASTER_KEY, index).clone()
+        else:
+            flat = params.clone()
+        return like_param(self.params_in_order[index], self._shaped(index, flat))
 
     def owns(self, index, name, value):
         """Whether `value` is this arena's own tensor for `name` of segment `index`."""
@@ -392,6 +433,8 @@ class Arena:
                 continue
             if name == MASTER_KEY and not self.has_master:
                 continue
+            if name in (MASTER_KEY, REMAINDER_KEY) and _carried_by_torch(name, entry[name]):
+                continue  # stale: the master comes from the params (`lacks_master`)
             if name == REMAINDER_KEY and self.remainder_dtype is None:
                 continue  # a compact master's, for an optimizer that keeps another kind
             if name in ABSMAX_KEYS.values() and not self._takes_codes(entry, name):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from fused_adam import dispatch
+from fused_adam import aliasing, dispatch
 from fused_adam.arenas import Arenas
 from fused_adam.clipping import PendingClip, clip_coefficient, gradient_norm
 from fused_adam.clock import NO_CLOCK
@@ -69,8 +69,9 @@ class FusedAdam(Optimizer):
     moments: None (fp32 with a master, else the params', as torch), torch.float32,
     torch.bfloat16, or torch.int8 for 8-bit moments (codes with an fp32 absmax per 256 values,
     no amsgrad; `fused_adam.dequantized_state_dict` turns their `state_dict()` into torch's
-    format). See `kernels/contract.py` for the exact maps. `foreach` and `fused` are accepted
-    for drop-in use and ignored: the step is always fused. `capturable=True` (CUDA only): step
+    format, `fused_adam.master_params` gives a master as fp32 values). See
+    `kernels/contract.py` for the exact maps. `foreach` and `fused` are accepted for drop-in
+    use and ignored: the step is always fused. `capturable=True` (CUDA only): step
     counts, bias corrections and a tensor `lr` stay on the device and nothing is read back to
     the host, so the step can be captured in a CUDA graph after one eager step.
     """
@@ -141,18 +142,15 @@ class FusedAdam(Optimizer):
                 raise ValueError(
                     f"FusedAdam: capturable=True needs CUDA parameters, got {p.device.type} ones")
             dispatch.backend_name(self._settings["backend"], p.device, real_dtype(p.dtype))
-        if len(params) != len(set(params)):
-            # torch steps such a parameter once per listing; FusedAdam, whose arena holds one
-            # segment per parameter, steps it once (see the README).
-            warnings.warn("optimizer contains a parameter group with duplicate parameters; "
-                          "in future, this will cause an error; see "
-                          "github.com/pytorch/pytorch/issues/40967 for more information",
-                          stacklevel=3)
+        # torch warns and steps such a parameter once per listing; an arena steps it once.
+        aliasing.check_listed_once(aliasing.labelled_group(group, len(self.param_groups)))
         seen = self._params_seen
         if self._constructed:  # groups may have been edited since: look at them afresh
             seen = {p for existing in self.param_groups for p in existing["params"]}
         if not seen.isdisjoint(params):
             raise ValueError("some parameters appear in more than one parameter group")
+        if self._constructed:  # at construction, `_follow_groups` checks every group at once
+            self._check_no_shared_memory([*self.param_groups, group])
         param_group.update(group)  # torch fills the caller's dict in, and appends it
         self.param_groups.append(param_group)
         seen.update(params)
@@ -163,6 +161,8 @@ class FusedAdam(Optimizer):
         or removed from a group's list), carrying every state over through `self.state`."""
         if self._arenas.unchanged(self.param_groups):
             return
+        aliasing.check_listed_once(aliasing.labelled_params(self.param_groups))
+        self._check_no_shared_memory(self.param_groups)
         replaced = self._arenas.follow(self.param_groups)
         if replaced is None:
             return
@@ -176,6 +176,16 @@ class FusedAdam(Optimizer):
                                            else value for name, value in self.state[p].items()})
         self._params_seen = kept
         self._follow_state(everything=True)
+
+    def _check_no_shared_memory(self, param_groups):
+        """ValueError, naming both, for two params of `param_groups` that share memory, or one
+        that shares the memory a param had before an arena took it (`b = nn.Parameter(a.data)`
+        made before the optimizer, added after)."""
+        listed = aliasing.labelled_params(param_groups)
+        label_of = {id(p): label for label, p in listed}
+        former = [(label_of[id(p)], tensor) for arena in self._arenas.values()
+                  for p, tensor in arena.former_memory() if id(p) in label_of]
+        aliasing.check_no_shared_memory(listed, former)
 
     @property
     def backends(self):

@@ -688,20 +688,3 @@ def test_step_interrupted_anywhere_leaves_a_consistent_optimizer(backend, warm):
             assert_same_trajectory(ours, probe, [ours_params[i] for i in pick],
                                    [probe_params[i] for i in pick], dtype=dtype,
                                    label=f"the step after the interrupt at line {k}: ")
-
-
-@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
-def test_param_listed_twice_warns_like_torch_and_is_stepped_once(backend):
-    """torch warns and steps a parameter listed twice in one group twice per step; FusedAdam
-    gives the same warning and (a documented difference) steps it once: torch's numbers over
-    the list without the duplicate."""
-    ours_params, torch_params = _twins(SHAPES)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ours = FusedAdam(ours_params + [ours_params[1]], lr=LR, backend=backend)
-    assert any(issubclass(w.category, UserWarning) and "optimizer contains a parameter group "
-               "with duplicate parameters" in str(w.message) for w in caught), \
-        [str(w.message) for w in caught]
-    theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
-    run_both(ours, theirs, ours_params, torch_params, 0, 20)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
