@@ -32,7 +32,7 @@ from fused_adam.groups import (
     normalized_group,
     validate_hyperparameters,
 )
-from fused_adam.state import TrackedState
+from fused_adam.state import TrackedState, plain
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
 # state_dict with its meaning intact (decoupled_weight_decay above all).
@@ -374,7 +374,7 @@ class FusedAdam(Optimizer):
     def state_dict(self):
         state_dict = super().state_dict()
         # Plain dicts, as torch's: a checkpoint loads with weights_only=True anywhere.
-        state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
+        state_dict["state"] = {key: plain(value) for key, value in state_dict["state"].items()}
         return state_dict
 
     def load_state_dict(self, state_dict):
