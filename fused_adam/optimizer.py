@@ -248,7 +248,6 @@ class FusedAdam(Optimizer):
         if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
             self._pending_clip.clear()
             return loss  # skipped, as torch skips it: no state is created either
-        self._pending_clip.check_unchanged()
         self._step(grad_scale, found_inf, NO_CLOCK)
         self._pending_clip.clear()
         return loss
@@ -262,11 +261,13 @@ class FusedAdam(Optimizer):
             self._follow_groups()
         with clock("follow state edits"):
             self._follow_state()
+        with clock("follow the clip"):  # the factor reaches exactly the gradients it measured
+            self._pending_clip.resolve(self._arenas, refuse_edited=True)
         gradients = {}
         for key, arena in self._arenas.items():
             with clock("adopt replaced params"):
                 arena.adopt_moved_params()
-            # Unchanged since clip_grad_norm read them (`step` checked): read once, not twice.
+            # Unchanged since clip_grad_norm read them (`resolve` checked): read once, not twice.
             gradients[key] = (self._pending_clip.reading(key, arena)
                               or self._arenas.reader(key).read(clock))
         rows = [group_row(group) for group in self.param_groups]
@@ -341,12 +342,12 @@ class FusedAdam(Optimizer):
         norms add up to the whole. DTensor (FSDP2) parameters need none: their mesh says.
         """
         norm_type, max_norm = float(norm_type), float(max_norm)
-        if self._pending_clip.armed and not self._pending_clip.unchanged():
-            # The gradients it was computed from are gone (a step skipped, then a zero_grad
-            # that never reached this optimizer: ZeRO's, the model's): it applies to nothing.
-            self._pending_clip.clear()
         self._follow_groups()
         self._follow_state()
+        # A factor whose gradients are gone (a step skipped, then a zero_grad that never reached
+        # this optimizer: ZeRO's, the model's) applies to nothing; those it still applies to
+        # are scaled now, as torch's clip left them. One edited since is measured as it stands.
+        self._pending_clip.resolve(self._arenas, refuse_edited=False)
         readings = []
         for key, arena in self._arenas.items():
             arena.adopt_moved_params()
