@@ -332,10 +332,10 @@ class FusedAdam(Optimizer):
         """`torch.nn.utils.clip_grad_norm_` over every parameter of this optimizer that has a
         gradient, folded into the next step: returns the total norm (a tensor, as torch's),
         reading each gradient once, and leaves p.grad unclipped; the next `step()` multiplies
-        each gradient by min(1, max_norm / (norm + 1e-6)) inside its kernel. `zero_grad()` or a
-        step drops the factor. Call it where torch's would be called (after
-        `GradScaler.unscale_`, before `step`). `foreach` is torch's, accepted and ignored (the
-        clip is fused either way).
+        each gradient by min(1, max_norm / (norm + 1e-6)) inside its kernel, those it measured
+        only (see `PendingClip`). `zero_grad()` or a step drops the factor. Call it where
+        torch's would be called (after `GradScaler.unscale_`, before `step`). `foreach` is
+        torch's, accepted and ignored (the clip is fused either way).
 
         `process_group`: where this optimizer holds only this rank's share of the parameters
         and nothing tells it so (ZeroRedundancyOptimizer's local optimizer), the group whose

@@ -1,7 +1,7 @@
 """Gradient clipping folded into the step: `FusedAdam.clip_grad_norm` then `step()` against
 torch's `clip_grad_norm_` then `Adam/AdamW(foreach=False)`, for every backend that runs here;
 the norm against torch's and a float64 oracle; the factor's life (p.grad untouched, dropped by
-zero_grad and by the step); non-finite norms; and each backend's `grad_power_sum` on bare
+zero_grad and by the step, reaching exactly the gradients it measured); non-finite norms; and each backend's `grad_power_sum` on bare
 tensors."""
 import math
 
@@ -349,22 +349,32 @@ def test_a_gradient_changed_after_the_clip_is_refused(change):
     assert optimizer.state[params[0]]["step"].item() == 1
 
 
-def test_a_factor_whose_gradients_are_gone_is_dropped_by_the_next_clip():
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["set-to-none", "zeroed"])
+def test_a_factor_whose_gradients_are_gone_is_dropped_by_the_next_clip(set_to_none):
     """clip, then a step that never comes (GradScaler skipped it) and a zero_grad that never
     reaches the optimizer (ZeRO's, the model's): the next clip measures the new gradients
-    alone, as torch's would."""
+    alone, as torch's would, and the step is torch's (zeroed in place, without that second
+    clip, the step refuses: see the README)."""
     ours_params, torch_params = _twins()
     ours = FusedAdam(ours_params, lr=LR)
+    theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
     for params in (ours_params, torch_params):
         loss_of(params, 0, lambda s, i: False).backward()
     ours.clip_grad_norm(0.1)
     torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
     for params in (ours_params, torch_params):
         for p in params:
-            p.grad = None  # model.zero_grad()
+            if set_to_none:
+                p.grad = None  # model.zero_grad()
+            else:
+                p.grad.zero_()  # model.zero_grad(set_to_none=False)
         loss_of(params, 1, lambda s, i: False).backward()
-    theirs = torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
-    assert _relative(ours.clip_grad_norm(0.1), theirs) <= 1e-6
+    if not set_to_none:
+        with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
+            ours.step()
+    norms = ours.clip_grad_norm(0.1), torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
+    assert _relative(*norms) <= 1e-6
+    _go_on(ours, theirs, ours_params, torch_params)
 
 
 # ---------------------------------------------------------------------------------------------
