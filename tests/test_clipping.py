@@ -1,8 +1,8 @@
 """Gradient clipping folded into the step: `FusedAdam.clip_grad_norm` then `step()` against
 torch's `clip_grad_norm_` then `Adam/AdamW(foreach=False)`, for every backend that runs here;
 the norm against torch's and a float64 oracle; the factor's life (p.grad untouched, dropped by
-zero_grad and by the step, reaching exactly the gradients it measured); non-finite norms; and each backend's `grad_power_sum` on bare
-tensors."""
+zero_grad and by the step, reaching exactly the gradients it measured); non-finite norms; and
+each backend's `grad_power_sum` on bare tensors."""
 import math
 
 import pytest
