@@ -134,13 +134,21 @@ class PendingClip:
     kept in buffers of its own (a step captured in a CUDA graph reads the same memory at every
     replay). Cleared by the step that applies it and by `zero_grad()`.
 
-    It also remembers the gradients it was computed from (each one's tensor, version and
-    address) and how each arena read them:
-    - a backward between the clip and the step would add to them, and torch would then step
-      with clipped old gradients plus unclipped new ones, which one factor cannot express: the
-      step refuses it (`check_unchanged`);
-    - unchanged, they need not be visited, checked and located again: the step takes the
-      clip's reading (`reading`), which on 800 small tensors saves about a third of the step.
+    torch's clip scales, in place, exactly the gradients it measured; the factor must reach
+    exactly those too. So it remembers them (each one's tensor, version and address) and the
+    arenas that read them, and before a step (or a second clip) `resolve` sorts what it finds:
+    - all of them still there, unmodified, and no other gradient in arenas built since (the
+      ordinary loop, one identity, version and address check per parameter): the factor stays
+      for the kernel, and the step takes the clip's reading of the gradients (`reading`: on
+      800 small tensors, a third of the step saved);
+    - a gradient replaced (a new tensor, or `.data` reassigned), set to None, or new since the
+      clip (a parameter without one then, a param group added): it holds values the clip never
+      saw, which torch would step unclipped. The gradients still as measured are scaled in
+      place now, by torch's own multiply, as torch's clip left them, and the factor is dropped:
+      every gradient then steps as it stands (a pass over those gradients, only in this case);
+    - a gradient edited in place since (another backward added to it): torch would step
+      clipped old plus unclipped new values, which no factor gives and the sum no longer tells
+      apart; the step refuses it (a second clip drops the factor and measures the sum).
     """
 
     def __init__(self):
@@ -189,18 +197,50 @@ class PendingClip:
         return (list(map(_version_of, present)) == self._versions
                 and list(map(torch.Tensor.data_ptr, present)) == self._addresses)
 
-    def check_unchanged(self):
-        """Raise RuntimeError if a gradient the factor was computed from has changed since."""
-        if self.armed and not self.unchanged():
+    def resolve(self, arenas, *, refuse_edited):
+        """Make the factor apply to exactly the gradients it measured that are still as it
+        measured them (see the class docstring), before a step reads `arenas` (the `Arenas`,
+        already following `param_groups`). Leaves it armed only where the kernel may apply it
+        to every gradient it reads. An edited gradient raises RuntimeError (nothing changed
+        yet) if `refuse_edited`, else is left as it stands."""
+        if not self.armed or (self._same_arenas(arenas) and self.unchanged()):
+            return
+        as_measured, edited = [], False
+        measured = iter(zip(self._versions, self._addresses))
+        for then, now in zip(self._grads, map(self._grad_of, self._params)):
+            if then is None:
+                continue
+            version, address = next(measured)
+            if now is not then or now.data_ptr() != address:
+                continue  # replaced, gone, or its memory reassigned: new values, unclipped
+            if now._version != version:
+                edited = True
+            else:
+                as_measured.append(now)
+        if edited and refuse_edited:
             raise RuntimeError(
-                "FusedAdam: a gradient changed between clip_grad_norm() and step() (another "
-                "backward?); the clipping factor no longer applies to it. Call "
+                "FusedAdam: a gradient changed between clip_grad_norm() and step(), in place "
+                "(another backward?); the clipping factor no longer applies to it. Call "
                 "clip_grad_norm() after the last backward of the step, or zero_grad() to "
                 "drop the factor.")
+        for grad in as_measured:
+            grad.mul_(self._factor_on(grad.device))  # torch's clip: g.mul_(coefficient)
+        self.clear()
+
+    def _same_arenas(self, arenas):
+        """Whether `arenas` are the very arenas the clip read (so hold no other parameter)."""
+        return len(arenas) == len(self._readings) and all(
+            self._readings.get(key, (None, None))[0] is arena for key, arena in arenas.items())
+
+    def _factor_on(self, device):
+        buffer = self._buffers.get(device)
+        if buffer is None:  # every buffer holds the same value
+            buffer = next(iter(self._buffers.values())).to(device)
+        return buffer
 
     def reading(self, key, arena):
-        """The clip's reading of `arena`'s gradients if the step may use it (armed, the same
-        arena, and `check_unchanged` passed, which `step` checks first), else None."""
+        """The clip's reading of `arena`'s gradients if the step may use it (armed after
+        `resolve`, which the step calls first, and the same arena), else None."""
         if not self.armed:
             return None
         cached_arena, gradients = self._readings.get(key, (None, None))

@@ -39,6 +39,9 @@ def dequantized_state_dict(state_dict):
     converted["param_groups"] = copy.deepcopy(state_dict["param_groups"])
     converted["state"] = {}
     for param_id, entry in state_dict["state"].items():
+        if not isinstance(entry, dict):  # not a parameter's (torch keeps such entries as is)
+            converted["state"][param_id] = entry
+            continue
         entry = dict(entry)
         for moment, absmax_name in ABSMAX_KEYS.items():
             if absmax_name not in entry:

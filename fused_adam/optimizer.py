@@ -32,7 +32,7 @@ from fused_adam.groups import (
     normalized_group,
     validate_hyperparameters,
 )
-from fused_adam.state import TrackedState
+from fused_adam.state import TrackedState, plain
 
 # Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
 # state_dict with its meaning intact (decoupled_weight_decay above all).
@@ -258,7 +258,6 @@ class FusedAdam(Optimizer):
         if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf):
             self._pending_clip.clear()
             return loss  # skipped, as torch skips it: no state is created either
-        self._pending_clip.check_unchanged()
         self._step(grad_scale, found_inf, NO_CLOCK)
         self._pending_clip.clear()
         return loss
@@ -272,11 +271,13 @@ class FusedAdam(Optimizer):
             self._follow_groups()
         with clock("follow state edits"):
             self._follow_state()
+        with clock("follow the clip"):  # the factor reaches exactly the gradients it measured
+            self._pending_clip.resolve(self._arenas, refuse_edited=True)
         gradients = {}
         for key, arena in self._arenas.items():
             with clock("adopt replaced params"):
                 arena.adopt_moved_params()
-            # Unchanged since clip_grad_norm read them (`step` checked): read once, not twice.
+            # Unchanged since clip_grad_norm read them (`resolve` checked): read once, not twice.
             gradients[key] = (self._pending_clip.reading(key, arena)
                               or self._arenas.reader(key).read(clock))
         rows = [group_row(group) for group in self.param_groups]
@@ -336,26 +337,27 @@ class FusedAdam(Optimizer):
 
     @_disable_dynamo
     @torch.no_grad()
-    def clip_grad_norm(self, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
+    def clip_grad_norm(self, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
                        process_group=None):
         """`torch.nn.utils.clip_grad_norm_` over every parameter of this optimizer that has a
         gradient, folded into the next step: returns the total norm (a tensor, as torch's),
         reading each gradient once, and leaves p.grad unclipped; the next `step()` multiplies
-        each gradient by min(1, max_norm / (norm + 1e-6)) inside its kernel. `zero_grad()` or a
-        step drops the factor. Call it where torch's would be called (after
-        `GradScaler.unscale_`, before `step`).
+        each gradient by min(1, max_norm / (norm + 1e-6)) inside its kernel, those it measured
+        only (see `PendingClip`). `zero_grad()` or a step drops the factor. Call it where
+        torch's would be called (after `GradScaler.unscale_`, before `step`). `foreach` is
+        torch's, accepted and ignored (the clip is fused either way).
 
         `process_group`: where this optimizer holds only this rank's share of the parameters
         and nothing tells it so (ZeroRedundancyOptimizer's local optimizer), the group whose
         norms add up to the whole. DTensor (FSDP2) parameters need none: their mesh says.
         """
         norm_type, max_norm = float(norm_type), float(max_norm)
-        if self._pending_clip.armed and not self._pending_clip.unchanged():
-            # The gradients it was computed from are gone (a step skipped, then a zero_grad
-            # that never reached this optimizer: ZeRO's, the model's): it applies to nothing.
-            self._pending_clip.clear()
         self._follow_groups()
         self._follow_state()
+        # A factor whose gradients are gone (a step skipped, then a zero_grad that never reached
+        # this optimizer: ZeRO's, the model's) applies to nothing; those it still applies to
+        # are scaled now, as torch's clip left them. One edited since is measured as it stands.
+        self._pending_clip.resolve(self._arenas, refuse_edited=False)
         readings = []
         for key, arena in self._arenas.items():
             arena.adopt_moved_params()
@@ -384,7 +386,7 @@ class FusedAdam(Optimizer):
     def state_dict(self):
         state_dict = super().state_dict()
         # Plain dicts, as torch's: a checkpoint loads with weights_only=True anywhere.
-        state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
+        state_dict["state"] = {key: plain(value) for key, value in state_dict["state"].items()}
         return state_dict
 
     def load_state_dict(self, state_dict):

@@ -1,4 +1,6 @@
 """`optimizer.state` as torch keeps it, a dict of per-parameter dicts, that notes its edits.
+Entries that are not dicts (torch's own test suite keeps `state["test"] = 1` there) are kept
+as they are, as torch keeps them.
 
 Users and libraries edit an optimizer's state directly: `state.clear()` to restart Adam,
 `del state[p]`, a new tensor in `state[p]["exp_avg"]`. torch's Adam reads `state` afresh every
@@ -101,7 +103,8 @@ class TrackedState(defaultdict):
         return dict.__getitem__(self, param)
 
     def __setitem__(self, param, values):
-        if not isinstance(values, ParamState) or values._log is not self.log:
+        if isinstance(values, dict) and not (isinstance(values, ParamState)
+                                             and values._log is self.log):
             values = ParamState(values, self.log, param)
         super().__setitem__(param, values)
         self.log.note(param)
@@ -138,4 +141,9 @@ class TrackedState(defaultdict):
 
     def __reduce__(self):
         # Pickles, copies and saves as the plain defaultdict torch has.
-        return defaultdict, (dict,), None, None, ((p, dict(v)) for p, v in self.items())
+        return defaultdict, (dict,), None, None, ((p, plain(v)) for p, v in self.items())
+
+
+def plain(values):
+    """A state entry as torch holds it: a plain dict for a parameter's, anything else as is."""
+    return dict(values) if isinstance(values, dict) else values

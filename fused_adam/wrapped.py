@@ -27,10 +27,11 @@ def fused_optimizer_of(optimizer):
     raise TypeError(f"{type(optimizer).__name__} is not a FusedAdam and wraps none")
 
 
-def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def clip_grad_norm_(optimizer, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     """`FusedAdam.clip_grad_norm` on `optimizer` or on the FusedAdam a wrapper holds (see the
     module docstring): torch's `clip_grad_norm_` over the optimizer's parameters, one read of
-    the gradients, the scaling left to the step's kernel. Returns the total norm."""
+    the gradients, the scaling left to the step's kernel. Returns the total norm. `foreach` is
+    torch's, accepted and ignored."""
     fused, process_group = fused_optimizer_of(optimizer)
     return fused.clip_grad_norm(max_norm, norm_type, error_if_nonfinite,
                                 process_group=process_group)

@@ -1,13 +1,14 @@
 """Gradient clipping folded into the step: `FusedAdam.clip_grad_norm` then `step()` against
 torch's `clip_grad_norm_` then `Adam/AdamW(foreach=False)`, for every backend that runs here;
 the norm against torch's and a float64 oracle; the factor's life (p.grad untouched, dropped by
-zero_grad and by the step); non-finite norms; and each backend's `grad_power_sum` on bare
-tensors."""
+zero_grad and by the step, reaching exactly the gradients it measured); non-finite norms; and
+each backend's `grad_power_sum` on bare tensors."""
 import math
 
 import pytest
 import torch
 
+import fused_adam
 from fused_adam import FusedAdam, FusedAdamW
 from fused_adam.kernels.contract import ArenaTensors
 from helpers import TOLERANCES, assert_close, assert_same_trajectory, cpu_backends, loss_of
@@ -321,25 +322,26 @@ def test_clip_factor_rounds_after_the_unscale(backend):
                  **TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("change", ["backward", "new-grad", "in-place"])
+@pytest.mark.parametrize("change", ["backward", "in-place"])
 def test_a_gradient_changed_after_the_clip_is_refused(change):
-    """clip, then another backward (or a gradient replaced or edited): torch would step with
+    """clip, then another backward (or a gradient edited in place): torch would step with
     clipped old plus unclipped new gradients, which one factor cannot give. The step raises
-    before anything changes; zero_grad() drops the factor."""
+    before anything changes; zero_grad() drops the factor. (A gradient replaced or set to None
+    is another matter: see test_gradients_replaced_after_the_clip_step_unclipped_like_torch.)"""
     params = _twins()[0]
     optimizer = FusedAdam(params, lr=LR)
     loss_of(params, 0, lambda s, i: False).backward()
     optimizer.clip_grad_norm(0.1)
     if change == "backward":
         loss_of(params, 1, lambda s, i: False).backward()
-    elif change == "new-grad":
-        params[2].grad = params[2].grad.clone()
     else:
         params[0].grad.mul_(2)
+    grads = [p.grad.clone() for p in params]
     before = [p.detach().clone() for p in params]
     with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
         optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     assert not optimizer.state
     optimizer.zero_grad()
     loss_of(params, 0, lambda s, i: False).backward()
@@ -347,44 +349,215 @@ def test_a_gradient_changed_after_the_clip_is_refused(change):
     assert optimizer.state[params[0]]["step"].item() == 1
 
 
-def test_a_factor_whose_gradients_are_gone_is_dropped_by_the_next_clip():
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["set-to-none", "zeroed"])
+def test_a_factor_whose_gradients_are_gone_is_dropped_by_the_next_clip(set_to_none):
     """clip, then a step that never comes (GradScaler skipped it) and a zero_grad that never
     reaches the optimizer (ZeRO's, the model's): the next clip measures the new gradients
-    alone, as torch's would."""
+    alone, as torch's would, and the step is torch's (zeroed in place, without that second
+    clip, the step refuses: see the README)."""
     ours_params, torch_params = _twins()
     ours = FusedAdam(ours_params, lr=LR)
+    theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
     for params in (ours_params, torch_params):
         loss_of(params, 0, lambda s, i: False).backward()
     ours.clip_grad_norm(0.1)
     torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
     for params in (ours_params, torch_params):
         for p in params:
-            p.grad = None  # model.zero_grad()
+            if set_to_none:
+                p.grad = None  # model.zero_grad()
+            else:
+                p.grad.zero_()  # model.zero_grad(set_to_none=False)
         loss_of(params, 1, lambda s, i: False).backward()
-    theirs = torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
-    assert _relative(ours.clip_grad_norm(0.1), theirs) <= 1e-6
+    if not set_to_none:
+        with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
+            ours.step()
+    norms = ours.clip_grad_norm(0.1), torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
+    assert _relative(*norms) <= 1e-6
+    _go_on(ours, theirs, ours_params, torch_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# A factor applies to exactly the gradients it measured, as torch's clip scaled exactly those
+
+def _clipped_pair(backend, adamw=False):
+    """Twins, FusedAdam(W) and torch's Adam(W), each after a backward and a clip at 0.1 that
+    no step has followed yet."""
+    ours_params, torch_params = _twins()
+    if adamw:
+        ours = FusedAdamW(ours_params, lr=LR, backend=backend)
+        theirs = torch.optim.AdamW(torch_params, lr=LR, foreach=False)
+    else:
+        ours = FusedAdam(ours_params, lr=LR, backend=backend)
+        theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
+    for params in (ours_params, torch_params):
+        loss_of(params, 0, lambda s, i: False).backward()
+    ours.clip_grad_norm(0.1)
+    torch.nn.utils.clip_grad_norm_(torch_params, 0.1)
+    return ours, theirs, ours_params, torch_params
+
+
+def _new_gradients(params, which, step=1):
+    """A backward whose loss covers only the params `which` names."""
+    loss_of(params, step, lambda s, i: i not in which).backward()
+
+
+def _go_on(ours, theirs, ours_params, torch_params, steps=4):
+    """The step both were due, then `steps` plain clip + step iterations, compared."""
+    ours.step()
+    theirs.step()
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
+                           label="right after: ")
+    _clip_loop(ours, theirs, ours_params, torch_params, steps=steps, max_norm=0.1,
+               norm_type=2.0)
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+
+
+def _all_replaced(params):  # the step skipped (a loss spike), model.zero_grad(), a new backward
+    for p in params:
+        p.grad = None
+    _new_gradients(params, {0, 1, 2, 3})
+
+
+def _some_replaced(params):  # params 0 and 2 got new gradients, 1 and 3 keep their clipped ones
+    params[0].grad = params[2].grad = None
+    _new_gradients(params, {0, 2})
+
+
+def _one_set_to_none(params):
+    params[1].grad = None
+
+
+def _memory_reassigned(params):  # `.data` reassigned: the tensor and its version stay
+    params[3].grad.data = torch.full_like(params[3], 0.25)
+
+
+STALE = {"all-replaced": _all_replaced, "some-replaced": _some_replaced,
+         "one-set-to-none": _one_set_to_none, "data-reassigned": _memory_reassigned}
+
+
+@pytest.mark.parametrize("change", STALE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_replaced_after_the_clip_step_unclipped_like_torch(backend, change):
+    """Clip, no step, then gradients replaced or set to None: torch steps the new gradients
+    unclipped and the untouched ones clipped (its clip scaled those in place); so must the
+    step, without raising."""
+    ours, theirs, ours_params, torch_params = _clipped_pair(backend)
+    for params in (ours_params, torch_params):
+        STALE[change](params)
+    _go_on(ours, theirs, ours_params, torch_params)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_gradient_that_appears_after_the_clip_is_refused(backend):
-    """The step takes the clip's reading of the gradients; a parameter that had none at the
-    clip and has one now must not be silently skipped."""
-    params = _twins()[0]
-    optimizer = FusedAdam(params, lr=LR, backend=backend)
-    loss_of(params, 0, lambda s, i: i == 1).backward()
-    assert params[1].grad is None
-    optimizer.clip_grad_norm(0.1)
-    params[1].grad = torch.ones_like(params[1])
-    with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
-        optimizer.step()
+def test_a_second_clip_after_some_gradients_were_replaced_is_torchs(backend):
+    """Clip, no step, some gradients replaced, clip again: torch's second norm is over its
+    clipped old gradients and the new ones; so is ours, and so is the step after it."""
+    ours, theirs, ours_params, torch_params = _clipped_pair(backend)
+    for params in (ours_params, torch_params):
+        _some_replaced(params)
+    norms = ours.clip_grad_norm(0.2), torch.nn.utils.clip_grad_norm_(torch_params, 0.2)
+    assert _relative(*norms) <= 1e-6, f"norm {norms[0].item()!r} vs torch's {norms[1].item()!r}"
+    _go_on(ours, theirs, ours_params, torch_params)
 
 
-def test_a_gradient_whose_memory_was_reassigned_after_the_clip_is_refused():
-    """`.data` reassigned keeps the tensor and its version: the address tells."""
-    params = _twins()[0]
-    optimizer = FusedAdam(params, lr=LR)
-    loss_of(params, 0, lambda s, i: False).backward()
-    optimizer.clip_grad_norm(0.1)
-    params[0].grad.data = torch.zeros_like(params[0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_replaced_by_one_computed_from_it_steps_unclipped(backend):
+    """The README's deliberate difference: `p.grad = p.grad * 2` between clip and step is a
+    new tensor, which the step cannot tell from a new backward's, so it steps unclipped (2 * g),
+    the other gradients clipped. (torch: 2 * factor * g, computed from its clipped gradient.)
+    Equal to torch's Adam with the replacement made from the gradient before its clip."""
+    ours, theirs, ours_params, torch_params = _clipped_pair(backend)
+    unclipped = [p.detach().clone().requires_grad_() for p in _twins()[1]]
+    loss_of(unclipped, 0, lambda s, i: False).backward()
+    ours_params[2].grad = ours_params[2].grad * 2
+    torch_params[2].grad = unclipped[2].grad * 2
+    _go_on(ours, theirs, ours_params, torch_params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_that_appears_after_the_clip_steps_unclipped_like_torch(backend):
+    """A param without a gradient at the clip that has one at the step: torch steps it
+    unclipped, the others clipped."""
+    ours_params, torch_params = _twins()
+    ours = FusedAdam(ours_params, lr=LR, backend=backend)
+    theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
+    for params in (ours_params, torch_params):
+        loss_of(params, 0, lambda s, i: i == 1).backward()
+    ours.clip_grad_norm(0.1)
+    torch.nn.utils.clip_grad_norm_([p for p in torch_params if p.grad is not None], 0.1)
+    for params in (ours_params, torch_params):
+        params[1].grad = torch.full_like(params[1], 0.5)
+    _go_on(ours, theirs, ours_params, torch_params)
+
+
+@pytest.mark.parametrize("new_grads", [True, False], ids=["new-params-with-grads",
+                                                          "new-params-without"])
+@pytest.mark.parametrize("adamw", [False, True], ids=["adam", "adamw"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_param_group_after_the_clip_leaves_the_new_params_unclipped_like_torch(
+        backend, adamw, new_grads):
+    """Clip, add_param_group, step: torch's clip scaled only the gradients it measured, so the
+    new group's params step with their own (issue #21: exp_avg 0.05 where torch's is 1.0)."""
+    ours, theirs, ours_params, torch_params = _clipped_pair(backend, adamw)
+    extra = [torch.ones(6, 3, requires_grad=True), torch.ones(2, requires_grad=True)]
+    twins = [[p.detach().clone().requires_grad_() for p in extra] for _ in range(2)]
+    for optimizer, added in zip((ours, theirs), twins):
+        if new_grads:
+            for p in added:
+                p.grad = torch.ones_like(p)
+        optimizer.add_param_group(dict(params=added, lr=LR * 2))
+    _go_on(ours, theirs, ours_params + twins[0], torch_params + twins[1])
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_takes_torchs_foreach_argument(backend, foreach):
+    """torch's clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach):
+    the method and fused_adam.clip_grad_norm_ take `foreach` too (by keyword and in its place),
+    and ignore it: the clip is fused either way."""
+    ours_params, torch_params = _twins()
+    ours = FusedAdam(ours_params, lr=LR, backend=backend)
+    theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
+    clips = [lambda: ours.clip_grad_norm(0.3, foreach=foreach),
+             lambda: fused_adam.clip_grad_norm_(ours, 0.3, foreach=foreach),
+             lambda: ours.clip_grad_norm_(0.3, 2.0, False, foreach)]
+    for step, clip in enumerate(clips):
+        for optimizer, params in ((ours, ours_params), (theirs, torch_params)):
+            optimizer.zero_grad()
+            loss_of(params, step, lambda s, i: False).backward()
+        norm = clip()
+        their_norm = torch.nn.utils.clip_grad_norm_(torch_params, 0.3, 2.0, False, foreach)
+        assert _relative(norm, their_norm) <= 1e-6
+        ours.step()
+        theirs.step()
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_data_edit_between_clip_and_step_is_scaled_with_the_gradient(backend):
+    """The README's deliberate difference: an in-place edit through `.data` (which moves no
+    version counter) between the clip and the step is scaled with the gradient, which is
+    torch's clip applied after the edit: factor * (g + noise), with the factor measured before
+    it. (torch: factor * g + noise.) The same edit without `.data` is refused."""
+    ours, _, ours_params, _ = _clipped_pair(backend)
+    # what the step must equal: torch's Adam on factor * (g + noise), that factor from g alone
+    expected_params = [p.detach().clone().requires_grad_() for p in _twins()[1]]
+    expected = torch.optim.Adam(expected_params, lr=LR, foreach=False)
+    loss_of(expected_params, 0, lambda s, i: False).backward()
+    grads = [p.grad for p in expected_params]
+    factor = torch.clamp(0.1 / (torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads])) + 1e-6), max=1.0)
+    noise = torch.full_like(ours_params[2], 0.5)
+    expected_params[2].grad.add_(noise)
+    for g in grads:
+        g.mul_(factor)
+    ours_params[2].grad.data.add_(noise)
+    ours.step()
+    expected.step()
+    assert_same_trajectory(ours, expected, ours_params, expected_params, dtype=torch.float32)
+    ours.zero_grad()
+    loss_of(ours_params, 1, lambda s, i: False).backward()
+    ours.clip_grad_norm(0.1)
+    ours_params[2].grad.add_(noise)
     with pytest.raises(RuntimeError, match="changed between clip_grad_norm"):
-        optimizer.step()
+        ours.step()

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fused_adam import FusedAdam, FusedAdamW
-from helpers import assert_same_trajectory, assert_unchanged, cpu_backends, loss_of, \
-    make_params, never, reloaded, run_both, run_steps, snapshot
+from helpers import TOLERANCES, assert_close, assert_same_trajectory, assert_unchanged, \
+    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot
 
 # The optimizer layer is tested with numba and torch; the Triton interpreter (slow) only where
 # its buffers could differ: the storages.
@@ -429,3 +429,89 @@ def test_adamw_loading_an_adam_checkpoint_stays_decoupled_like_torch(backend):
     run_steps(source, source_params, 5, 25)
     difference = max((p - s).abs().max().item() for p, s in zip(torch_params, source_params))
     assert difference > 1e-4, "the test cannot tell decoupled from coupled weight decay"
+
+
+# torch's own suite's hooks (test/optim/test_optim.py, TestOptimRenewed): state entries that are
+# not per-parameter dicts ("test": 1, bools) ride along in `state`, state_dict() and the load.
+def _state_dict_pre_hook(optimizer):
+    optimizer.state["test"] = 1
+
+
+def _state_dict_post_hook(optimizer, state_dict):
+    ran = "test" in state_dict["state"]
+    state_dict["state"].pop("test", None)
+    state_dict["ran_state_dict_pre_hook"] = ran
+    return state_dict
+
+
+def _load_state_dict_pre_hook(optimizer, state_dict):
+    mine = copy.deepcopy(state_dict)
+    mine["param_groups"][0]["lr"] = 0.003
+    return mine
+
+
+def _load_state_dict_post_hook(optimizer):
+    optimizer.state["ran_load_state_dict_pre_hook2"] = optimizer.param_groups[0]["lr"] == 0.003
+    optimizer.state["ran_load_state_dict_post_hook"] = True
+
+
+STATE_HOOKS = {
+    "state-dict-pre": dict(state_dict_pre=_state_dict_pre_hook),
+    "state-dict-pre-post": dict(state_dict_pre=_state_dict_pre_hook,
+                                state_dict_post=_state_dict_post_hook),
+    "load-post": dict(load_state_dict_post=_load_state_dict_post_hook),
+    "load-pre-post": dict(load_state_dict_pre=_load_state_dict_pre_hook,
+                          load_state_dict_post=_load_state_dict_post_hook),
+}
+
+
+def _split_state(state):
+    """(per-parameter entries, the other entries) of a state or a state_dict's "state"."""
+    params = {key: value for key, value in state.items() if isinstance(value, dict)}
+    return params, {key: value for key, value in state.items() if not isinstance(value, dict)}
+
+
+@pytest.mark.parametrize("hooks", STATE_HOOKS)
+@pytest.mark.parametrize("adamw", [False, True], ids=["adam", "adamw"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_state_entries_that_are_not_param_dicts_pass_through_like_torch(backend, adamw, hooks):
+    """torch's suite's state_dict / load_state_dict hook tests: a pre-hook's `state["test"] = 1`
+    and a post-hook's bools stay in `state`, go through state_dict() and load_state_dict() as
+    torch's do, and the optimizer steps on as torch's."""
+    ours_params, torch_params = _twins(SHAPES)
+    ours = (FusedAdamW if adamw else FusedAdam)(_groups(ours_params), lr=LR, backend=backend)
+    theirs = (torch.optim.AdamW if adamw else torch.optim.Adam)(_groups(torch_params), lr=LR,
+                                                                 foreach=False)
+    run_both(ours, theirs, ours_params, torch_params, 0, 5)
+    saved = {}
+    for name, optimizer in (("ours", ours), ("theirs", theirs)):
+        for kind, hook in STATE_HOOKS[hooks].items():
+            getattr(optimizer, f"register_{kind}_hook")(hook)
+        if hooks.startswith("load"):
+            optimizer.load_state_dict(reloaded(theirs.state_dict()))
+        saved[name] = optimizer.state_dict()
+    for name in saved:  # torch's group says foreach=False (as asked), ours None (ignored)
+        saved[name]["param_groups"] = [{k: v for k, v in group.items() if k != "foreach"}
+                                       for group in saved[name]["param_groups"]]
+    (ours_params_state, ours_entries), (their_params_state, their_entries) = (
+        _split_state(saved[name]["state"]) for name in ("ours", "theirs"))
+    assert ours_entries == their_entries
+    assert {k: v for k, v in saved["ours"].items() if k != "state"} == \
+        {k: v for k, v in saved["theirs"].items() if k != "state"}
+    assert ours_params_state.keys() == their_params_state.keys()
+    for index, state in their_params_state.items():
+        assert ours_params_state[index].keys() == state.keys()
+        for key, value in state.items():
+            assert_close(torch.as_tensor(ours_params_state[index][key]), torch.as_tensor(value),
+                         what=f"state_dict(): param {index} {key}", **TOLERANCES[torch.float32])
+    assert _split_state(ours.state)[1] == _split_state(theirs.state)[1]
+    assert _split_state(theirs.state)[1], "the hooks left no such entry: the test tests nothing"
+    run_both(ours, theirs, ours_params, torch_params, 5, 25)
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+    # and each loads the other's checkpoint, extra entries included
+    ours_saved, their_saved = reloaded(ours.state_dict()), reloaded(theirs.state_dict())
+    ours.load_state_dict(their_saved)
+    theirs.load_state_dict(ours_saved)
+    assert _split_state(ours.state)[1] == _split_state(theirs.state)[1]
+    run_both(ours, theirs, ours_params, torch_params, 25, 30)
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
