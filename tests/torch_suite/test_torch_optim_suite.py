@@ -166,7 +166,11 @@ def _load_upstream():
     return upstream.TestOptimRenewedCPU
 
 
-TestOptimRenewedCPU = _load_upstream()
+try:
+    TestOptimRenewedCPU = _load_upstream()
+except ImportError as error:  # a torch whose testing internals predate the vendored file
+    pytest.skip(f"torch {torch.__version__}'s testing internals cannot run the vendored "
+                f"test_optim.py (written against torch 2.13): {error}", allow_module_level=True)
 
 
 # In place of the skipped foreach/fused-vs-for-loop tests: the same harness
