@@ -30,7 +30,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.testing._internal import common_device_type, common_optimizers
+import torch.backends
+
+_BACKEND_FLAGS_WERE_FROZEN = torch.backends.flags_frozen()
+
+# These import torch's common_utils, which freezes torch.backends' global flags
+# (`disable_global_flags()`): see _unfreeze_backend_flags.
+from torch.testing._internal import common_device_type, common_optimizers  # noqa: E402
 from torch.testing._internal.common_methods_invocations import DecorateInfo
 from torch.testing._internal.common_optimizers import OptimizerInfo
 
@@ -121,6 +127,15 @@ def _optim_db():
             _fused_entry(FusedAdamW, torch_db["AdamW"])]
 
 
+def _unfreeze_backend_flags():
+    """Undo what importing torch's common_utils did to the whole process: after
+    `torch.backends.disable_global_flags()`, `torch.backends.cudnn.benchmark = ...` raises, and
+    the other test modules of `pytest tests` run in this process (Lightning's Trainer sets that
+    flag when given `benchmark=` or `deterministic=`)."""
+    if not _BACKEND_FLAGS_WERE_FROZEN:  # the flag is a global of torch/backends/__init__.py
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
+
 def _load_upstream():
     """Import the vendored file with our optim_db and CPU-only instantiation; return its
     CPU test class."""
@@ -163,6 +178,7 @@ def _load_upstream():
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+        _unfreeze_backend_flags()
     return upstream.TestOptimRenewedCPU
 
 
