@@ -26,10 +26,11 @@ setup(
         # matplotlib and tqdm: the tests run the benchmark commands end to end. The libraries
         # people train with: tests/test_integrations.py runs FusedAdam inside each of them.
         # kernels (PyPI's, which transformers imports): tests/test_import_names.py checks that
-        # the checkout's kernels/ folder never shadows it.
+        # the checkout's kernels/ folder never shadows it. expecttest: torch's own test helpers
+        # (torch.testing._internal.common_utils) import it; tests/torch_suite runs torch's suite.
         "test": ["pytest", "hypothesis", "triton>=3.6", "psutil", "matplotlib", "tqdm",
                  "safetensors>=0.4", "accelerate>=1.0", "transformers>=4.46", "lightning>=2.0",
-                 "kernels"],
+                 "kernels", "expecttest"],
         # bitsandbytes and torchao: `python -m bench accuracy`'s third-party 8-bit AdamWs (both
         # run on CPU; tried with bitsandbytes 0.50.2, torchao 0.18.0, torch 2.13); the command
         # reports them as skipped when they are not installed.
