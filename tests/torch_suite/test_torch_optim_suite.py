@@ -38,7 +38,7 @@ _BACKEND_FLAGS_WERE_FROZEN = torch.backends.flags_frozen()
 # (`disable_global_flags()`): see _unfreeze_backend_flags.
 from torch.testing._internal import common_device_type, common_optimizers  # noqa: E402
 from torch.testing._internal.common_methods_invocations import DecorateInfo
-from torch.testing._internal.common_optimizers import OptimizerInfo
+from torch.testing._internal.common_optimizers import ErrorOptimizerInput, OptimizerInfo
 
 from fused_adam import FusedAdam, FusedAdamW
 
@@ -81,10 +81,26 @@ _INAPPLICABLE_ERRORS = {
 }
 
 
-def _without_inapplicable_errors(error_inputs_func):
+# Error inputs (by their desc) where FusedAdam deliberately raises where torch warns: a parameter
+# listed twice in one group (torch warns that this will become an error, and steps it twice).
+_DELIBERATE_ERRORS = {
+    "a param group cannot have duplicate parameters": (ValueError, "listed again"),
+}
+
+
+def _our_error_inputs(error_inputs_func):
     def optim_error_inputs_func(device, dtype):
-        return [error for error in error_inputs_func(device, dtype)
-                if error.optimizer_error_input.desc not in _INAPPLICABLE_ERRORS]
+        errors = []
+        for error in error_inputs_func(device, dtype):
+            desc = error.optimizer_error_input.desc
+            if desc in _INAPPLICABLE_ERRORS:
+                continue
+            if desc in _DELIBERATE_ERRORS:
+                error_type, error_regex = _DELIBERATE_ERRORS[desc]
+                error = ErrorOptimizerInput(error.optimizer_error_input, error_on=error.error_on,
+                                            error_type=error_type, error_regex=error_regex)
+            errors.append(error)
+        return errors
     return optim_error_inputs_func
 
 
@@ -109,7 +125,7 @@ def _fused_entry(optim_cls, torch_info):
         supports_param_groups=torch_info.supports_param_groups,
         supports_multiple_devices=torch_info.supports_multiple_devices,
         decorators=(*torch_info.decorators, *skips),
-        optim_error_inputs_func=_without_inapplicable_errors(
+        optim_error_inputs_func=_our_error_inputs(
             torch_info.optim_error_inputs_func),
         supports_fused_on=torch_info.supports_fused_on,
     )
