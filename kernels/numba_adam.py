@@ -35,15 +35,17 @@ CHUNK_ELEMENTS = 1 << 14
 # How each torch dtype is handed to the kernel: numpy has no bfloat16.
 NUMPY_VIEWS = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16,
                torch.float16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8}
-# No fast-math flags in the step: every operation rounds as IEEE says, once, in the order
-# written, so it rounds as torch's CPU ops do. `contract` let LLVM fuse a product into the
-# next addition where torch rounds both (AdamW's `p * (1 - lr * wd)` into the update's
-# subtraction: 16,474 of 7,143 elements x params and states differed from torch's loop after
-# 20 steps); the FMAs torch does have (lerp, addcmul, add with alpha) are written out as
-# `_fma`. No nnan/ninf (NaN and Inf propagate as in torch), no reassoc (it let
+# Only nsz in the step: every operation rounds as IEEE says, once, in the order written, as
+# torch's CPU ops do. `contract` let LLVM fuse a product into the next addition where torch
+# rounds twice (AdamW's `p * (1 - lr * wd)` into the update: after 20 fp32 AdamW steps 16,474
+# param and state elements of tests/test_bitwise.py's 7,143 params differed from torch's
+# loop); torch's own FMAs (lerp, addcmul, add with alpha) are written out as `_fma`. nsz can
+# change only the sign of a zero result; without it the fp32 step in L2 took 7-9% longer
+# (64K elements, one thread, `python -m bench.moment_speed --configs large-64K --kernel-only
+# --threads 1`). No nnan/ninf (NaN and Inf propagate as in torch), no reassoc (it let
 # `(1 - b2) * g * g` become `g * g * (1 - b2)`, which overflows fp32 at |g| = 1e20), no
-# afn/arcp (approximate sqrt and division), no nsz (torch keeps the sign of a zero).
-_FASTMATH = set()
+# afn/arcp (approximate sqrt and division).
+_FASTMATH = {"nsz"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH)
 # The gradient norm's sums may be reordered (that is what lets LLVM vectorize a reduction):
 # they accumulate in float64, where any order is within 1e-15 of any other.
@@ -99,17 +101,22 @@ def _nan_max(typingctx, a, b):
 def _fma(typingctx, a, b, c):
     """a * b + c rounded once (`llvm.fma`: one vfmadd where the CPU has FMA), where torch's
     CPU kernels have one: `torch.lerp`, `addcmul`, `add(alpha=)` (GCC contracts their vector
-    bodies and scalar tails alike)."""
-    if not (a == b == c and isinstance(a, types.Float)):
+    bodies and scalar tails alike). In the widest float type of the three: only a branch that
+    is never taken (8-bit codes typed through the float moments' loop) mixes types."""
+    floats = [t for t in (a, b, c) if isinstance(t, types.Float)]
+    if not floats or not all(isinstance(t, types.Number) for t in (a, b, c)):
         return None
+    result = max(floats, key=lambda t: t.bitwidth)
 
     def codegen(context, builder, signature, args):
-        value_type = args[0].type
-        name = "llvm.fma.f64" if a == types.float64 else "llvm.fma.f32"
+        args = [context.cast(builder, value, type_, result)
+                for value, type_ in zip(args, signature.args)]
+        value_type = context.get_value_type(result)
+        name = "llvm.fma.f64" if result == types.float64 else "llvm.fma.f32"
         function = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(value_type, [value_type] * 3), name)
         return builder.call(function, args)
-    return a(a, b, c), codegen
+    return result(a, b, c), codegen
 
 
 @intrinsic

@@ -141,3 +141,32 @@ def test_bit_for_bit_with_torch_for_loop(backend, dtype, variant):
     assert ours_count <= fused_count, (
         f"{ours_count} elements differ from torch's loop, more than torch fused=True's "
         f"{fused_count}")
+
+
+
+if "triton" in cpu_backends():
+    import triton
+    import triton.language as tl
+
+    from fused_adam.kernels.triton_adam import _power
+
+    @triton.jit
+    def _powers(bases_ptr, exponents_ptr, out_ptr):
+        i = tl.program_id(0)
+        tl.store(out_ptr + i, _power(tl.load(bases_ptr + i), tl.load(exponents_ptr + i)))
+
+
+def test_triton_power_is_pythons():
+    """The Triton kernels' beta ** step (the bias corrections) is Python's, to the last bit."""
+    if "triton" not in cpu_backends():
+        pytest.skip("Triton's interpreter is not available")
+    cases = [(beta, step) for beta in (0.9, 0.999, 0.99, 0.3, 0.95, 0.0, 0.9999)
+             for step in (*range(1, 41), 97, 1000, 4097, 65535, 1_000_003, 2 ** 24)]
+    bases = torch.tensor([beta for beta, _ in cases], dtype=torch.float64)
+    exponents = torch.tensor([step for _, step in cases], dtype=torch.int64)
+    out = torch.empty_like(bases)
+    _powers[(len(cases),)](bases, exponents, out)
+    expected = torch.tensor([beta ** float(step) for beta, step in cases], dtype=torch.float64)
+    wrong = [(case, got) for case, got, want in zip(cases, out.tolist(), expected.tolist())
+             if got != want]
+    assert not wrong, f"{len(wrong)} of {len(cases)} powers differ from Python's: {wrong[:5]}"
