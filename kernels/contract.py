@@ -26,15 +26,25 @@ For every segment with a gradient (unless `found_inf` is nonzero) a launcher add
 and applies, with that segment's step t and group:
 
     g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g (maximize)
-    g = g + wd * p (L2)   or   p = p * (1 - lr * wd) (decoupled)
-    m = lerp(m, g, 1 - b1)  (torch's lerp: m + w * (g - m) for w < 0.5, else g - (g - m) * (1 - w))
-    v = b2 * v + ((1 - b2) * g) * g
+    g = fma(p, wd, g) (L2)   or   p = p * (1 - lr * wd) (decoupled)
+    m = fma(w, g - m, m) for w = 1 - b1 < 0.5, else fma(w - 1, g - m, g)     (torch's lerp)
+    v = fma((1 - b2) * g, g, v * b2)
     v_hat = max(v_max, v), stored as v_max (amsgrad; NaN wins)   else v_hat = v
-    p = p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
+    p = p + (-(lr / (1 - b1^t)) * m) / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
 
-in fp32 (fp64 for fp64 params), in this order of rounding (torch's), with p read from and
-written to `master_params` where there is one (then `params` is its rounding); every value stored
-in a narrower dtype is rounded to nearest even. (The two gradient products round one after the
+in fp32 (fp64 for fp64 params), with p read from and written to `master_params` where there is
+one (then `params` is its rounding); every value stored in a narrower dtype is rounded to
+nearest even. This is torch's single-tensor (`foreach=False`) step on CPU, rounding for
+rounding, so that fp32, fp64, an fp32 master and bf16+16 give torch's bits:
+- every scalar (wd, 1 - lr * wd, w = 1 - b1, b2, 1 - b2, lr / (1 - b1^t), sqrt(1 - b2^t),
+  eps, the scales) is computed in float64 as torch's Python floats are (b^t is Python's
+  `beta ** step`, correctly rounded) and rounded once to the compute dtype; w - 1 is then exact;
+- fma(a, b, c) rounds once, exactly where torch's CPU kernels (GCC) and CUDA kernels (nvcc)
+  have one: `add(alpha=)`, `lerp`, `addcmul`; every other operation rounds on its own, in the
+  order written (no contraction, no reassociation); division and square root are IEEE.
+The one difference left is torch's: its CPU `Tensor.sqrt` is MKL's, which rounds about 0.8% of
+inputs one ulp low; the compiled kernels take IEEE roots, as torch's `fused=True` does (the
+reference backend, plain torch, calls torch's). (The two gradient products round one after the
 other, as torch's `GradScaler.unscale_` and then `clip_grad_norm_` do; a factor of 1 is exact.)
 
 8-bit moments (`exp_avg` int8, `exp_avg_sq` uint8, with the fp32 `exp_avg_absmax` and

@@ -35,16 +35,21 @@ CHUNK_ELEMENTS = 1 << 14
 # How each torch dtype is handed to the kernel: numpy has no bfloat16.
 NUMPY_VIEWS = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16,
                torch.float16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8}
-# Only flags that cannot change an IEEE result beyond rounding: no nnan/ninf (NaN and Inf
-# propagate as in torch), no reassoc (it let `(1 - b2) * g * g` become `g * g * (1 - b2)`,
-# which overflows fp32 at |g| = 1e20 and leaves exp_avg_sq inf where torch's order keeps it
-# at 2e37), no afn/arcp (LLVM may then replace sqrt and division by approximations of
-# unspecified accuracy; torch's are IEEE).
-_FASTMATH = {"nsz", "contract"}
+# Only nsz in the step: every operation rounds as IEEE says, once, in the order written, as
+# torch's CPU ops do. `contract` let LLVM fuse a product into the next addition where torch
+# rounds twice (AdamW's `p * (1 - lr * wd)` into the update: after 20 fp32 AdamW steps 16,474
+# param and state elements of tests/test_bitwise.py's 7,143 params differed from torch's
+# loop); torch's own FMAs (lerp, addcmul, add with alpha) are written out as `_fma`. nsz can
+# change only the sign of a zero result; without it the fp32 step in L2 took 7-9% longer
+# (64K elements, one thread, `python -m bench.moment_speed --configs large-64K --kernel-only
+# --threads 1`). No nnan/ninf (NaN and Inf propagate as in torch), no reassoc (it let
+# `(1 - b2) * g * g` become `g * g * (1 - b2)`, which overflows fp32 at |g| = 1e20), no
+# afn/arcp (approximate sqrt and division).
+_FASTMATH = {"nsz"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH)
 # The gradient norm's sums may be reordered (that is what lets LLVM vectorize a reduction):
 # they accumulate in float64, where any order is within 1e-15 of any other.
-_REDUCTION_JIT = dict(_JIT, fastmath=_FASTMATH | {"reassoc"})
+_REDUCTION_JIT = dict(_JIT, fastmath={"nsz", "contract", "reassoc"})
 
 
 @intrinsic
@@ -90,6 +95,28 @@ def _nan_max(typingctx, a, b):
             builder.module, ir.FunctionType(double, [double, double]), "llvm.maximum.f64")
         return builder.call(function, args)
     return types.float64(types.float64, types.float64), codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (`llvm.fma`: one vfmadd where the CPU has FMA), where torch's
+    CPU kernels have one: `torch.lerp`, `addcmul`, `add(alpha=)` (GCC contracts their vector
+    bodies and scalar tails alike). In the widest float type of the three: only a branch that
+    is never taken (8-bit codes typed through the float moments' loop) mixes types."""
+    floats = [t for t in (a, b, c) if isinstance(t, types.Float)]
+    if not floats or not all(isinstance(t, types.Number) for t in (a, b, c)):
+        return None
+    result = max(floats, key=lambda t: t.bitwidth)
+
+    def codegen(context, builder, signature, args):
+        args = [context.cast(builder, value, type_, result)
+                for value, type_ in zip(args, signature.args)]
+        value_type = context.get_value_type(result)
+        name = "llvm.fma.f64" if result == types.float64 else "llvm.fma.f32"
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(value_type, [value_type] * 3), name)
+        return builder.call(function, args)
+    return result(a, b, c), codegen
 
 
 @intrinsic
@@ -256,7 +283,7 @@ def _compute_overload(value, params):
 # Per-chunk scalars of the update, in the compute dtype.
 Coefficients = namedtuple("Coefficients", [
     "grad_scale", "clip_factor", "l2_weight_decay", "param_decay", "lerp_weight",
-    "one_minus_lerp_weight",
+    "lerp_weight_minus_one",
     "beta2", "one_minus_beta2", "step_size", "bias_correction2_sqrt", "eps"])
 # The per-segment tables and the chunk table (derived once per layout, see `_Derived`).
 Segments = namedtuple("Segments", ["starts", "groups", "steps"])
@@ -264,26 +291,39 @@ Chunks = namedtuple("Chunks", ["segments", "offsets", "lengths"])
 
 
 @njit(inline="always", **_JIT)
+def _gradient(grad, p, c):
+    """The gradient as torch's loop sees it: scaled, then clipped (two roundings, as
+    GradScaler's unscale_ then clip_grad_norm_; x * 1 is exact; maximize is grad_scale's sign),
+    then `grad.add(param, alpha=wd)` (L2), which torch's CPU kernel rounds once, an FMA."""
+    g = _widen(grad) * c.grad_scale * c.clip_factor
+    if c.l2_weight_decay != 0:
+        g = _fma(p, c.l2_weight_decay, g)
+    return g
+
+
+@njit(inline="always", **_JIT)
+def _lerp(m, g, c):
+    """torch's CPU lerp, one FMA: the formula switches at weight 0.5 to stay exact near both
+    ends (with beta1 = 0, m + 1 * (g - m) loses g under a large old m; fma(0, g - m, g) is g)."""
+    if c.lerp_weight < 0.5:
+        return _fma(c.lerp_weight, g - m, m)
+    return _fma(c.lerp_weight_minus_one, g - m, g)
+
+
+@njit(inline="always", **_JIT)
 def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c):
-    """g = grad * grad_scale * clip_factor (+ l2 * p);  p *= param_decay;  m = lerp(m, g, w);
-    v = b2 * v + ((1 - b2) * g) * g;  p -= step_size * m / (sqrt(max(v_max, v)) / bc2_sqrt + eps)
+    """g = grad * grad_scale * clip_factor;  g = fma(p, l2, g);  p *= param_decay;
+    m = fma(w, g - m, m) (w < 0.5) or fma(w - 1, g - m, g);  v = fma((1 - b2) * g, g, v * b2);
+    p += (-step_size * m) / (sqrt(max(v_max, v)) / bc2_sqrt + eps)
     with p the fp32 master copy where there is one (then param = round(p)). `master_param` is
     None or an array and `amsgrad` a literal: numba compiles each case apart, with no branch
     in the loop."""
     for i in range(param.shape[0]):
         p = _load_param(param, master_param, i)
-        # Two roundings, as torch's unscale_ then clip_grad_norm_ (x * 1 is exact).
-        g = _widen(grad[i]) * c.grad_scale * c.clip_factor
-        if c.l2_weight_decay != 0:
-            g = g + c.l2_weight_decay * p
+        g = _gradient(grad[i], p, c)
         p = p * c.param_decay
-        m = _widen(exp_avg[i])
-        # torch's lerp: the formula switches at weight 0.5 to stay exact near both ends.
-        if c.lerp_weight < 0.5:
-            m = m + c.lerp_weight * (g - m)
-        else:
-            m = g - (g - m) * c.one_minus_lerp_weight
-        v = _widen(exp_avg_sq[i]) * c.beta2 + (c.one_minus_beta2 * g) * g
+        m = _lerp(_widen(exp_avg[i]), g, c)
+        v = _fma(c.one_minus_beta2 * g, g, _widen(exp_avg_sq[i]) * c.beta2)
         exp_avg[i] = _narrow(m, exp_avg)
         exp_avg_sq[i] = _narrow(v, exp_avg_sq)
         if amsgrad:
@@ -372,17 +412,11 @@ def _update_quantized_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_
     largest_m = largest_v = np.uint32(0)
     for i in range(param.shape[0]):
         p = _load_param(param, master_param, i)
-        g = _widen(grad[i]) * c.grad_scale * c.clip_factor
-        if c.l2_weight_decay != 0:
-            g = g + c.l2_weight_decay * p
+        g = _gradient(grad[i], p, c)
         p = p * c.param_decay
-        m = _decode_signed(exp_avg[i], exp_avg_scale)
-        if c.lerp_weight < 0.5:
-            m = m + c.lerp_weight * (g - m)
-        else:
-            m = g - (g - m) * c.one_minus_lerp_weight
-        v = _decode_unsigned(exp_avg_sq[i], exp_avg_sq_scale) * c.beta2 + (
-            c.one_minus_beta2 * g) * g
+        m = _lerp(_decode_signed(exp_avg[i], exp_avg_scale), g, c)
+        v = _fma(c.one_minus_beta2 * g, g,
+                 _decode_unsigned(exp_avg_sq[i], exp_avg_sq_scale) * c.beta2)
         root = np.sqrt(v)
         _store_param(param, master_param, i,
                      p - c.step_size * m / (root / c.bias_correction2_sqrt + c.eps))
@@ -450,7 +484,7 @@ def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_s
         l2_weight_decay=_compute(0.0 if decoupled else weight_decay, params),
         param_decay=_compute(1.0 - lr * weight_decay if decoupled else 1.0, params),
         lerp_weight=lerp_weight,
-        one_minus_lerp_weight=_compute(1.0, params) - lerp_weight,
+        lerp_weight_minus_one=lerp_weight - _compute(1.0, params),
         beta2=_compute(beta2, params),
         one_minus_beta2=_compute(1.0 - beta2, params),
         step_size=_compute(lr / (1.0 - beta1 ** step), params),
