@@ -23,9 +23,9 @@ from fused_adam.distributed import (
 )
 from fused_adam.kernels.contract import (
     COMPACT_MASTERS, EXP_AVG_CODES, EXP_AVG_SQ_CODES, MASTER_DTYPES, QUANT_BLOCK,
-    QUANTIZED_STATE_DTYPE, SEGMENT_ALIGNMENT, ArenaTensors,
+    QUANTIZED_STATE_DTYPE, SEGMENT_ALIGNMENT, ArenaRecord,
 )
-from fused_adam.kernels import reference
+from fused_adam.kernels import codecs
 from fused_adam.storage import FlatBuffer
 
 # The state keys torch's Adam keeps per parameter, in its order.
@@ -195,7 +195,7 @@ class Arena:
         maximum = self._buffers.get(MAX_KEY)
         master = self._buffers.get(MASTER_KEY)
         remainder = self._buffers.get(REMAINDER_KEY)
-        return ArenaTensors(
+        return ArenaRecord(
             params=self._buffers["param"].tensor, exp_avg=self._buffers["exp_avg"].tensor,
             exp_avg_sq=self._buffers["exp_avg_sq"].tensor, steps=self._steps.tensor,
             master_params=None if master is None else master.tensor,
@@ -404,7 +404,7 @@ class Arena:
         params joined with a compact master's remainder, or (no master) the params."""
         params = self._segment("param", index)
         if self.remainder_dtype is not None:
-            flat = reference.join_master(params, self._segment(REMAINDER_KEY, index))
+            flat = codecs.join_master(params, self._segment(REMAINDER_KEY, index))
         elif self.has_master:
             flat = self._segment(MASTER_KEY, index).clone()
         else:
@@ -513,7 +513,7 @@ class Arena:
         if name == MASTER_KEY and self.remainder_dtype is not None:
             # An fp32 master (ours, or the params): the params become its rounding.
             flat = as_local_value(value, self._view("param", index)).detach().reshape(-1)
-            high, remainder = reference.split_master(flat.to(self.device, torch.float32),
+            high, remainder = codecs.split_master(flat.to(self.device, torch.float32),
                                                      self.remainder_dtype)
             self._segment("param", index).copy_(high)
             self._segment(REMAINDER_KEY, index).copy_(remainder)
@@ -525,7 +525,7 @@ class Arena:
         if self.quantized and name in ABSMAX_KEYS and value.is_floating_point():
             # A float moment (torch's checkpoint, a user's edit): quantized on the way in.
             flat = _flat_real(as_local_value(value, view).detach()).to(self.device)
-            codes, absmax = reference.quantize(flat, signed=name == "exp_avg")
+            codes, absmax = codecs.quantize(flat, signed=name == "exp_avg")
             self._segment(name, index).copy_(codes)
             self._segment(ABSMAX_KEYS[name], index).copy_(absmax)
             return

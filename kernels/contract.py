@@ -6,7 +6,7 @@ Each backend module (`numba_adam`, `triton_adam`, `reference`) has two launchers
               clip_factor=None)
     grad_power_sum(arena, *, grads, norm_type)
 
-- `arena` is an `ArenaTensors`: the flat 1-D buffers of one (device, dtype) and the per-segment
+- `arena` is an `ArenaRecord`: the flat 1-D buffers of one (device, dtype) and the per-segment
   tables (one segment per parameter). A launcher reads nothing else of the optimizer; what it
   derives from a layout (chunk tables, numpy views) it caches itself, keyed by the record, which
   is replaced whenever the layout changes.
@@ -123,7 +123,7 @@ MASTER_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ArenaTensors:
+class ArenaRecord:
     """One arena's buffers and segment tables: the whole of what a launcher reads of it.
 
     Buffers are 1-D over every segment (padding included): `params` in the params' dtype,
@@ -166,7 +166,7 @@ class PerLayout:
 
     def __init__(self, make):
         self._make = make
-        self._cache = weakref.WeakKeyDictionary()  # ArenaTensors -> make(arena)
+        self._cache = weakref.WeakKeyDictionary()  # ArenaRecord -> make(arena)
 
     def __call__(self, arena):
         derived = self._cache.get(arena)

@@ -1,5 +1,5 @@
 """The Triton launcher with a compact master (bf16 params plus an int16 or int8
-`master_remainder`, see `kernels/contract.py`) on bare `ArenaTensors` records, against the
+`master_remainder`, see `kernels/contract.py`) on bare `ArenaRecord` records, against the
 reference backend on identical copies, with fp32, bf16 and 8-bit moments: both kernels
 (`_adam_kernel`, `_adam_q8_kernel`), whole and tail chunks, a zero-length segment, one without
 a gradient every other step, two groups (AdamW; Adam with maximize, and amsgrad where the
@@ -21,8 +21,8 @@ if "triton" not in cpu_backends():
 import triton.language as tl  # noqa: E402  (after the skips: triton is optional)
 
 from fused_adam.kernels import contract  # noqa: E402
-from fused_adam.kernels.contract import QUANT_BLOCK, ArenaTensors  # noqa: E402
-from fused_adam.kernels import reference, triton_adam  # noqa: E402
+from fused_adam.kernels.contract import QUANT_BLOCK, ArenaRecord  # noqa: E402
+from fused_adam.kernels import codecs, triton_adam  # noqa: E402
 
 # numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic (log2(0) of
 # a zero beta: a bias correction of exactly 1; NaN compared in the NaN test).
@@ -78,7 +78,7 @@ def _quantized(values, codes_dtype, signed):
     absmax = torch.ones(N_BLOCKS)
     for start, length in zip(STARTS, LENGTHS):
         if length:
-            q, s = reference.quantize(values[start:start + length], signed=signed)
+            q, s = codecs.quantize(values[start:start + length], signed=signed)
             codes[start:start + length] = q
             absmax[start // QUANT_BLOCK:start // QUANT_BLOCK + s.numel()] = s
     return codes, absmax
@@ -92,7 +92,7 @@ def _arenas(master, moments, seed=0, *, amsgrad=False, fp32_master=False):
     m, v = m * 0.1, v.square() * 0.01
     elements = _in_segments()
     remainder_dtype = REMAINDERS[master]
-    params, remainder = reference.split_master(values, remainder_dtype)
+    params, remainder = codecs.split_master(values, remainder_dtype)
     params = torch.where(elements, params, torch.tensor(PAD_PARAM, dtype=torch.bfloat16))
     remainder = torch.where(elements, remainder,
                             torch.tensor(PAD_REMAINDER, dtype=remainder_dtype))
@@ -106,14 +106,14 @@ def _arenas(master, moments, seed=0, *, amsgrad=False, fp32_master=False):
         moment_buffers = dict(exp_avg=m.to(dtype), exp_avg_sq=v.to(dtype),
                               max_exp_avg_sq=(v * 1.5).to(dtype) if amsgrad else None)
     if fp32_master:
-        masters = dict(master_params=reference.join_master(params, remainder).clone())
+        masters = dict(master_params=codecs.join_master(params, remainder).clone())
     else:
         masters = dict(master_remainder=remainder)
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=params, **masters, **moment_buffers, segment_starts=torch.tensor(STARTS),
         segment_lengths=torch.tensor(LENGTHS), segment_groups=torch.tensor(SEGMENT_GROUPS),
         steps=torch.zeros(len(LENGTHS)))
-    twin = ArenaTensors(**{name: None if value is None else value.clone()
+    twin = ArenaRecord(**{name: None if value is None else value.clone()
                            for name, value in vars(arena).items()})
     return arena, twin
 
@@ -222,8 +222,8 @@ def test_ordinary_betas_follow_the_reference(master, moments):
         _step_both(arena, twin, table, step)
     assert torch.equal(arena.steps, twin.steps)
     elements = _in_segments()
-    ours = reference.join_master(arena.params, arena.master_remainder)[elements]
-    theirs = reference.join_master(twin.params, twin.master_remainder)[elements]
+    ours = codecs.join_master(arena.params, arena.master_remainder)[elements]
+    theirs = codecs.join_master(twin.params, twin.master_remainder)[elements]
     within = torch.ones_like(ours, dtype=torch.bool)
     if master == "bf16+8":
         ulps_apart = (ours.view(torch.int32).long() - theirs.view(torch.int32).long()).abs()
@@ -274,14 +274,14 @@ def test_bf16_plus_16_is_the_fp32_master(moments):
         _step(compact, table, step, grads, triton_adam)
         _step(full, table, step, grads, triton_adam)
     elements = _in_segments()
-    joined = reference.join_master(compact.params, compact.master_remainder)
+    joined = codecs.join_master(compact.params, compact.master_remainder)
     _assert_bitwise_equal(joined[elements], full.master_params[elements], "master")
     for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_absmax",
                  "exp_avg_sq_absmax", "steps"):
         if getattr(full, name) is not None:
             _assert_bitwise_equal(getattr(compact, name), getattr(full, name), name)
     _assert_bitwise_equal(compact.params[elements],
-                          reference.split_master(full.master_params, torch.int16)[0][elements],
+                          codecs.split_master(full.master_params, torch.int16)[0][elements],
                           "compact params")
     _assert_bitwise_equal(full.params[elements], full.master_params[elements].bfloat16(),
                           "fp32 master's params")
@@ -296,7 +296,7 @@ def test_check_arena_refuses_malformed_compact_masters():
             (dict(master_remainder=torch.zeros(SIZE - 16, dtype=torch.int16)),
              "master_remainder")]:
         with pytest.raises(AssertionError, match=message):
-            triton_adam._check_arena(ArenaTensors(**{**vars(arena), **change}))
+            triton_adam._check_arena(ArenaRecord(**{**vars(arena), **change}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,10 +339,10 @@ def test_split_and_join_match_the_reference(master):
     remainder = torch.empty(x.numel(), dtype=remainder_dtype)
     joined = torch.empty(x.numel())
     _round_trip_kernel[(1,)](x, params, remainder, joined, N=x.numel())
-    expected_params, expected_remainder = reference.split_master(x, remainder_dtype)
+    expected_params, expected_remainder = codecs.split_master(x, remainder_dtype)
     _assert_bitwise_equal(params, expected_params, "params")
     _assert_bitwise_equal(remainder, expected_remainder, "remainder")
-    _assert_bitwise_equal(joined, reference.join_master(expected_params, expected_remainder),
+    _assert_bitwise_equal(joined, codecs.join_master(expected_params, expected_remainder),
                           "joined")
     if remainder_dtype == torch.int16:  # exact, NaN aside (stored as 0x7FC00000)
         nan = x.isnan()

@@ -1,4 +1,4 @@
-"""Every backend's launcher on bare tensors: an `ArenaTensors` record, a group table and
+"""Every backend's launcher on bare tensors: an `ArenaRecord` record, a group table and
 gradients, no optimizer and no Arena. Against the float64 oracle over 20 steps, with several
 segments, two groups and a segment without a gradient; then 64-bit offsets in every kernel."""
 import mmap
@@ -10,7 +10,7 @@ import torch
 
 from fused_adam import dispatch
 from fused_adam.kernels import contract, reference
-from fused_adam.kernels.contract import ArenaTensors
+from fused_adam.kernels.contract import ArenaRecord
 from helpers import TOLERANCES, assert_close, cpu_backends, make_params
 
 BACKENDS = cpu_backends()
@@ -52,7 +52,7 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
     groups = [0, 1, 1]
     size = 4432
     initial = make_params([(size,)], torch.float64, seed=3)[0]
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=initial.to(dtype), exp_avg=torch.zeros(size, dtype=dtype),
         exp_avg_sq=torch.zeros(size, dtype=dtype), max_exp_avg_sq=torch.zeros(size, dtype=dtype),
         segment_starts=torch.tensor(starts), segment_lengths=torch.tensor(lengths),
@@ -99,7 +99,7 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_found_inf_skips_everything(backend):
     kernel_module = dispatch.kernel_module(backend)
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=torch.ones(16), exp_avg=torch.zeros(16), exp_avg_sq=torch.zeros(16),
         segment_starts=torch.tensor([0]), segment_lengths=torch.tensor([16]),
         segment_groups=torch.tensor([0]), steps=torch.zeros(1))
@@ -117,7 +117,7 @@ def _big_numba_case(seed):
     starts = np.cumsum([0] + [-(-n // 16) * 16 for n in lengths])
     size = int(starts[-1])
     generator = torch.Generator().manual_seed(seed)
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=torch.randn(size, generator=generator), exp_avg=torch.zeros(size),
         exp_avg_sq=torch.zeros(size), max_exp_avg_sq=torch.zeros(size),
         segment_starts=torch.tensor(starts[:-1]), segment_lengths=torch.tensor(lengths),
@@ -128,7 +128,7 @@ def _big_numba_case(seed):
 
 
 def _clone(arena):
-    return ArenaTensors(**{name: None if value is None else value.clone()
+    return ArenaRecord(**{name: None if value is None else value.clone()
                            for name, value in vars(arena).items()})
 
 
@@ -270,7 +270,7 @@ def test_segment_past_2_to_the_32_elements(backend):
     buffers = [_virtual(_FAR + 64, dtype) for _ in range(4)]
     for buffer, value in zip(buffers, (p, m, v, v_max)):
         buffer[_FAR:_FAR + n] = value
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=buffers[0], exp_avg=buffers[1], exp_avg_sq=buffers[2], max_exp_avg_sq=buffers[3],
         segment_starts=torch.tensor([_FAR]), segment_lengths=torch.tensor([n]),
         segment_groups=torch.tensor([0]), steps=torch.tensor([4.0]))
@@ -326,7 +326,7 @@ def test_triton_kernel_offsets_within_a_segment_past_2_to_the_31():
     dtype, n = torch.float32, 37
     (p, m, v, v_max, g), expected, table = _far_case(n, dtype, seed=13)
     start = 2 ** 31 + 2 ** 30 + 16
-    small = ArenaTensors(params=torch.zeros(16), exp_avg=torch.zeros(16),
+    small = ArenaRecord(params=torch.zeros(16), exp_avg=torch.zeros(16),
                          exp_avg_sq=torch.zeros(16), segment_starts=torch.tensor([0]),
                          segment_lengths=torch.tensor([16]), segment_groups=torch.tensor([0]),
                          steps=torch.zeros(1))

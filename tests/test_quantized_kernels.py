@@ -1,4 +1,4 @@
-"""The Triton launcher with 8-bit moments (`_adam_q8_kernel`) on bare `ArenaTensors` records,
+"""The Triton launcher with 8-bit moments (`_adam_q8_kernel`) on bare `ArenaRecord` records,
 against the reference backend's quantized step on identical copies: segments starting on
 multiples of QUANT_BLOCK with lengths that are not, whole and tail chunks, a zero-length
 segment, one without a gradient every other step, two groups (AdamW; Adam with maximize), a
@@ -22,8 +22,8 @@ if "triton" not in cpu_backends():
 import triton.language as tl  # noqa: E402  (after the skips: triton is optional)
 
 from fused_adam.kernels import contract  # noqa: E402
-from fused_adam.kernels.contract import QUANT_BLOCK, ArenaTensors  # noqa: E402
-from fused_adam.kernels import reference, triton_adam  # noqa: E402
+from fused_adam.kernels.contract import QUANT_BLOCK, ArenaRecord  # noqa: E402
+from fused_adam.kernels import codecs, reference, triton_adam  # noqa: E402
 
 # numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic: log2(0) of
 # a zero beta (a bias correction of exactly 1), 1 / subnormal = inf, inf * 0 = NaN.
@@ -94,17 +94,17 @@ def _arenas(dtype, master, seed=0):
         end, first = start + length, start // QUANT_BLOCK
         for codes, scales, values, signed in ((exp_avg, absmax[0], m, True),
                                               (exp_avg_sq, absmax[1], v, False)):
-            q, s = reference.quantize(values[start:end], signed=signed)
+            q, s = codecs.quantize(values[start:end], signed=signed)
             codes[start:end] = q
             scales[first:first + s.numel()] = s
     params = torch.where(elements, params, PAD_PARAM)
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=params.to(dtype), master_params=params.clone() if master else None,
         exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_absmax=absmax[0],
         exp_avg_sq_absmax=absmax[1], segment_starts=torch.tensor(STARTS),
         segment_lengths=torch.tensor(LENGTHS), segment_groups=torch.tensor(SEGMENT_GROUPS),
         steps=torch.zeros(len(LENGTHS)))
-    twin = ArenaTensors(**{name: None if value is None else value.clone()
+    twin = ArenaRecord(**{name: None if value is None else value.clone()
                            for name, value in vars(arena).items()})
     return arena, twin
 
@@ -268,7 +268,7 @@ def test_no_amsgrad_with_8_bit_moments():
     with pytest.raises(AssertionError, match="amsgrad"):
         triton_adam.adam_step(arena, grads=grads,
                               group_table=_group_table(ADAMW, {**ADAM, contract.AMSGRAD: 1.0}))
-    with_max = ArenaTensors(**{**vars(arena), "max_exp_avg_sq": torch.zeros(SIZE)})
+    with_max = ArenaRecord(**{**vars(arena), "max_exp_avg_sq": torch.zeros(SIZE)})
     with pytest.raises(AssertionError, match="amsgrad"):
         triton_adam.adam_step(with_max, grads=grads, group_table=_group_table(ADAMW, ADAM))
 
@@ -348,7 +348,7 @@ def _edge_blocks(signed, seed):
 
 @pytest.mark.parametrize("signed", [True, False], ids=["exp_avg", "exp_avg_sq"])
 def test_encode_matches_the_reference(signed):
-    """Absmax and codes bit for bit `reference.quantize`'s (whose square roots are correctly
+    """Absmax and codes bit for bit `codecs.quantize`'s (whose square roots are correctly
     rounded, as the kernel's sqrt_rn: `_edge_blocks` puts values within an ulp of the code
     boundaries, where a square root one ulp off moves a code)."""
     values, length = _edge_blocks(signed, seed=5)
@@ -358,7 +358,7 @@ def test_encode_matches_the_reference(signed):
     absmax = torch.empty(BLOCKS)
     _encode_kernel[(1,)](values, codes, absmax, length, SIGNED=signed, SPLIT=SPLIT,
                          BLOCKS=BLOCKS, WIDTH=WIDTH)
-    expected_codes, expected_absmax = reference.quantize(values[:length], signed=signed)
+    expected_codes, expected_absmax = codecs.quantize(values[:length], signed=signed)
     _assert_bitwise_equal(absmax, expected_absmax, "absmax")
     _assert_bitwise_equal(codes[:length], expected_codes, "codes")
     assert (codes[length:] == 99).all(), "codes stored past the length"
@@ -381,7 +381,7 @@ def test_decode_matches_the_reference(signed):
     out = torch.empty(codes.numel())
     _decode_kernel[(1,)](codes, absmax, out, SIGNED=signed, SPLIT=SPLIT, BLOCKS=BLOCKS,
                          WIDTH=WIDTH)
-    _assert_bitwise_equal(out, reference.decode(codes, absmax, signed=signed), "decoded")
+    _assert_bitwise_equal(out, codecs.decode(codes, absmax, signed=signed), "decoded")
 
 
 def test_rint_rounds_to_nearest_even():
