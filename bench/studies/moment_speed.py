@@ -2,7 +2,7 @@
 at (fp32-moment step time over the bf16-moment step's, at least 1.3 on GPT-2-small's shapes, and
 over the 8-bit-moment step's) and how close each step is to its bytes' floor.
 
-    python -m bench.moment_speed [--configs gpt2-small large-16M] [--rounds 15]
+    python -m bench.studies.moment_speed [--configs gpt2-small large-16M] [--rounds 15]
                                  [--kernel-from REV] [--threads N] [--kernel-only]
 
 Subjects, each round in a rotating order, medians over rounds (ratios from the rounds two
@@ -104,7 +104,7 @@ def _divider_step(n):
 
 def _kernel_module_at(revision):
     """kernels/numba_adam.py as it was at `revision`, imported as a module of its own."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     source = subprocess.run(["git", "show", f"{revision}:kernels/numba_adam.py"], cwd=root,
                             check=True, capture_output=True, text=True).stdout
     sha = subprocess.run(["git", "rev-parse", "--short", revision], cwd=root, check=True,
@@ -229,7 +229,8 @@ def ratio(times, slow, fast):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.moment_speed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.studies.moment_speed",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["gpt2-small", "large-16M"],
                         choices=sorted(CONFIGS))
