@@ -115,7 +115,6 @@ _ACCURACY_COLORS = {"torch-fp32": "#000000", "fused-fp32": "#1f77b4", "fused-int
 
 def plot(rows, path):
     plt = pyplot()
-
     table = results.Table(rows)
     first = table.first()
     s = first["settings"]

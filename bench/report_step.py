@@ -261,6 +261,13 @@ def paced_gbps(table, config, provider, phase="step"):
     return row["bytes_per_step"] * speedup / anchor_ms / 1e6
 
 
+def _label(ax, bars, labels, fontsize):
+    for text in ax.bar_label(bars, labels=labels, padding=3, fontsize=fontsize):
+        # A roofline line through a label must not strike it out.
+        text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
+        text.set_zorder(5)
+
+
 def plot(rows, path):
     """One panel per config: a horizontal bar per optimizer (GB/s, the bytes its mode moves over
     its median step), labelled with its speedup over torch-fused; the roofline and copy_ as
@@ -280,17 +287,16 @@ def plot(rows, path):
             colors[p] = "#9DB4D8"
     clip = has_clip(table)
     height = 0.9 + (0.5 if clip else 0.32) * len(optimizers)
-    fig, axes = pyplot().subplots(1, len(configs),
-                             figsize=(max(4.3 * len(configs) + 2.2, 10.5), height + 1.6),
-                             sharey=True, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(configs), sharey=True, squeeze=False,
+                                  figsize=(max(4.3 * len(configs) + 2.2, 10.5), height + 1.6))
     ys = list(range(len(optimizers)))
     for ax, config in zip(axes[0], configs):
         values = [paced_gbps(table, config, p) for p in optimizers]
         # With clip+step: two bars an optimizer that timed it, the step's above (solid),
         # clip+step's below (hatched, paler), each labelled with its own ratio to torch-fused's;
         # one bar, as without, for the others.
-        clip_values = ([paced_gbps(table, config, p, phase="clip+step") for p in optimizers] if clip
-                       else [None] * len(optimizers))
+        clip_values = [paced_gbps(table, config, p, phase="clip+step") if clip else None
+                       for p in optimizers]
         offset = [0.21 if v is not None else 0.0 for v in clip_values]
         bars = ax.barh([y - o for y, o in zip(ys, offset)], [v or 0 for v in values],
                        height=[0.4 if o else 0.7 for o in offset],
@@ -308,17 +314,12 @@ def plot(rows, path):
             clip_labels = [("" if v is None else "clip+step ref." if p == ANCHOR else
                             f"clip+step {_speed(table, config, p, CLIP_SPEEDUP)}")
                            for p, v in zip(optimizers, clip_values)]
-            for text in ax.bar_label(clip_bars, labels=clip_labels, padding=3, fontsize=7):
-                text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
-                text.set_zorder(5)
+            _label(ax, clip_bars, clip_labels, fontsize=7)
         for y, p in zip(ys, optimizers):
             if table.row(config, p, "skipped") is not None:
                 ax.text(0, y, " not run (see results.md)", va="center", fontsize=7,
                         color="#666666")
-        texts = ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
-        for text in texts:  # a roofline line through a label must not strike it out
-            text.set_bbox(dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.85))
-            text.set_zorder(5)
+        _label(ax, bars, labels, fontsize=8)
         top = max([v or 0 for v in values + clip_values] + [0])
         for name, style in ((ROOFLINE, "-"), (COPY, ":")):
             line = paced_gbps(table, config, name)

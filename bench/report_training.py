@@ -58,12 +58,11 @@ def markdown(rows):
 
 
 def plot(rows, path):
-
     table = results.Table(rows)
     first = table.first()
     config = table.configs[0]
     fig, (ax, ax_diff) = pyplot().subplots(2, 1, figsize=(8, 6.5), sharex=True,
-                                      gridspec_kw=dict(height_ratios=(3, 1)))
+                                           gridspec_kw=dict(height_ratios=(3, 1)))
     # A wide pale line under a thin dashed one: where the curves coincide, both stay visible.
     styles = {"fused_adam": dict(color="#B3A6DA", linewidth=4.0),
               "torch": dict(color="#7A1F22", linewidth=1.2, linestyle="--")}
@@ -73,8 +72,7 @@ def plot(rows, path):
         clip_ms = table.get(config, run, "clip_step_ms_median")
         timing = (f"clip + step {clip_ms:.2f} ms" if clip_ms is not None
                   else f"step {step_ms:.2f} ms")
-        ax.plot(losses(rows, run), label=f"{label}: {timing} (median)",
-                **styles[run])
+        ax.plot(losses(rows, run), label=f"{label}: {timing} (median)", **styles[run])
     ax.set_ylabel("training loss (cross-entropy)")
     ax.set_title(f"Char GPT ({first['n_params'] / 1e6:.2f} M params) on Python's stdlib, "
                  f"{first['settings']['dtype']}, {first['device_name']} ({first['device']})",
