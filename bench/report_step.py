@@ -261,6 +261,33 @@ def paced_gbps(table, config, provider, phase="step"):
     return row["bytes_per_step"] * speedup / anchor_ms / 1e6
 
 
+def pair_line(rows, name, n_pairs):
+    """The console's line for `name` as its pair (or, for torch-fused, its config) finishes."""
+    table = results.Table(rows)
+    config = table.configs[0]
+    median = table.get(config, name, "step_ms_median")
+    line = (f"  {config:<11} {name:<36} {fmt_ms(median):>9} ms"
+            f"  {table.get(config, name, 'GBps'):6.1f} GB/s")
+    if name == ANCHOR:
+        n = table.row(config, name, "step_ms_median")["samples"]
+        line += f"  (its {n} rounds in all {n_pairs} pairs)"
+    elif table.kinds[name] != "copy":
+        pair_ms = table.row(config, name, "torch_fused_step_ms_in_pair")
+        line += (f"  {table.get(config, name, 'speedup_vs_torch_fused'):5.2f}x {ANCHOR} "
+                 f"({fmt_ms(pair_ms['value'])} ms in the same {pair_ms['samples']} rounds)")
+    clip_ms = table.get(config, name, "clip_step_ms_median")
+    if clip_ms is not None:
+        line += f"; clip+step {fmt_ms(clip_ms)} ms"
+        if name != ANCHOR:
+            speed = table.get(config, name, CLIP_SPEEDUP)
+            pair_ms = table.get(config, name, "torch_fused_clip_step_ms_in_pair")
+            line += f" {speed:.2f}x {ANCHOR}'s ({fmt_ms(pair_ms)} ms)"
+        cost = table.get(config, name, "clip_cost_fraction")
+        line += f", the clip {100 * cost:+.0f}% of the step"
+    peak = table.get(config, name, "peak_memory_GB")
+    return line + (f"  peak {peak:.1f} GB" if peak else "")
+
+
 def _label(ax, bars, labels, fontsize):
     for text in ax.bar_label(bars, labels=labels, padding=3, fontsize=fontsize):
         # A roofline line through a label must not strike it out.

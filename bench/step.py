@@ -16,7 +16,6 @@ from bench import configs as configs_module
 from bench import memory, report, report_step, results, roofline, schedule, system, timing
 from bench import providers as providers_module
 from bench.providers import ANCHOR
-from bench.report import fmt_ms
 from bench.schedule import HARD_LIMIT, duration
 from bench.step_rows import ConfigRows, kind
 
@@ -186,7 +185,8 @@ class StepBenchmark:
                     self._update_rows()
                     if last:
                         self.schedule.finish(pair)
-                        self._print_pair(where, name)
+                        self.schedule.write(report_step.pair_line(self.current, name,
+                                                                  len(self.measured)))
                 self._write()
             if self.device.type == "cpu":
                 self.huge[ANCHOR] = system.huge_page_fraction(anchor.state_tensors())
@@ -194,7 +194,7 @@ class StepBenchmark:
             memory.release(self.device)
         self._update_rows()
         if self.measured:
-            self._print_pair(where, ANCHOR)
+            self.schedule.write(report_step.pair_line(self.current, ANCHOR, len(self.measured)))
         self._end_config()
 
     def _end_config(self):
@@ -271,33 +271,6 @@ class StepBenchmark:
         skipped = [r for r in self.current if r["metric"] == "skipped"]
         self.current = self.config_rows.measured(self.samples, self.measured, self.peaks,
                                                  self.huge) + skipped
-
-    def _print_pair(self, where, name):
-        table = results.Table(self.current)
-        config = where["config"]
-        median = table.get(config, name, "step_ms_median")
-        line = (f"  {config:<11} {name:<36} {fmt_ms(median):>9} ms"
-                f"  {table.get(config, name, 'GBps'):6.1f} GB/s")
-        if name == ANCHOR:
-            n = table.row(config, name, "step_ms_median")["samples"]
-            line += f"  (its {n} rounds in all {len(self.measured)} pairs)"
-        elif kind(name) != "copy":
-            pair_ms = table.row(config, name, "torch_fused_step_ms_in_pair")
-            line += (f"  {table.get(config, name, 'speedup_vs_torch_fused'):5.2f}x {ANCHOR} "
-                     f"({fmt_ms(pair_ms['value'])} ms in the same {pair_ms['samples']} "
-                     "rounds)")
-        clip_ms = table.get(config, name, "clip_step_ms_median")
-        if clip_ms is not None:
-            line += f"; clip+step {fmt_ms(clip_ms)} ms"
-            if name != ANCHOR:
-                speed = table.get(config, name, "clip_step_speedup_vs_torch_fused")
-                pair_ms = table.get(config, name, "torch_fused_clip_step_ms_in_pair")
-                line += f" {speed:.2f}x {ANCHOR}'s ({fmt_ms(pair_ms)} ms)"
-            cost = table.get(config, name, "clip_cost_fraction")
-            line += f", the clip {100 * cost:+.0f}% of the step"
-        if self.peaks.get(name):
-            line += f"  peak {self.peaks[name] / memory.GB:.1f} GB"
-        self.schedule.write(line)
 
 
 def run(args):
