@@ -195,10 +195,25 @@ def _stepped_param(p, m, root, step_scalars):
 
 
 @triton.jit
+def _chunk_scalars(scalars):
+    """`_segment_scalars`' scalars as a chunk's math takes them: (`_update_moments`' scalars,
+    `_stepped_param`'s, amsgrad). The moments' weights 1 - b1 and 1 - b2 are taken here, where
+    the chunk's math starts: taken with the other scalars, the two fp64 values stay live across
+    the pointer math, and ptxas spills registers in three sm_80 kernels past the bound of
+    tests/test_triton_compile.py."""
+    segment_moment_scalars, step_scalars, amsgrad = scalars
+    grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2 = \
+        segment_moment_scalars
+    moment_scalars = (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay,
+                      1.0 - beta1, beta2, 1.0 - beta2)
+    return moment_scalars, step_scalars, amsgrad
+
+
+@triton.jit
 def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
                 max_exp_avg_sq_ptrs, mask, scalars, HAS_MASTER: tl.constexpr,
                 HAS_MAX_EXP_AVG_SQ: tl.constexpr):
-    moment_scalars, step_scalars, amsgrad = scalars
+    moment_scalars, step_scalars, amsgrad = _chunk_scalars(scalars)
     p = _load_stepped(param_ptrs, master_param_ptrs, mask, HAS_MASTER)
     g = _to_compute(tl.load(grad_ptrs, mask=mask))
     m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
@@ -282,8 +297,8 @@ def _open_segment(located, param_ptr, segment_starts_ptr, segment_lengths_ptr,
 @triton.jit
 def _segment_scalars(segment, segment_groups_ptr, steps_ptr, group_table_ptr,
                      inv_grad_scale_ptr, inv_grad_scale, clip_factor_ptr):
-    """The scalars both kernels step a segment with, from its group row and step count:
-    (`_update_moments`' scalars, `_stepped_param`'s, amsgrad)."""
+    """The scalars both kernels step a segment with, from its group row and step count (see
+    `_chunk_scalars`)."""
     group_row = group_table_ptr + tl.load(segment_groups_ptr + segment) * _GROUP_COLUMNS
     lr = tl.load(group_row + _LR)
     beta1 = tl.load(group_row + _BETA1)
@@ -305,9 +320,8 @@ def _segment_scalars(segment, segment_groups_ptr, steps_ptr, group_table_ptr,
     grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
     grad_scale = tl.where(maximize, -grad_scale, grad_scale)
     clip_factor = tl.load(clip_factor_ptr)
-    moment_scalars = (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay,
-                      1.0 - beta1, beta2, 1.0 - beta2)
-    return moment_scalars, (step_size, bias_correction2_sqrt, eps), amsgrad
+    return ((grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2),
+            (step_size, bias_correction2_sqrt, eps), amsgrad)
 
 
 @triton.jit
@@ -464,7 +478,7 @@ def _store_quantized(code_ptrs, absmax_ptrs, x, root, mask, block_mask, SIGNED: 
 def _adam_q8_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
                    exp_avg_absmax_ptrs, exp_avg_sq_absmax_ptrs, mask, block_mask, scalars,
                    HAS_MASTER: tl.constexpr):
-    moment_scalars, step_scalars, _ = scalars  # no amsgrad with 8-bit moments
+    moment_scalars, step_scalars, _ = _chunk_scalars(scalars)  # no amsgrad with 8-bit moments
     p = _load_stepped(param_ptrs, master_param_ptrs, mask, HAS_MASTER)
     g = tl.load(grad_ptrs, mask=mask).to(tl.float32)
     m = _decode(tl.load(exp_avg_ptrs, mask=mask), tl.load(exp_avg_absmax_ptrs, mask=block_mask),
@@ -543,12 +557,13 @@ def _adam_q8_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr,
     if chunk_offset + BLOCK_SIZE <= length:
         _adam_q8_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
                        exp_avg_sq_ptr + offsets, exp_avg_absmax_ptr + blocks,
-                       exp_avg_sq_absmax_ptr + blocks, None, None, scalars, HAS_MASTER)
+                       exp_avg_sq_absmax_ptr + blocks, mask=None, block_mask=None,
+                       scalars=scalars, HAS_MASTER=HAS_MASTER)
     else:
         _adam_q8_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
                        exp_avg_sq_ptr + offsets, exp_avg_absmax_ptr + blocks,
-                       exp_avg_sq_absmax_ptr + blocks, in_segment < length,
-                       block_offset < length, scalars, HAS_MASTER)
+                       exp_avg_sq_absmax_ptr + blocks, mask=in_segment < length,
+                       block_mask=block_offset < length, scalars=scalars, HAS_MASTER=HAS_MASTER)
 
 
 def launch_config(record):
