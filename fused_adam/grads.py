@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fused_adam.arena import flat_real
 from fused_adam.device_tables import AddressTable
 from fused_adam.distributed import local_grad_of, local_shard
 
@@ -74,7 +75,7 @@ class GradientReader:
             if self._form == "tensors":
                 copies = []
                 readable = [None if g is None
-                            else _flat_real(self._readable_in_place(i, g, copies))
+                            else flat_real(self._readable_in_place(i, g, copies))
                             for i, g in enumerate(grads)]
                 return Gradients(readable, has_grad, copies, grads)
             return self._addresses_of(grads, present, has_grad)
@@ -158,9 +159,3 @@ def _refuse_sparse(grad, what):
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(f"FusedAdam does not support sparse gradients ({what}), please "
                            "consider SparseAdam instead")
-
-
-def _flat_real(grad):
-    if grad.is_complex():
-        grad = torch.view_as_real(grad)
-    return grad.reshape(-1)
