@@ -10,9 +10,9 @@ reason about storages (safetensors, accelerate, `torch.save`) see separate tenso
 An arena's membership is fixed: when the optimizer's param groups change, it builds a new arena
 and imports the state into it. Complex parameters are stepped as their real view (as torch's
 Adam does): a complex64 parameter is a segment of twice its numel in the float32 arena.
-Gradients are not packed: see `fused_adam.grads`. Which segments have torch's state entry, and
-the import and writing of entries, are `fused_adam.state_entries`'; memory a parameter had
-before the arena took it is `fused_adam.former_memory`'s.
+Gradients are not packed: see `fused_adam.grads`. Beside the arena, `fused_adam.state_entries`
+keeps torch's state entries over it (which segments have one; import, checks, writing) and
+`fused_adam.former_memory` the memory a parameter had before the arena took it.
 """
 import numpy as np
 import torch

@@ -166,8 +166,8 @@ class PendingClip:
     arenas that read them, and before a step (or a second clip) `resolve` sorts what it finds:
     - all of them still there, unmodified, and no other gradient in arenas built since (the
       ordinary loop, one identity, version and address check per parameter): the factor stays
-      for the kernel, and the step takes the clip's reading of the gradients (`reading`: on
-      800 small tensors, a third of the step saved);
+      for the kernel, and the step takes the clip's reading of the gradients (`reading`: the
+      step visits and checks no gradient again);
     - a gradient replaced (a new tensor, or `.data` reassigned), set to None, or new since the
       clip (a parameter without one then, a param group added): it holds values the clip never
       saw, which torch would step unclipped. The gradients still as measured are scaled in

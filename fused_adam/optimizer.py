@@ -38,7 +38,7 @@ _STATE_DTYPES = (None, torch.float32, torch.bfloat16, QUANTIZED_STATE_DTYPE)
 _DEFAULT_SETTINGS = dict(backend=None, master_weights=False, state_dtype=None)
 
 # The options, one entry each (Google style), shared by both classes' docstrings as torch shares
-# its argument docs between Adam and AdamW (see `_args_section` at the end of this file).
+# its argument docs between Adam and AdamW (`_document_arguments`, at the end of this file).
 _ARGUMENTS = dict(
     params="""params (iterable): tensors to optimize, (name, tensor) pairs, or dicts defining
     param groups (`params` and any option below up to `decoupled_weight_decay`), as torch's.""",
@@ -394,16 +394,18 @@ class FusedAdamW(FusedAdam):
             group["decoupled_weight_decay"] = True
 
 
-def _args_section(names, **own):
-    """The "Args:" section of a docstring: `_ARGUMENTS` of `names`, or the text in `own`."""
-    entries = [own.get(name, _ARGUMENTS.get(name)) for name in names]
-    return "\n\n    Args:\n" + "".join(
-        "        " + entry.replace("\n", "\n        ") + "\n" for entry in entries)
+def _document_arguments(cls, names, **own):
+    """Append to `cls`'s docstring (where there is one: not under `python -OO`) an "Args:"
+    section: the `_ARGUMENTS` entries of `names`, or the text in `own`."""
+    if cls.__doc__ is not None:
+        cls.__doc__ += "\n\n    Args:\n" + "".join(
+            "        " + own.get(name, _ARGUMENTS.get(name)).replace("\n", "\n        ") + "\n"
+            for name in names)
 
 
-FusedAdam.__doc__ += _args_section(_ARGUMENTS)
-FusedAdamW.__doc__ += _args_section(
-    [name for name in _ARGUMENTS if name != "decoupled_weight_decay"],
+_document_arguments(FusedAdam, _ARGUMENTS)
+_document_arguments(
+    FusedAdamW, [name for name in _ARGUMENTS if name != "decoupled_weight_decay"],
     weight_decay="""weight_decay (float, optional): decoupled weight decay coefficient: each step
     scales the params by (1 - lr * weight_decay) before the Adam update, always (a param group
     or an Adam checkpoint saying otherwise included), as torch's AdamW (default: 1e-2).""")
