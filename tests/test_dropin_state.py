@@ -16,7 +16,7 @@ import torch
 
 from fused_adam import FusedAdam, FusedAdamW
 from helpers import TOLERANCES, assert_close, assert_same_trajectory, assert_unchanged, \
-    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot
+    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot, twins
 
 # The optimizer layer is tested with numba and torch; the Triton interpreter (slow) only where
 # its buffers could differ: the storages.
@@ -27,11 +27,6 @@ LR = 1e-2
 SHAPES = [(5, 7), (4,), (), (3,)]
 
 
-def _twins(shapes, dtype=torch.float32, seed=0):
-    initial = make_params(shapes, torch.float64, seed)
-    return [[p.to(dtype, copy=True).requires_grad_() for p in initial] for _ in range(2)]
-
-
 def _groups(params):
     """Two groups that differ in every hyperparameter."""
     return [dict(params=params[:2], weight_decay=0.05),
@@ -40,7 +35,7 @@ def _groups(params):
 
 def _twin_optimizers(backend):
     """(FusedAdam, torch's Adam, their params): twin params in the two `_groups`."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     return (FusedAdam(_groups(ours_params), lr=LR, backend=backend),
             torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False),
             ours_params, torch_params)
@@ -110,7 +105,7 @@ def test_every_param_and_state_tensor_has_a_storage_of_its_own(backend, variant)
     shared with nothing else; the step still updates the param in place (an alias taken after
     construction sees it), and (fp32) the numbers are torch's."""
     dtype, options = STORAGE_VARIANTS[variant]
-    ours_params, torch_params = _twins(SHAPES, dtype)
+    ours_params, torch_params = twins(SHAPES, dtype)
     ours = FusedAdam(ours_params, lr=LR, backend=backend, **options)
     _assert_storages_of_their_own(ours, ours_params)
     aliases = [p.detach() for p in ours_params]
@@ -250,7 +245,7 @@ def test_editing_a_groups_param_list_like_torch(backend, edit):
     """A param appended to `param_groups[i]["params"]` mid-run is stepped from then on (its own
     step 1); one removed stops moving, and keeps its state entry as it was, as in torch. Every
     param gets a gradient every step."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     shapes_used = slice(0, 3) if edit == "append" else slice(0, 4)
     ours = FusedAdam(_groups(ours_params[shapes_used]), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params[shapes_used]), lr=LR, foreach=False)
@@ -406,7 +401,7 @@ def test_checkpoint_with_a_wrong_state_shape_is_refused_and_changes_nothing(back
 def test_adamw_loading_an_adam_checkpoint_stays_decoupled_like_torch(backend):
     """torch.optim.AdamW re-sets decoupled_weight_decay=True on load (its __setstate__), so an
     Adam checkpoint with weight decay continues as AdamW; FusedAdamW must do the same."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     source_params = copy.deepcopy(torch_params)
     source = torch.optim.Adam(source_params, lr=LR, weight_decay=0.1, foreach=False)
     run_steps(source, source_params, 0, 5)
@@ -476,7 +471,7 @@ def test_state_entries_that_are_not_param_dicts_pass_through_like_torch(backend,
     """torch's suite's state_dict / load_state_dict hook tests: a pre-hook's `state["test"] = 1`
     and a post-hook's bools stay in `state`, go through state_dict() and load_state_dict() as
     torch's do, and the optimizer steps on as torch's."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     ours = (FusedAdamW if adamw else FusedAdam)(_groups(ours_params), lr=LR, backend=backend)
     theirs = (torch.optim.AdamW if adamw else torch.optim.Adam)(_groups(torch_params), lr=LR,
                                                                  foreach=False)
