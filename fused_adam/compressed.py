@@ -18,7 +18,7 @@ import copy
 import torch
 
 from fused_adam.distributed import DTensor, is_dtensor, local_shard
-from fused_adam.flat import ABSMAX_KEYS, MAX_KEY, MOMENT_KEYS
+from fused_adam.arena import ABSMAX_KEYS, MAX_KEY, MOMENT_KEYS
 from fused_adam.kernels.contract import QUANT_BLOCK
 from fused_adam.kernels import codecs
 

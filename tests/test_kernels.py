@@ -39,7 +39,7 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
     """Three segments (4097, 1 and 300 elements, starts aligned to 16) in two groups; the
     second segment has no gradient in odd steps. 20 steps of the launcher against
     `reference.adam_update` in float64 on each segment: params, moments, max and steps."""
-    kernel_module = dispatch.kernel_module(backend)
+    kernel_module = dispatch.load_backend(backend)
     lengths = [4097, 1, 300]
     starts = [0, 4112, 4128]
     groups = [0, 1, 1]
@@ -91,7 +91,7 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_found_inf_skips_everything(backend):
-    kernel_module = dispatch.kernel_module(backend)
+    kernel_module = dispatch.load_backend(backend)
     arena = ArenaRecord(
         params=torch.ones(16), exp_avg=torch.zeros(16), exp_avg_sq=torch.zeros(16),
         segment_starts=torch.tensor([0]), segment_lengths=torch.tensor([16]),
@@ -259,7 +259,7 @@ def test_segment_past_2_to_the_32_elements(backend):
     element 2^32 + 2^31 + 16 of (virtual) buffers."""
     dtype, n = torch.float32, 37
     (p, m, v, v_max, g), expected, table = _far_case(n, dtype, seed=11)
-    kernel_module = dispatch.kernel_module(backend)
+    kernel_module = dispatch.load_backend(backend)
     buffers = [_virtual(_FAR + 64, dtype) for _ in range(4)]
     for buffer, value in zip(buffers, (p, m, v, v_max)):
         buffer[_FAR:_FAR + n] = value

@@ -58,7 +58,7 @@ def _launchable():
     each `master_weights` (False, True, "bf16+16", "bf16+8") it does not refuse, resolved by
     the Arena itself, so that a change there shows up here."""
     import torch
-    from fused_adam.flat import Arena
+    from fused_adam.arena import Arena
 
     names = {getattr(torch, torch_name): name for name, torch_name in TORCH_DTYPES.items()}
     combos = []
