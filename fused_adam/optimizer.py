@@ -41,7 +41,8 @@ _DEFAULT_SETTINGS = dict(backend=None, master_weights=False, state_dtype=None)
 # its argument docs between Adam and AdamW (`_document_arguments`, at the end of this file).
 _ARGUMENTS = dict(
     params="""params (iterable): tensors to optimize, (name, tensor) pairs, or dicts defining
-    param groups (`params` and any option below up to `decoupled_weight_decay`), as torch's.""",
+    param groups (`params` and any of lr, betas, eps, weight_decay, amsgrad, maximize), as
+    torch's.""",
     lr="""lr (float or Tensor, optional): learning rate (default: 1e-3). A tensor on a GPU is
     read there, with no host sync. LR schedulers write `group["lr"]`; the next step uses it.""",
     betas="""betas (Tuple[float, float], optional): coefficients of the running averages of the
