@@ -1,29 +1,20 @@
 """`python -m bench`: the command line.
 
-    python -m bench [--quick] [--out DIR] [--device cpu|cuda] [--configs ...] [--providers ...]
-                    [--time-budget S] [--max-memory GB] [--allocations N]
-                    [--clip-providers ...|all] [--no-clip]
-    python -m bench train [--iters N] [--max-grad-norm X] [--device ...] [--out DIR]
-    torchrun --nproc_per_node=2 -m bench train --ddp [--bucket-view] [--iters N]
-    python -m bench accuracy [--iters N] [--variants ...] [--tolerance F] [--device ...]
-                                        (the char GPT trained once per optimizer variant:
-                                         FusedAdamW's compressed states, bitsandbytes' and
-                                         torchao's 8-bit AdamW, against fp32 torch AdamW)
-    python -m bench grad-layout [--quick] [--device ...] [--out DIR]
-    python -m bench breakdown [--config small-800] [--allocations N] [--out DIR]
-                                        (a FusedAdam step split into its parameter visit and
-                                         its kernel, beside torch-fused and the roofline)
-    python -m bench report DIR          (redraw every table and plot in DIR from its JSON)
-    python -m bench gpu [--out DIR]     (on a GPU machine: the GPU tests, then the benchmark,
-                                         the breakdown, the gradient layouts and the training
-                                         run, everything into one folder)
+    python -m bench [--quick] [--out DIR] [--configs ...] [--providers ...] ...   the step benchmark
+    python -m bench train [--iters N] [--ddp] ...       the char GPT, FusedAdamW against AdamW
+    python -m bench accuracy [--variants ...] ...       the char GPT once per optimizer variant
+    python -m bench report DIR                          redraw every table and plot in DIR
+    python -m bench gpu [--out DIR]                     on a GPU machine: everything, one folder
+    python -m bench breakdown | grad-layout ...         two studies (bench/studies/)
 
-Without a subcommand it runs the step benchmark on the best device present (CUDA if there is
-one). Each run writes into a folder of its own, by default
-`bench/results/<device>-<YYYY-MM-DD-HHMMSS>-<git sha>/`, so that no run overwrites another and a
-GPU run's files can be copied back and committed as they are; `--out DIR` writes into DIR.
+`python -m bench COMMAND --help` for the options. Without a subcommand it runs the step benchmark
+on the best device present (CUDA if there is one). Each run writes into a folder of its own, by
+default `bench/results/<device>-<YYYY-MM-DD-HHMMSS>-<git sha>/`, so that no run overwrites
+another and a GPU run's files can be copied back and committed as they are; `--out DIR` writes
+into DIR.
 """
 import argparse
+import importlib
 import signal
 import sys
 from pathlib import Path
@@ -55,7 +46,7 @@ def _common(parser):
 def _step_parser():
     from bench.configs import CONFIG_NAMES
     from bench.memory import DEFAULT_MAX_GB
-    from bench.step import HARD_LIMIT, TIME_BUDGET_S
+    from bench.schedule import HARD_LIMIT, TIME_BUDGET_S
     from bench.providers import ALL_PROVIDERS
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -69,9 +60,9 @@ def _step_parser():
     parser.add_argument("--configs", nargs="+", choices=CONFIG_NAMES, default=None,
                         help="default: all")
     parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
-                        help="default: torch-forloop, torch-foreach, torch-fused, "
-                             "fused_adam-numba (CPU) or fused_adam-triton (CUDA) with its "
-                             ":bf16-states and :bf16-master modes, and fused_adam-torch")
+                        help="default: torch's three, fused_adam-numba (CPU) or "
+                             "fused_adam-triton (CUDA) in fp32 and its compressed modes, and "
+                             "fused_adam-torch")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds per pair")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed rounds per pair, fixed (default: as many as the time "
@@ -102,23 +93,28 @@ def _step_parser():
     return parser
 
 
-def _train_parser():
-    from bench.train import DTYPES
-    parser = argparse.ArgumentParser(
-        prog="python -m bench train",
-        description="Train a small character GPT on Python's own standard-library source, once "
-                    "with fused_adam.FusedAdamW and once with torch.optim.AdamW (same seed, "
-                    "interleaved); report per-phase times and both loss curves.")
+def _char_gpt_parser(command, description):
+    """The options `train` and `accuracy` share: they train the same char GPT."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench {command}", description=description)
     _common(parser)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                        help="fused_adam's parameter dtype (the torch run stays fp32)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
                         help="clip the gradients' total norm to X before each step (default "
-                             "1.0): FusedAdamW with its fused clip_grad_norm, torch's AdamW with "
-                             "torch.nn.utils.clip_grad_norm_(foreach=True); 0: no clipping")
+                             "1.0): FusedAdamW with its fused clip_grad_norm, torch's optimizers "
+                             "with torch.nn.utils.clip_grad_norm_(foreach=True); 0: no clipping")
+    return parser
+
+
+def _train_parser():
+    from bench.train import DTYPES
+    parser = _char_gpt_parser(
+        "train", "Train a small character GPT on Python's own standard-library source, once with "
+                 "fused_adam.FusedAdamW and once with torch.optim.AdamW (same seed, interleaved); "
+                 "report per-phase times and both loss curves.")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="fused_adam's parameter dtype (the torch run stays fp32)")
     parser.add_argument("--master-weights", action="store_true",
                         help="fp32 master copy of bf16 parameters (FusedAdamW(master_weights=True))")
     parser.add_argument("--state-dtype", choices=("fp32", "bf16", "int8"), default=None,
@@ -136,18 +132,11 @@ def _train_parser():
 
 def _accuracy_parser():
     from bench.accuracy import FINAL_WINDOW, TOLERANCE, VARIANTS
-    parser = argparse.ArgumentParser(
-        prog="python -m bench accuracy",
-        description="Train the char GPT of `bench train` once per optimizer variant (same seed, "
+    parser = _char_gpt_parser(
+        "accuracy", "Train the char GPT of `bench train` once per optimizer variant (same seed, "
                     "same batches, gradients clipped) and compare every variant's final loss "
                     f"(mean of the last {FINAL_WINDOW} iterations) with fp32 torch AdamW's, "
                     "beside its optimizer-state bytes per parameter and step time.")
-    _common(parser)
-    parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, metavar="X",
-                        help="clip the gradients' total norm to X (default 1.0; 0: no clipping)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="F",
                         help="PASS when |final loss / torch AdamW fp32's - 1| <= F "
                              f"(default {TOLERANCE:g})")
@@ -166,35 +155,11 @@ def _check_variants(parser, args):
     return args
 
 
-def _grad_layout_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m bench grad-layout",
-        description="Whole iteration (zero_grad, forward, backward, step) with gradients where "
-                    "autograd leaves them vs gradients as views of one flat buffer.")
+def _study_parser(command, study):
+    parser = argparse.ArgumentParser(prog=f"python -m bench {command}",
+                                     description=study.DESCRIPTION)
     _common(parser)
-    parser.add_argument("--quick", action="store_true", help="scaled-down GPT-2, few rounds")
-    parser.add_argument("--configs", nargs="+", choices=("gpt2-small", "small-800"),
-                        default=None, help="default: both")
-    parser.add_argument("--cheap-loss", action="store_true",
-                        help="GPT-2 shapes with a cheap loss instead of a real GPT-2 forward")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
-    return parser
-
-
-def _breakdown_parser():
-    from bench.configs import CONFIG_NAMES
-    parser = argparse.ArgumentParser(
-        prog="python -m bench breakdown",
-        description="Where a FusedAdam step's time goes: the visit of every parameter (Python) "
-                    "and the kernel, each timed alone right after a backward, beside the whole "
-                    "step, torch-fused's step and the no-math roofline.")
-    _common(parser)
-    parser.add_argument("--config", choices=CONFIG_NAMES, default="small-800")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--allocations", type=int, default=1,
-                        help="build the subjects this many times and pool the samples")
+    study.add_arguments(parser)
     return parser
 
 
@@ -284,23 +249,18 @@ def main(argv=None):
             return step.run(args)
         finally:
             signal.signal(signal.SIGTERM, previous)
-    elif command == "train":
-        args = _resolve(_train_parser().parse_args(argv), "train")
-        from bench import train
-        return train.run(args)
     elif command == "accuracy":
         parser = _accuracy_parser()
         args = _resolve(_check_variants(parser, parser.parse_args(argv)), "accuracy")
         from bench import accuracy
         return accuracy.run(args)
-    elif command == "grad-layout":
-        args = _resolve(_grad_layout_parser().parse_args(argv), "grad-layout")
-        from bench import grad_layout
-        return grad_layout.run(args)
-    elif command == "breakdown":
-        args = _resolve(_breakdown_parser().parse_args(argv), "breakdown")
-        from bench import breakdown
-        return breakdown.run(args)
+    elif command == "train":
+        args = _resolve(_train_parser().parse_args(argv), "train")
+        from bench import train
+        return train.run(args)
+    else:  # a study
+        study = importlib.import_module(f"bench.studies.{command.replace('-', '_')}")
+        return study.run(_resolve(_study_parser(command, study).parse_args(argv), command))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,13 @@
 """`python -m bench accuracy`: does compressed optimizer state still train as fp32 AdamW does?
 
-The char GPT of `python -m bench train` (same data, model config, hyperparameters, batches and
-gradient clipping) is trained once per optimizer variant, each from the same seed on the same
-batches, one variant after another, and every variant's loss curve is set beside fp32
-`torch.optim.AdamW`'s (the reference, always run). Per variant the report gives the final loss
-(the mean of the last FINAL_WINDOW iterations' losses, which takes batch-to-batch noise out), its
-relative difference from the reference's, PASS/FAIL against a tolerance (1% by default), the
-optimizer state's bytes per parameter, measured from the state tensors the optimizer holds, and
-the median step and clip + step times.
-
-Variants (`--variants`, default all): fp32 torch AdamW; FusedAdamW with fp32, 8-bit and bf16
-moments on fp32 params; FusedAdamW on bf16 params with a compact master (`bf16+16`, `bf16+8`)
-and fp32 or 8-bit moments; and, where their packages are installed and run here,
-bitsandbytes' `AdamW8bit` and torchao's `AdamW8bit`. A third-party variant that is missing or
-fails is reported with the reason, and the run goes on.
-
-Each variant clips the way its users would: FusedAdamW with `optimizer.clip_grad_norm(max_norm)`,
-every other optimizer with `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm,
-foreach=True)`.
+The char GPT of `bench.model` (the data, model, hyperparameters, batches and clipping of `bench
+train`) is trained once per optimizer variant, one after another, each from the same seed on the
+same batches. Per variant the report gives the final loss (the mean of the last FINAL_WINDOW
+iterations', which takes batch-to-batch noise out), its relative difference from fp32
+`torch.optim.AdamW`'s (the reference, always run), PASS/FAIL against a tolerance, the optimizer
+state's bytes per parameter (measured from the tensors it holds) and the median step and clip +
+step times. Variants (`VARIANTS`): FusedAdamW's modes, and bitsandbytes' and torchao's 8-bit
+AdamW where those packages are installed and run here (else a row says why).
 """
 import math
 import time
@@ -27,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import report, results, system
-from bench.model import GPT
-from bench.train import HYPER, MODEL, _torch_adamw, stdlib_text
-from bench.timing import timed
+from bench import report, report_accuracy, results, system
+from bench.model import GPT, HYPER, MODEL, CharData, iteration, torch_adamw
+from bench.providers import clip_grad_norm
 
 REFERENCE = "torch-fp32"
 FINAL_WINDOW = 10  # the final loss is the mean of this many last iterations' losses
@@ -82,7 +71,7 @@ def _optimizer(variant, params, lr):
         words = ", ".join(f"{k}={v!r}" for k, v in options.items())
         return optimizer, f"fused_adam.FusedAdamW({words})" if words else "fused_adam.FusedAdamW"
     if variant.name == REFERENCE:
-        return _torch_adamw(params, lr)
+        return torch_adamw(params, lr)
     if variant.package == "bitsandbytes":
         try:
             import bitsandbytes as bnb
@@ -136,75 +125,29 @@ def state_bytes(optimizer):
     return total
 
 
-def _master_bytes_outside_state(optimizer, model):
-    """Bytes of an fp32 master copy the optimizer keeps but not in `optimizer.state` (none of
-    the variants here does: FusedAdamW keeps its masters there): counted all the same."""
-    if not any(p.dtype != torch.float32 for p in model.parameters()):
-        return 0
-    master = getattr(optimizer, "_settings", {}).get("master_weights")
-    if master is not True:
-        return 0
-    if any("master_param" in s for s in optimizer.state.values()):
-        return 0
-    return sum(4 * p.numel() for p in model.parameters() if p.dtype != torch.float32)
-
-
-def encode(text):
-    """(vocabulary, int64 token tensor): `bench train`'s encoding (`sorted(set(text))`, each
-    character its index there), made by numpy in a fraction of the time: code points sort as
-    Python's strings do."""
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    points, tokens = np.unique(codes, return_inverse=True)
-    return [chr(c) for c in points], torch.from_numpy(tokens.astype(np.int64).reshape(-1))
-
-
-def _draw(args, n_data):
-    """The batches' start offsets, drawn as `bench train` draws them (one generator seeded with
-    --seed, [iters, batch_size]): every variant trains on the same batches."""
-    generator = torch.Generator().manual_seed(args.seed)
-    return torch.randint(n_data - MODEL["n_ctx"] - 1, (args.iters, args.batch_size),
-                         generator=generator)
-
-
-def _train(variant, args, device, data, starts, vocab_size, log):
+def _train(variant, args, device, data):
     """Train `variant` for args.iters iterations; returns what it measured."""
-    block = MODEL["n_ctx"]
     torch.manual_seed(args.seed)
-    model = GPT(vocab_size=vocab_size, **MODEL).to(device=device, dtype=variant.param_dtype)
-    optimizer, implementation = _optimizer(variant, model.parameters(), args.lr)
+    model = GPT(vocab_size=len(data.chars), **MODEL).to(device=device, dtype=variant.param_dtype)
+    params = list(model.parameters())
+    optimizer, implementation = _optimizer(variant, params, args.lr)
     max_norm = args.max_grad_norm
-    if not max_norm:
-        clip = lambda: None  # noqa: E731
-    elif variant.fused:
-        clip = lambda: optimizer.clip_grad_norm(max_norm)  # noqa: E731
-    else:
-        clip = lambda: torch.nn.utils.clip_grad_norm_(  # noqa: E731
-            model.parameters(), max_norm, foreach=True)
+    clip = (lambda: clip_grad_norm(optimizer, params, max_norm)) if max_norm else (lambda: None)
     losses, step_s, clip_s = [], [], []
     every = max(1, args.iters // 10)
     start = time.perf_counter()
     for i in range(args.iters):
-        rows = starts[i].unsqueeze(1) + torch.arange(block + 1)
-        chunk = data[rows].to(device)
-        idx, targets = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(idx, targets)
-        loss.backward()
-        _, t_clip = timed(clip, device)
-        _, t_step = timed(optimizer.step, device)
-        losses.append(loss.float().item())
-        step_s.append(t_step)
-        clip_s.append(t_clip)
+        seconds, _ = iteration(model, optimizer, clip, data.batch(i, device), device)
+        losses.append(seconds["loss"])
+        step_s.append(seconds["step"])
+        clip_s.append(seconds["clip"])
         if i % every == 0 or i == args.iters - 1:
-            log(f"  {variant.name}: iter {i + 1:4d}/{args.iters}  loss {losses[-1]:.4f}")
-    n_params = sum(p.numel() for p in model.parameters())
-    measured = dict(
-        implementation=implementation, losses=losses, step_s=step_s, clip_s=clip_s,
-        seconds=time.perf_counter() - start, n_params=n_params,
-        n_tensors=len(list(model.parameters())),
-        state_bytes=state_bytes(optimizer) + _master_bytes_outside_state(optimizer, model),
-        param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
-    return measured
+            print(f"  {variant.name}: iter {i + 1:4d}/{args.iters}  loss {losses[-1]:.4f}",
+                  flush=True)
+    return dict(implementation=implementation, losses=losses, step_s=step_s, clip_s=clip_s,
+                seconds=time.perf_counter() - start, n_params=sum(p.numel() for p in params),
+                n_tensors=len(params), state_bytes=state_bytes(optimizer),
+                param_bytes=sum(p.numel() * p.element_size() for p in params))
 
 
 def final_loss(losses, window=FINAL_WINDOW):
@@ -217,28 +160,23 @@ def run(args):
     if REFERENCE not in names:  # every variant is compared with it
         names.insert(0, REFERENCE)
     variants = [_BY_NAME[name] for name in names]
-    text = stdlib_text()
-    chars, data = encode(text)
-    starts = _draw(args, len(data))
-    print(f"data: {len(text) / 2**20:.1f} MiB of the standard library's *.py, vocab "
-          f"{len(chars)} chars; model {MODEL}, batch {args.batch_size}, {args.iters} iters, "
-          f"clip {args.max_grad_norm:g}, on {system.device_name(device)}; variants: "
-          + ", ".join(names), flush=True)
+    data = CharData(args.iters, args.batch_size, args.seed)
+    print(data.describe(args) + f", clip {args.max_grad_norm:g}, on "
+          f"{system.device_name(device)}; variants: " + ", ".join(names), flush=True)
 
     meta = system.run_metadata(
         device, "accuracy", model=MODEL, hyperparameters=dict(lr=args.lr, **HYPER),
         batch_size=args.batch_size, iters=args.iters, max_grad_norm=args.max_grad_norm or None,
         seed=args.seed, variants=names, reference=REFERENCE, final_window=FINAL_WINDOW,
         tolerance=args.tolerance, untimed_first_iters=min(5, args.iters // 5),
-        vocab_size=len(chars), text_bytes=len(text))
+        vocab_size=len(data.chars), text_bytes=len(data.text))
     skip = meta["settings"]["untimed_first_iters"]
     where, measured, reasons = None, {}, {}
     for number, variant in enumerate(variants, 1):
         print(f"[{number}/{len(variants)}] {variant.label} ({variant.name})", flush=True)
         load = system.load_average()
         try:
-            m = _train(variant, args, device, data, starts, len(chars),
-                       lambda line: print(line, flush=True))
+            m = _train(variant, args, device, data)
         except Exception as error:  # noqa: BLE001
             if variant.package is None:  # ours or torch's: a failure is a bug, not a row
                 raise
@@ -261,9 +199,12 @@ def run(args):
     for variant in variants:
         common = dict(label=variant.label, param_dtype=DTYPE_NAMES[variant.param_dtype],
                       package=variant.package)
+
+        def row(metric, value, unit, **fields):
+            return results.row(meta, where, variant.name, metric, value, unit, **fields, **common)
+
         if variant.name in reasons:
-            rows.append(results.row(meta, where, variant.name, "skipped", None, None,
-                                    reason=reasons[variant.name], **common))
+            rows.append(row("skipped", None, None, reason=reasons[variant.name]))
             continue
         m = measured[variant.name]
         common.update(implementation=m["implementation"],
@@ -272,28 +213,21 @@ def run(args):
         relative = final / reference - 1
         ok = math.isfinite(relative) and abs(relative) <= args.tolerance
         n = m["n_params"]
-        rows += [
-            results.row(meta, where, variant.name, "final_loss", final, None,
-                        samples=min(FINAL_WINDOW, len(m["losses"])), **common),
-            results.row(meta, where, variant.name, "final_loss_rel_diff", relative, "fraction",
-                        **common),
-            results.row(meta, where, variant.name, "within_tolerance", float(ok), "bool",
-                        tolerance=args.tolerance, **common),
-            results.row(meta, where, variant.name, "state_bytes_per_param", m["state_bytes"] / n,
-                        "B", state_bytes=m["state_bytes"], **common),
-            results.row(meta, where, variant.name, "param_bytes_per_param", m["param_bytes"] / n,
-                        "B", **common),
-            results.row(meta, where, variant.name, "train_s", m["seconds"], "s", **common),
-        ]
+        rows += [row("final_loss", final, None, samples=min(FINAL_WINDOW, len(m["losses"]))),
+                 row("final_loss_rel_diff", relative, "fraction"),
+                 row("within_tolerance", float(ok), "bool", tolerance=args.tolerance),
+                 row("state_bytes_per_param", m["state_bytes"] / n, "B",
+                     state_bytes=m["state_bytes"]),
+                 row("param_bytes_per_param", m["param_bytes"] / n, "B"),
+                 row("train_s", m["seconds"], "s")]
         rows += results.time_rows(meta, where, variant.name, "step", m["step_s"][skip:],
                                   **common)
         if args.max_grad_norm:
             rows += results.time_rows(meta, where, variant.name, "clip_step",
                                       np.add(m["clip_s"], m["step_s"])[skip:], **common)
-        rows += [results.row(meta, where, variant.name, "loss", value, None, iteration=i,
-                             **common) for i, value in enumerate(m["losses"])]
+        rows += [row("loss", value, None, iteration=i) for i, value in enumerate(m["losses"])]
     paths = report.write(rows, Path(args.out), "accuracy")
-    print(report.accuracy_markdown(rows))
+    print(report_accuracy.markdown(rows))
     for path in paths:
         print(f"wrote {path}")
     return rows

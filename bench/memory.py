@@ -2,25 +2,23 @@
 
 The step benchmark keeps two subjects alive at a time (torch-fused and the one it is paired
 with), so a config's peak is the process's baseline plus the dearest pair. `plan()` picks, for
-each config, the largest of its sizes whose estimated peak fits the budget, or skips it; it is a
-pure function of its inputs (sizes, subjects, budget, baseline) so that a test can fake the budget.
-
-The estimate is bytes per element of the config, per subject, from measurements on the
-development machine (peak RSS of one pair, sampled): a subject holds its params
-and moments ("resident", MODES in `bench.providers`), and during its own iteration also its
-gradients and the temporaries of the loss, its backward and, for torch's for-loop and foreach
-Adam and our plain-torch backend, of the step itself. GPT-2-small's dearest pair
-(torch-fused with fused_adam-torch) peaked at 4.6-4.9 GB measured; the estimate says 5.2 GB.
-Every pair's measured peak is written into the results (`peak_memory_GB`), beside the config's
-estimate (`estimated_peak_GB`)."""
+each config, the largest of its sizes whose estimated peak fits the budget, or skips it; a pure
+function of its inputs, so that a test can fake the budget. The estimate is bytes per element
+of the config, per subject (`Footprint`: params and moments, and during its own iteration its
+gradients and temporaries), checked against measured peaks (bench/RESULTS.md, "Memory"); every
+pair's measured peak is in the results (`peak_memory_GB`) beside the estimate
+(`estimated_peak_GB`).
+"""
 import ctypes
 import gc
-import re
 import threading
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import torch
+
+from bench.system import proc_bytes
 
 GB = 1e9
 # The step benchmark's default ceiling on the process's peak resident memory (CPU) or on the
@@ -33,23 +31,9 @@ SLACK = 1.12
 FIXED_SLACK_BYTES = 0.2 * GB
 
 
-def _proc_status(field):
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else None
-
-
 def rss_bytes():
     """This process's resident memory now (None where /proc is missing)."""
-    return _proc_status("VmRSS")
-
-
-def peak_rss_bytes():
-    """This process's peak resident memory since it started (what `/usr/bin/time` reports)."""
-    return _proc_status("VmHWM")
+    return proc_bytes("/proc/self/status", "VmRSS")
 
 
 class RssSampler:
@@ -85,14 +69,7 @@ class RssSampler:
 def available_bytes():
     """Memory this process could still take without the OS running short: MemAvailable, or the
     cgroup's limit minus its use if lower (containers). None if neither can be read."""
-    candidates = []
-    try:
-        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(),
-                          re.MULTILINE)
-        if match:
-            candidates.append(int(match.group(1)) * 1024)
-    except OSError:
-        pass
+    candidates = [n for n in (proc_bytes("/proc/meminfo", "MemAvailable"),) if n is not None]
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
@@ -193,7 +170,7 @@ def plan(sizes, anchor, subjects, budget_):
     full = sizes[0]
     estimates = []
     for config in sizes:
-        largest = max((_numel(s) for s in config.shapes), default=0)
+        largest = max((prod(s) for s in config.shapes), default=0)
         estimate = max(pair_peak(anchor, s, config.n_params, largest, budget_.baseline)
                        for s in (subjects or [Footprint(0.0, 0.0)]))
         estimates.append(estimate)
@@ -208,10 +185,3 @@ def plan(sizes, anchor, subjects, budget_):
         f"skipped: even its smallest size ({sizes[-1].n_params / 1e6:.1f} M parameters) needs "
         f"about {estimates[-1] / GB:.1f} GB at peak, over the budget of "
         f"{budget_.limit / GB:.1f} GB ({budget_.why})"))
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -1,15 +1,24 @@
-"""Small real models for the benchmarks that need a real backward: a GPT (nanoGPT's layout, so
-GPT-2-small's parameters come out in exactly `configs.gpt2_shapes()`'s 148 shapes) and a deep
-stack of 400 Linear(64, 64) layers (the 800 small tensors of `small-800`).
-
-Plain torch, no dropout (two runs with the same seed must see the same numbers), weights tied
-between the token embedding and the output head as in GPT-2, so `parameters()` has no duplicate.
+"""The char GPT that `train` and `accuracy` train: a GPT (nanoGPT's layout, so GPT-2-small's
+parameters come out in exactly `configs.gpt2_shapes()`'s 148 shapes; plain torch, no dropout, so
+two runs from one seed see the same numbers; weights tied between the token embedding and the
+head, so `parameters()` has no duplicate), the standard library's source as its text (it ships
+with every Python: no download), the batches, and one training iteration timed phase by phase.
 """
 import math
+import os
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bench.timing import timed
+
+MODEL = dict(n_layer=4, n_head=4, n_embd=128, n_ctx=64)
+HYPER = dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+TEXT_BYTES = 4 << 20
+PHASES = ("zero_grad", "forward", "backward", "clip", "step")
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,19 +94,72 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-class DeepLinear(nn.Module):
-    """`n_layer` Linear(width, width) layers, each as a bounded residual update.
+def stdlib_text(max_bytes=TEXT_BYTES):
+    """The first `max_bytes` of the standard library's own `*.py` files, in a fixed order
+    (top-level modules first, then packages), third-party site-packages excluded."""
+    root = Path(os.path.dirname(os.__file__))
+    files = sorted(root.glob("*.py")) + sorted(
+        p for p in root.glob("*/**/*.py")
+        if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+    chunks, size = [], 0
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        chunks.append(text)
+        size += len(text)
+        if size >= max_bytes:
+            break
+    return "".join(chunks)[:max_bytes]
 
-    A bare stack of 400 linear layers vanishes or explodes (a gain of 0.58 or 1.15 per layer at
-    torch's default init); `x + tanh(layer(x))` keeps activations and gradients finite and away
-    from denormals, which would otherwise make the CPU backward tens of times slower.
-    """
 
-    def __init__(self, n_layer=400, width=64):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n_layer))
+class CharData:
+    """The text as tokens (the vocabulary is `sorted(set(text))`, each character its index
+    there) and the batches' start offsets, drawn once up front from `seed` (so every run trains
+    on the same batches)."""
 
-    def forward(self, x, target):
-        for layer in self.layers:
-            x = x + torch.tanh(layer(x))
-        return F.mse_loss(x, target)
+    def __init__(self, iters, batch_size, seed):
+        self.text = stdlib_text()
+        # numpy does in a fraction of the time what a dict over `sorted(set(text))` would:
+        # code points sort as Python's strings do.
+        codes = np.frombuffer(self.text.encode("utf-32-le"), dtype=np.uint32)
+        points, tokens = np.unique(codes, return_inverse=True)
+        self.chars = [chr(c) for c in points]
+        self.tokens = torch.from_numpy(tokens.astype(np.int64).reshape(-1))
+        generator = torch.Generator().manual_seed(seed)
+        self.starts = torch.randint(len(self.tokens) - MODEL["n_ctx"] - 1, (iters, batch_size),
+                                    generator=generator)
+
+    def describe(self, args):
+        return (f"data: {len(self.text) / 2**20:.1f} MiB of the standard library's *.py, vocab "
+                f"{len(self.chars)} chars; model {MODEL}, batch {args.batch_size}, "
+                f"{args.iters} iters")
+
+    def batch(self, i, device):
+        """Iteration `i`'s (inputs, targets)."""
+        rows = self.starts[i].unsqueeze(1) + torch.arange(MODEL["n_ctx"] + 1)
+        chunk = self.tokens[rows].to(device)
+        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def torch_adamw(params, lr):
+    """torch's fastest AdamW here: fused where this torch supports it for these params."""
+    try:
+        return (torch.optim.AdamW(params, lr=lr, fused=True, **HYPER),
+                "torch.optim.AdamW(fused=True)")
+    except (RuntimeError, ValueError):
+        return (torch.optim.AdamW(params, lr=lr, foreach=True, **HYPER),
+                "torch.optim.AdamW(foreach=True) (fused unsupported here)")
+
+
+def iteration(model, optimizer, clip, batch, device):
+    """One training iteration (zero_grad, forward, backward, `clip()`, step), each phase timed
+    alone: ({phase: seconds, "loss": the loss}, the norm `clip` returned)."""
+    _, t_zero = timed(lambda: optimizer.zero_grad(set_to_none=True), device)
+    loss, t_forward = timed(lambda: model(*batch), device)
+    _, t_backward = timed(loss.backward, device)
+    norm, t_clip = timed(clip, device)
+    _, t_step = timed(optimizer.step, device)
+    return (dict(zip(PHASES, (t_zero, t_forward, t_backward, t_clip, t_step)),
+                 loss=loss.float().item()), norm)

@@ -7,7 +7,6 @@ between providers would hand one provider's layout to another.
 """
 import os
 from dataclasses import dataclass
-from math import prod
 
 import torch
 
@@ -52,39 +51,13 @@ ALL_PROVIDERS = TORCH_PROVIDERS + OURS + MODE_PROVIDERS + (TORCH_BF16,)
 COMPILED = {"cpu": "fused_adam-numba", "cuda": "fused_adam-triton"}
 # The one every other provider is paired with, and every speedup is relative to.
 ANCHOR = "torch-fused"
-# Kernel module names that `optimizer.backends` reported before it reported backend names.
-_MODULE_TO_BACKEND = {"numba_adam": "numba", "triton_adam": "triton", "reference": "torch"}
 
-# What a provider's iteration costs, roughly: nanoseconds per parameter and microseconds per
-# tensor (fp32, the development machine, from the step benchmark's iteration times). Only the
-# progress estimate and the share of the time budget each pair gets use them; the benchmark
-# measures the real times.
-_COST = {
-    "torch-fused": (2.0, 25), "torch-forloop": (3.5, 45), "torch-foreach": (4.5, 40),
-    "fused_adam-numba": (2.0, 20), "fused_adam-torch": (8.0, 55),
-    "fused_adam-triton": (2.0, 20),  # on CUDA; on CPU it is the interpreter, below
-}
-_INTERPRETED_TRITON_COST = (1000.0, 500)
 def default_clip_providers(device_type):
     """Whose pairs time clip+step by default: torch-fused (the anchor: torch's
     `clip_grad_norm_` foreach + fused Adam, the comparison that matters), torch-foreach and the
-    compiled backend in fp32. Every optimizer's would about double the default run's expected
-    time (140 s -> 265 s of a quiet machine's at full rounds, over the 300 s budget once real
-    runs' 1.2-1.7x is counted): on a loaded 2-core machine it pushed the whole `large` config
-    past the time limit; and our plain-torch backend's clip holds every gradient as float64 at
-    once (8 B per parameter), which took GPT-2's pair past the memory ceiling.
-    `--clip-providers all` times every optimizer's."""
+    compiled backend in fp32; every optimizer's (`--clip-providers all`) costs too much time and
+    memory for the default run (bench/RESULTS.md, "Time")."""
     return [ANCHOR, "torch-foreach", COMPILED[device_type]]
-
-
-# Providers whose rounds take several times the anchor's: they get fewer rounds.
-SLOW = ("torch-forloop", "torch-foreach", "fused_adam-torch")
-
-
-def backend_names(optimizer):
-    """The backend names ("numba", "triton", "torch") a FusedAdam steps with, whichever way
-    `optimizer.backends` spells them (backend names, or the kernel module names it used to)."""
-    return {_MODULE_TO_BACKEND.get(name, name) for name in optimizer.backends.values()}
 
 
 def default_providers(device_type):
@@ -141,7 +114,7 @@ def make_optimizer(name, params, **options):
         backend = name.split("-", 1)[1]
         optimizer = fused_adam.FusedAdam(params, lr=LR, backend=backend, **options)
         # Never benchmark one backend under another's name.
-        got = backend_names(optimizer)
+        got = set(optimizer.backends.values())
         if got != {backend}:
             raise RuntimeError(f"{name}: asked for backend {backend!r}, got {sorted(got)}")
         return optimizer
@@ -152,7 +125,7 @@ def cheap_loss(params):
     """A loss over every parameter whose backward hands each parameter a fresh gradient tensor
     (all ones), exactly as a training loop's backward does, for the least work: its forward
     reads each parameter once and its backward writes each gradient once (8 B per fp32
-    parameter; `(p * p).sum()` moved about 24 and made GPT-2's rounds 3x dearer than its step)."""
+    parameter)."""
     return sum(p.sum() for p in params)
 
 
@@ -172,13 +145,7 @@ class Provider:
         self.optimizer.step()
 
     def clip(self, max_norm=MAX_NORM):
-        """What a training loop calls before `step()` to clip: torch's
-        `clip_grad_norm_(params, max_norm, foreach=True)` (a norm over every gradient, then every
-        gradient scaled in place) for torch's optimizers, `FusedAdam.clip_grad_norm(max_norm)`
-        (the norm alone; the step's kernel scales) for ours. Returns the total norm (a tensor)."""
-        if hasattr(self.optimizer, "clip_grad_norm"):  # fused_adam's
-            return self.optimizer.clip_grad_norm(max_norm)
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        return clip_grad_norm(self.optimizer, self.params, max_norm)
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -189,6 +156,16 @@ class Provider:
         for state in self.optimizer.state.values():
             out += [v for k, v in state.items() if k != "step" and torch.is_tensor(v)]
         return out
+
+
+def clip_grad_norm(optimizer, params, max_norm):
+    """What a training loop calls before `step()` to clip: `FusedAdam.clip_grad_norm(max_norm)`
+    (the norm alone; the step's kernel scales) for ours, torch's `clip_grad_norm_(params,
+    max_norm, foreach=True)` (a norm over every gradient, then every gradient scaled in place)
+    for every other optimizer. Returns the total norm (a tensor)."""
+    if hasattr(optimizer, "clip_grad_norm"):  # fused_adam's
+        return optimizer.clip_grad_norm(max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def footprint(name, clip=False):
@@ -217,25 +194,8 @@ def footprint(name, clip=False):
     return Footprint(resident, transient, per_largest)
 
 
-def iteration_seconds(name, config, device_type):
-    """A rough a-priori guess of one iteration's seconds (see _COST), for planning only."""
-    provider = parse(name)[0]
-    per_param, per_tensor = _COST.get(provider, _COST["torch-foreach"])
-    if provider == "fused_adam-triton" and device_type == "cpu":
-        per_param, per_tensor = _INTERPRETED_TRITON_COST
-    elif device_type == "cuda":
-        per_param, per_tensor = per_param / 20, per_tensor / 4
-    return config.n_params * per_param * 1e-9 + config.n_tensors * per_tensor * 1e-6
-
-
-def is_slow(name, device_type):
-    provider = parse(name)[0]
-    return provider in SLOW or (provider == "fused_adam-triton" and device_type == "cpu")
-
-
 def build(name, config, device, seed=0):
     provider, dtype, options, bytes_per_param = parse(name)
     params = make_params(config.shapes, device, seed, dtype)
-    optimizer = make_optimizer(provider, params, **options)
-    n = sum(prod(shape) for shape in config.shapes)
-    return Provider(name, params, optimizer, bytes_per_param * n)
+    return Provider(name, params, make_optimizer(provider, params, **options),
+                    bytes_per_param * config.n_params)

@@ -1,14 +1,10 @@
-"""The roofline of an Adam step, measured in the same run as the optimizers: kernels that move
-exactly Adam's bytes (read param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq:
-28 B per fp32 element) and do no math, plus a plain `copy_` (8 B per element) for reference.
-
-On CPU the no-math kernel is Numba, built like fused_adam's own kernel (parallel chunks, a
-contiguous inner loop LLVM vectorizes) so that the two differ only in the arithmetic; its arrays
-come from numpy, which asks Linux for transparent huge pages on large arrays (torch's allocator
-does not), and the report says how much of them huge pages back. On CUDA it is a Triton kernel
-(`bench/_triton_roofline.py`, imported only there).
-
-These are timed inside the providers' round robin, so they see the same cache and clock state.
+"""The roofline of an Adam step, timed in the providers' round robin (the same cache and clock
+state): a kernel that moves exactly Adam's bytes (read param, grad, exp_avg, exp_avg_sq; write
+param, exp_avg, exp_avg_sq: 28 B per fp32 element) and does no math, and a plain `copy_` (8 B
+per element) for reference. On CPU the kernel is Numba, built like fused_adam's own (parallel
+chunks, a contiguous inner loop LLVM vectorizes) so that the two differ only in the arithmetic,
+over numpy arrays (huge pages, as the arena's); on CUDA it is Triton (`bench/_triton_roofline.py`,
+imported only there).
 """
 import importlib
 
@@ -69,9 +65,8 @@ def _filled(n, values, device):
 
 
 class _PseudoProvider:
-    """What the timing loop drives, for a subject with no parameters: no backward, no
-    gradients to free, only `step()` (a subclass may give itself a stand-in backward), over
-    buffers of `n` fp32 elements filled with `values`, moving `bytes_per_element` each."""
+    """A subject with no parameters, over buffers of `n` fp32 elements filled with `values`:
+    only `step()` (a subclass may give itself a stand-in backward)."""
 
     def __init__(self, n, device, bytes_per_element, values):
         self.n = n

@@ -1,8 +1,8 @@
 """What machine and software a result came from, made in one place: `run_metadata()` (the fields
 every result row carries: device, hardware sentence, versions, git sha, time, load), the results
 folder a run writes to (`new_results_dir()`: device, date, time and sha in its name, never an
-existing folder), and how much of a set of tensors transparent huge pages back (on CPU the same
-step runs 15-25% faster with them, so a result should say).
+existing folder), and how much of a set of tensors transparent huge pages back (the page size
+changes a CPU step's speed: bench/RESULTS.md, "Huge pages").
 
 Everything here degrades to "unknown" rather than failing: the GPU machine runs a copy of the
 working tree that may have no .git, and not every kernel exposes /proc/self/smaps.
@@ -22,13 +22,9 @@ RESULTS_ROOT = REPO_ROOT / "bench" / "results"
 
 
 def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    match = re.search(r"^model name\s*:(.*)$", _read("/proc/cpuinfo") or "", re.MULTILINE)
+    return (match.group(1).strip() if match
+            else platform.processor() or platform.machine() or "unknown CPU")
 
 
 def device_name(device):
@@ -68,6 +64,13 @@ def _read(path):
         return None
 
 
+def proc_bytes(path, field):
+    """`field` of a /proc file that counts in kB (`MemTotal`, `VmRSS`), in bytes; None if
+    unreadable."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", _read(path) or "", re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
 def thp_mode():
     """The kernel's transparent-huge-page policy, e.g. `madvise` (the bracketed choice)."""
     text = _read("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -87,8 +90,9 @@ def hardware_sentence(device):
         numba_threads = numba.get_num_threads()
     except Exception:
         numba_threads = "?"
+    memory = (proc_bytes("/proc/meminfo", "MemTotal") or float("nan")) / 2**30
     return (f"{cpu_model()} CPU, {os.cpu_count()} logical cores (torch uses {threads} threads, "
-            f"numba {numba_threads}), {_memory_gib():.0f} GiB RAM, transparent huge pages: "
+            f"numba {numba_threads}), {memory:.0f} GiB RAM, transparent huge pages: "
             f"{thp_mode()}.")
 
 
@@ -103,13 +107,12 @@ def load_average():
 def run_metadata(device, command, *, quick=False, **settings):
     """The fields every result row of a run carries (see `bench.results`), made once per run:
     where it ran, on what software, at which commit, when, and how loaded the machine was."""
-    versions_ = versions()
     return {
         "command": command,
         "device": device.type,
         "device_name": device_name(device),
         "hardware": hardware_sentence(device),
-        **versions_,
+        **versions(),
         "git_sha": git_sha(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
@@ -117,12 +120,6 @@ def run_metadata(device, command, *, quick=False, **settings):
         "quick": bool(quick),
         "settings": settings,
     }
-
-
-def _memory_gib():
-    text = _read("/proc/meminfo") or ""
-    match = re.search(r"MemTotal:\s+(\d+) kB", text)
-    return int(match.group(1)) / 2**20 if match else float("nan")
 
 
 def versions():

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bench import configs, providers, roofline
+from bench.timing import sync
 
 pytest.importorskip("pytest_benchmark")
 
@@ -25,11 +26,6 @@ QUICK = os.environ.get("FUSED_ADAM_BENCH_FULL") != "1"
 CONFIGS = configs.get_configs(quick=QUICK, device_type=DEVICE.type)
 PROVIDERS = providers.default_providers(DEVICE.type) + ["roofline (no-math)"]
 ROUNDS, WARMUP_ROUNDS = (10, 2) if QUICK else (30, 5)
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
 
 
 def _group(config, prefix=""):
@@ -42,7 +38,7 @@ def _fresh_gradients(subject):
     def setup():
         subject.zero_grad()
         subject.forward_backward()
-        _sync()
+        sync(DEVICE)
     return setup
 
 
@@ -63,7 +59,7 @@ def test_step(benchmark, config, provider):
 
     def step():
         subject.step()
-        _sync()
+        sync(DEVICE)
 
     benchmark.pedantic(step, setup=_fresh_gradients(subject), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
                        iterations=1)
@@ -86,7 +82,7 @@ def test_clip_step(benchmark, config, provider):
     def clip_step():
         norms.append(subject.clip(providers.MAX_NORM))
         subject.step()
-        _sync()
+        sync(DEVICE)
 
     benchmark.pedantic(clip_step, setup=_fresh_gradients(subject), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,
                        iterations=1)

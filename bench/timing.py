@@ -1,21 +1,15 @@
-"""The one timing harness of bench/: `interleave()` runs subjects round-robin and collects what
-each round of each subject measured. Every command (step, breakdown, grad-layout, train) times
-through it.
-
-Interleaving: each round runs every subject once, in an order that rotates every round, so that
-each round's cache, clock and neighbour noise falls on all of them alike and no subject always
-follows the same one. A ratio between two subjects is only quoted from rounds they shared.
-
-A subject is anything with a `name` and a `measure(round_index)` that runs one round of it and
-returns {metric: value} (seconds for times; `train` also returns its loss). Helpers below time a
-callable with the device synchronized on both sides; a training-shaped iteration
-(`iteration()`) times `step()` alone (or a gradient clip and the step, `clip=`) and the whole
-forward + backward + step + zero_grad.
-
-On CUDA a step's time comes from CUDA events recorded after a synchronize, so it includes the
-host's launch cost (which is what fusion removes) but not the backward still in flight.
+"""The one timing harness of bench/: `interleave()` runs subjects round-robin, each round in an
+order that rotates, so that a round's cache, clock and neighbour noise falls on all of them
+alike and no subject always follows the same one (a ratio between two subjects is only quoted
+from rounds they shared). A `Subject` is a name and a `measure(round_index)` that runs one round
+and returns {metric: value}. `timed()` times a callable with the device synchronized on both
+sides; `iteration()` times a step-benchmark subject's `step()` (or clip and step) inside its
+whole iteration. On CUDA a step's time comes from CUDA events recorded after a synchronize, so
+it includes the host's launch cost (which is what fusion removes) but not the backward still in
+flight.
 """
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -75,11 +69,7 @@ def iteration(subject, device, clip=None):
     return {"clip_step": step_s, "clip_iter": total_s, "grad_norm": float(norm)}
 
 
-class Subject:
-    """A name and a `measure(round_index) -> {metric: value}`, for `interleave()`."""
-
-    def __init__(self, name, measure):
-        self.name, self.measure = name, measure
+Subject = namedtuple("Subject", "name measure")  # measure(round_index) -> {metric: value}
 
 
 def interleave(subjects, *, warmup, iters, first_round=0, on_round=None):
@@ -87,10 +77,9 @@ def interleave(subjects, *, warmup, iters, first_round=0, on_round=None):
 
     Returns {subject name: {metric: [value per timed round]}}. `first_round` continues the
     rotation of an earlier call (a caller that decides `iters` after timing the warm-up calls
-    this twice); `on_round(round_index, seconds)` is called after each round (progress)."""
+    this twice); `on_round(round_index)` is called after each round (progress)."""
     samples = {s.name: {} for s in subjects}
     for round_index in range(first_round, first_round + warmup + iters):
-        start = time.perf_counter()
         shift = round_index % len(subjects)
         for subject in subjects[shift:] + subjects[:shift]:
             values = subject.measure(round_index)
@@ -98,7 +87,7 @@ def interleave(subjects, *, warmup, iters, first_round=0, on_round=None):
                 for metric, value in values.items():
                     samples[subject.name].setdefault(metric, []).append(value)
         if on_round is not None:
-            on_round(round_index, time.perf_counter() - start)
+            on_round(round_index)
     return samples
 
 

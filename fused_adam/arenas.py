@@ -1,5 +1,5 @@
-"""The optimizer's arenas, one per (device, real dtype), each with the gradient reader and the
-kernel launcher of its backend: built from `param_groups`, and rebuilt when those change.
+"""The optimizer's arenas, one per (device, real dtype), each with its state entries, its
+gradient reader and its backend: built from `param_groups`, and rebuilt when those change.
 
 Checking that nothing changed costs one identity test per parameter a step; a rebuild (a group
 added, a parameter appended to or removed from a group's list) packs every parameter again and
@@ -8,9 +8,10 @@ leaves the state to the optimizer, which imports it into the new arenas.
 import operator
 from collections import defaultdict
 
-from fused_adam import dispatch
-from fused_adam.flat import Arena, real_dtype
+from fused_adam import aliasing, dispatch
+from fused_adam.arena import Arena, real_dtype
 from fused_adam.grads import GradientReader
+from fused_adam.state_entries import StateEntries
 
 
 def members_of(param_groups):
@@ -25,12 +26,13 @@ def members_of(param_groups):
 
 
 class Arenas:
-    """{(device, real dtype): Arena}, with a reader and a launcher per arena."""
+    """{(device, real dtype): Arena}, with state entries, a gradient reader and a backend (the
+    module of kernels that steps it) per arena."""
 
     def __init__(self, *, backend, state_dtype, master_weights):
-        self._backend, self._state_dtype = backend, state_dtype
+        self._requested_backend, self._state_dtype = backend, state_dtype
         self._master_weights = master_weights
-        self._arenas, self._readers, self._launchers = {}, {}, {}
+        self._arenas, self._entries, self._readers, self._backends = {}, {}, {}, {}
         # What the arenas were built from: [(group, list of its params)], None before the first.
         self._built_from = None
         self._copies_before = 0  # gradient copies counted by the readers of earlier layouts
@@ -44,16 +46,23 @@ class Arenas:
     def values(self):
         return self._arenas.values()
 
+    def entries_of(self, key):
+        """Arena `key`'s `StateEntries`."""
+        return self._entries[key]
+
+    def all_entries(self):
+        return self._entries.values()
+
     def reader(self, key):
         return self._readers[key]
 
-    def launcher(self, key):
-        """The backend module stepping arena `key` (its `adam_step`, `grad_power_sum`)."""
-        return self._launchers[key][1]
+    def backend(self, key):
+        """The backend stepping arena `key`: its module (`adam_step`, `grad_power_sum`)."""
+        return self._backends[key][1]
 
     @property
-    def backends(self):
-        return {key: name for key, (name, _) in self._launchers.items()}
+    def backend_names(self):
+        return {key: name for key, (name, _) in self._backends.items()}
 
     @property
     def grad_copies(self):
@@ -71,28 +80,53 @@ class Arenas:
                 return False
         return True
 
+    def check_no_shared_memory(self, param_groups):
+        """ValueError, naming both, for two params of `param_groups` that share memory, or one
+        that shares the memory a param had before an arena took it (`b = nn.Parameter(a.data)`
+        made before the optimizer, added after)."""
+        listed = aliasing.labelled_params(param_groups)
+        label_of = {id(p): label for label, p in listed}
+        former = [(label_of[id(p)], tensor) for arena in self._arenas.values()
+                  for p, tensor in arena.former_memory.items() if id(p) in label_of]
+        aliasing.check_no_shared_memory(listed, former)
+
     def follow(self, param_groups):
-        """Make the arenas match `param_groups`: None if they already did (new group dicts
-        over the same params included), else the arenas they replace (whose params that are
-        no longer in any group the caller releases)."""
+        """Make the arenas match `param_groups`, after refusing a parameter listed twice or two
+        that share memory: None if they already did (new group dicts over the same params
+        included), else the params that left every group, given memory of their own."""
+        aliasing.check_listed_once(aliasing.labelled_params(param_groups))
+        self.check_no_shared_memory(param_groups)
         members = members_of(param_groups)
         if self._built_from is not None and members == {
                 key: arena.members for key, arena in self._arenas.items()}:
             self._built_from = [(group, list(group["params"])) for group in param_groups]
             return None
-        arenas, readers, launchers = {}, {}, {}
+        arenas, entries, readers, backends = {}, {}, {}, {}
         for key, arena_members in members.items():
-            name = dispatch.backend_name(self._backend, *key)
-            kernels = dispatch.kernel_module(name)
-            launchers[key] = (name, kernels)
+            name = dispatch.backend_name(self._requested_backend, *key)
+            backend = dispatch.load_backend(name)
+            backends[key] = (name, backend)
             if key in self._arenas:
                 self._arenas[key].forget_views()
             arenas[key] = Arena(*key, arena_members, state_dtype=self._state_dtype,
                                 master_weights=self._master_weights)
-            readers[key] = GradientReader(arenas[key], form=kernels.GRADS,
-                                          alignment=kernels.GRAD_ADDRESS_ALIGNMENT)
+            entries[key] = StateEntries(arenas[key])
+            readers[key] = GradientReader(arenas[key], form=backend.GRADS,
+                                          alignment=backend.GRAD_ADDRESS_ALIGNMENT)
         replaced = self._arenas
         self._copies_before = self.grad_copies
-        self._arenas, self._readers, self._launchers = arenas, readers, launchers
+        self._arenas, self._entries = arenas, entries
+        self._readers, self._backends = readers, backends
         self._built_from = [(group, list(group["params"])) for group in param_groups]
-        return replaced
+        kept = self.params()
+        removed = []
+        for arena in replaced.values():
+            for index, p in enumerate(arena.params_in_order):
+                if p not in kept:
+                    arena.release(index)
+                    removed.append(p)
+        return removed
+
+    def params(self):
+        """The set of every arena's params."""
+        return {p for arena in self._arenas.values() for p in arena.params_in_order}

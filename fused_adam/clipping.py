@@ -16,7 +16,10 @@ import operator
 import torch
 
 from fused_adam import distributed
+from fused_adam.arena import table_device
+from fused_adam.clock import NO_CLOCK
 from fused_adam.kernels.contract import supported_norm_type
+from fused_adam.torch_internals import version_of
 
 # torch's wording (torch/nn/utils/clip_grad.py), so that code matching on it keeps working.
 NONFINITE_NORM = ("The total norm of order {norm_type} for gradients from `parameters` is "
@@ -58,6 +61,33 @@ def total_norm(power_sums, norm_type, *, dtype, device, process_groups=()):
     return norm.to(dtype)
 
 
+def fused_clip(arenas, pending, max_norm, norm_type, error_if_nonfinite, *, process_group,
+               torch_grads):
+    """`FusedAdam.clip_grad_norm` once `arenas` (the optimizer's `Arenas`) follow its groups
+    and state: the total norm (torch's `clip_grad_norm_` result) of every gradient, read once,
+    and the factor armed in `pending` (a `PendingClip`) for the next step's kernel."""
+    # A factor whose gradients are gone (a step skipped, then a zero_grad that never reached
+    # the optimizer: ZeRO's, the model's) applies to nothing; those it still applies to are
+    # scaled now, as torch's clip left them. One edited since is measured as it stands.
+    pending.resolve(arenas, refuse_edited=False)
+    readings = []
+    for key, arena in arenas.items():
+        arena.adopt_moved_params()
+        readings.append((key, arena, arenas.reader(key).read(NO_CLOCK)))
+    norm = gradient_norm([(arena, read, arenas.backend(key)) for key, arena, read in readings],
+                         norm_type, process_group=process_group, torch_grads=torch_grads)
+    if pending.armed:  # clipped twice: the gradients count as scaled once
+        norm = (norm.double() * pending.factor(norm.device)).to(norm.dtype)
+    coefficient = clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type)
+    pending.set(coefficient,
+                {table_device(arena.device) for _, arena, _ in readings} | {norm.device})
+    pending.watch({key: (arena, read) for key, arena, read in readings},
+                  grad_of=(distributed.local_grad_of
+                           if any(arena.is_distributed for _, arena, _ in readings)
+                           else operator.attrgetter("grad")))
+    return norm
+
+
 def gradient_norm(readings, norm_type, *, process_group=None, torch_grads):
     """torch's `clip_grad_norm_` total norm of the gradients `readings` found, [(arena, its
     Gradients, its backend module)]: each backend's `grad_power_sum` per arena, combined over
@@ -65,7 +95,7 @@ def gradient_norm(readings, norm_type, *, process_group=None, torch_grads):
     where the caller knows the parameters are a share), in the dtype torch would return.
     Norm types no kernel reduces (p <= 0; p != 2 over complex params) take torch's own norm of
     `torch_grads()`."""
-    with_grads = [(arena, read, kernels) for arena, read, kernels in readings
+    with_grads = [(arena, read, backend) for arena, read, backend in readings
                   if read.has_grad.any()]
     process_groups = shard_groups(p for arena, _, _ in with_grads if arena.is_distributed
                                   for p in arena.params_in_order)
@@ -80,8 +110,8 @@ def gradient_norm(readings, norm_type, *, process_group=None, torch_grads):
         else:  # no parameter here (an empty ZeRO partition): this rank still reduces
             device = distributed.collective_device(process_groups[0])
         return total_norm(
-            [kernels.grad_power_sum(arena.record, grads=read.for_backend, norm_type=norm_type)
-             for arena, read, kernels in with_grads],
+            [backend.grad_power_sum(arena.record, grads=read.for_backend, norm_type=norm_type)
+             for arena, read, backend in with_grads],
             norm_type, process_groups=process_groups, device=device,
             dtype=norm_dtype([arena.dtype for arena, _, _ in with_grads] or [torch.float32]))
     if process_groups:
@@ -126,9 +156,6 @@ def shard_groups(params):
     return found or ()
 
 
-_version_of = operator.attrgetter("_version")
-
-
 class PendingClip:
     """The factor `clip_grad_norm` leaves for the next step: one float64 scalar per device,
     kept in buffers of its own (a step captured in a CUDA graph reads the same memory at every
@@ -139,8 +166,8 @@ class PendingClip:
     arenas that read them, and before a step (or a second clip) `resolve` sorts what it finds:
     - all of them still there, unmodified, and no other gradient in arenas built since (the
       ordinary loop, one identity, version and address check per parameter): the factor stays
-      for the kernel, and the step takes the clip's reading of the gradients (`reading`: on
-      800 small tensors, a third of the step saved);
+      for the kernel, and the step takes the clip's reading of the gradients (`reading`: the
+      step visits and checks no gradient again);
     - a gradient replaced (a new tensor, or `.data` reassigned), set to None, or new since the
       clip (a parameter without one then, a param group added): it holds values the clip never
       saw, which torch would step unclipped. The gradients still as measured are scaled in
@@ -183,7 +210,7 @@ class PendingClip:
         self._params = [p for arena, _ in readings.values() for p in arena.params_in_order]
         self._grads = [grad for _, read in readings.values() for grad in read.visited]
         present = [grad for grad in self._grads if grad is not None]
-        self._versions = list(map(_version_of, present))
+        self._versions = list(map(version_of, present))
         self._addresses = list(map(torch.Tensor.data_ptr, present))
         self._readings = dict(readings)
 
@@ -194,7 +221,7 @@ class PendingClip:
         if not all(map(operator.is_, grads, self._grads)):  # a gradient replaced, set or gone
             return False
         present = [grad for grad in grads if grad is not None]
-        return (list(map(_version_of, present)) == self._versions
+        return (list(map(version_of, present)) == self._versions
                 and list(map(torch.Tensor.data_ptr, present)) == self._addresses)
 
     def resolve(self, arenas, *, refuse_edited):
@@ -213,7 +240,7 @@ class PendingClip:
             version, address = next(measured)
             if now is not then or now.data_ptr() != address:
                 continue  # replaced, gone, or its memory reassigned: new values, unclipped
-            if now._version != version:
+            if version_of(now) != version:
                 edited = True
             else:
                 as_measured.append(now)

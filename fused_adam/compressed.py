@@ -18,9 +18,9 @@ import copy
 import torch
 
 from fused_adam.distributed import DTensor, is_dtensor, local_shard
-from fused_adam.flat import ABSMAX_KEYS, MAX_KEY, MOMENT_KEYS
+from fused_adam.arena import ABSMAX_KEYS, MAX_KEY, MOMENT_KEYS
 from fused_adam.kernels.contract import QUANT_BLOCK
-from fused_adam.kernels import reference
+from fused_adam.kernels import codecs
 
 # What torch.optim.Adam keeps per parameter, and all it loads (it would carry anything else).
 _TORCH_KEYS = ("step", *MOMENT_KEYS, MAX_KEY)
@@ -89,7 +89,7 @@ def _decoded(codes, absmax, *, signed):
     local_absmax = local_shard(absmax).detach().reshape(-1)
     if is_dtensor(codes):
         local_absmax = local_absmax[:-(-local_codes.numel() // QUANT_BLOCK)]
-    values = reference.decode(local_codes.reshape(-1), local_absmax, signed=signed)
+    values = codecs.decode(local_codes.reshape(-1), local_absmax, signed=signed)
     values = values.view(local_codes.shape)
     if not is_dtensor(codes):
         return values

@@ -57,7 +57,7 @@ def backend_name(requested, device, dtype):
     return name
 
 
-def kernel_module(name):
+def load_backend(name):
     """The module of backend `name`: its `adam_step` launcher and what it needs of gradients
     (`GRADS`, `GRAD_ADDRESS_ALIGNMENT`), imported on first use: numba and triton are slow to
     import, triton optional."""

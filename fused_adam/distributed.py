@@ -2,17 +2,19 @@
 
 DTensor parameters (FSDP2's `fully_shard`, tensor parallelism) are packed by their local shard;
 FSDP2's own padded copy of each shard (its all-gather input) is found and re-pointed at the same
-segment; memory that another owner (a ZeRO bucket) also holds is recognised so that updates can
-be written back to it.
+segment.
 
-Three of these touch torch internals that are not public API (FSDP2's module-state registry,
-`FSDPParam._sharded_param_data`, `DTensor._local_tensor`, `torch._C._storage_Use_Count`);
+The torch internals this needs that are not public API (FSDP2's module-state registry and padded
+shard, a DTensor's local tensor) are read and written through `fused_adam.torch_internals`;
 where they are missing the callers refuse DTensor parameters with a clear error rather than
 risk stale values.
 """
-from collections import Counter
-
 import torch
+
+from fused_adam.torch_internals import (
+    fsdp_padded_shard, live_fsdp_params, local_tensor, set_fsdp_padded_shard, set_local_tensor,
+    shard_shape_at_origin,
+)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -26,12 +28,12 @@ def is_dtensor(tensor):
 
 def local_shard(tensor):
     """A DTensor's local shard (what this rank stores and steps); any other tensor as it is."""
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+    return local_tensor(tensor) if isinstance(tensor, DTensor) else tensor
 
 
 def local_grad_of(p):
     grad = p.grad
-    return grad._local_tensor if isinstance(grad, DTensor) else grad
+    return local_tensor(grad) if isinstance(grad, DTensor) else grad
 
 
 def shard_groups(p):
@@ -80,26 +82,6 @@ def same_start(a, b):
             and a.storage_offset() * a.element_size() == b.storage_offset() * b.element_size())
 
 
-storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def held_by_others(tensors):
-    """For each of `tensors`, whether something other than `tensors` also holds its storage
-    (a ZeRO bucket, a module's own Parameter over the same memory, a user's reference): memory
-    a torch optimizer would have updated in place, so its owner reads it after a step.
-    Without torch's storage use count (older torch) nobody is assumed to."""
-    if storage_use_count is None:
-        return [False] * len(tensors)
-    storages = [t.untyped_storage() for t in tensors]
-    tensors_over = Counter(storage._cdata for storage in storages)
-    # The storage objects made here hold a reference each (one per distinct object: torch
-    # hands out one Python object per storage while one is alive).
-    objects_over = Counter(storage._cdata for storage in {id(s): s for s in storages}.values())
-    return [storage_use_count(storage._cdata)
-            > tensors_over[storage._cdata] + objects_over[storage._cdata]
-            for storage in storages]
-
-
 def _fsdp_params_by_id():
     """{id(sharded parameter): FSDPParam} over every live FSDP2 (`fully_shard`) module, or None
     where this torch's FSDP2 internals are not the ones read here.
@@ -108,24 +90,10 @@ def _fsdp_params_by_id():
     buffer padded to the largest rank's shard, `FSDPParam._sharded_param_data`, which its
     all-gather reads. The local tensor is a view of that buffer; the arena must re-point both,
     or the next forward would gather the values from before the step."""
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-    except ImportError:
+    fsdp_params = live_fsdp_params()
+    if fsdp_params is None:
         return None
-    found = {}
-    for state_ref in list(_module_state_mapping.values()):
-        state = state_ref()
-        if not isinstance(state, FSDPState):
-            continue
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:  # older torch: one group per module
-            group = getattr(state, "_fsdp_param_group", None)
-            groups = [] if group is None else [group]
-        for group in groups:
-            for fsdp_param in group.fsdp_params:
-                found[id(fsdp_param.sharded_param)] = fsdp_param
-    return found
+    return {id(fsdp_param.sharded_param): fsdp_param for fsdp_param in fsdp_params}
 
 
 def fsdp_params_of(params):
@@ -149,7 +117,7 @@ def fsdp_params_of(params):
                 f"{type(local).__name__}; only plain local shards can be packed")
         if fsdp_param is not None and (
                 getattr(fsdp_param, "offload_to_cpu", False)
-                or not same_start(fsdp_param._sharded_param_data, local)):
+                or not same_start(fsdp_padded_shard(fsdp_param), local)):
             # CPU offload and all-gather extensions keep the shard elsewhere; packing only
             # the local tensor would leave FSDP gathering stale values.
             raise NotImplementedError(
@@ -160,7 +128,7 @@ def fsdp_params_of(params):
 
 def padded_shard_length(fsdp_param, length):
     """Elements a segment reserves for a parameter: FSDP2's padded shard, or its own length."""
-    return length if fsdp_param is None else max(length, fsdp_param._sharded_param_data.numel())
+    return length if fsdp_param is None else max(length, fsdp_padded_shard(fsdp_param).numel())
 
 
 def largest_shard_length(p, fsdp_param, length):
@@ -172,15 +140,7 @@ def largest_shard_length(p, fsdp_param, length):
         return length
     if fsdp_param is not None:
         return padded_shard_length(fsdp_param, length)
-    try:
-        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-    except ImportError:
-        raise NotImplementedError(
-            "FusedAdam: 8-bit moments of a DTensor parameter that FSDP2 does not manage need "
-            "torch.distributed.tensor._utils._compute_local_shape_and_global_offset, which "
-            "this torch version lacks") from None
-    shape, _ = _compute_local_shape_and_global_offset(
-        p.shape, p.device_mesh.shape, [0] * p.device_mesh.ndim, p.placements, skip_offset=True)
+    shape = shard_shape_at_origin(p)
     numel = 1
     for size in shape:
         numel *= size
@@ -191,9 +151,9 @@ def point_param_at(p, local, fsdp_param=None, padded=None):
     """Make parameter `p` (its local shard, for a DTensor) the arena tensor `local`; FSDP2's
     padded shard becomes `padded`, the 1-D arena tensor `local` is a prefix of."""
     if isinstance(p, DTensor):
-        p._local_tensor = local
+        set_local_tensor(p, local)
         if fsdp_param is not None:
-            fsdp_param._sharded_param_data = padded
+            set_fsdp_padded_shard(fsdp_param, padded)
     else:
         p.data = local
 

@@ -1,12 +1,13 @@
 """Each step's gradients, found where they live and handed to a backend as it reads them.
 
-Gradients are not packed into the arena (measured: arena gradient views made GPT-2-small's
-backward 30-40% dearer, since autograd then adds into an existing gradient instead of handing
-over a fresh one, and zeroing is a pass of its own). So each step visits every parameter, checks
-its gradient is one the kernel may read (dtype, size and device of the parameter: a kernel that
-reads by address must never read past a gradient's end), and collects its address. A gradient
-that cannot be read in place (not contiguous, or misaligned for the backend's vector loads) is
-copied once and counted; the ordinary loop copies none.
+Gradients are not packed into the arena: with arena gradient views autograd adds into an
+existing gradient instead of handing over a fresh one, and zeroing is a pass of its own, which
+costs the backward more than the step saves (bench/RESULTS.md, "Where gradients should live").
+So each step visits every parameter, checks its gradient is one the kernel may read (dtype,
+size and device of the parameter: a kernel that reads by address must never read past a
+gradient's end), and collects its address. A gradient that cannot be read in place (not
+contiguous, or misaligned for the backend's vector loads) is copied once and counted; the
+ordinary loop copies none.
 """
 import itertools
 import operator
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fused_adam.arena import flat_real
 from fused_adam.device_tables import AddressTable
 from fused_adam.distributed import local_grad_of, local_shard
 
@@ -74,7 +76,7 @@ class GradientReader:
             if self._form == "tensors":
                 copies = []
                 readable = [None if g is None
-                            else _flat_real(self._readable_in_place(i, g, copies))
+                            else flat_real(self._readable_in_place(i, g, copies))
                             for i, g in enumerate(grads)]
                 return Gradients(readable, has_grad, copies, grads)
             return self._addresses_of(grads, present, has_grad)
@@ -86,9 +88,9 @@ class GradientReader:
         if len(present) != len(self._params):
             expected_dtypes = list(itertools.compress(self._dtypes, has_grad))
             expected_shapes = list(itertools.compress(self._shapes, has_grad))
-        # Each pass over 800 gradients costs 50-250 us on the development machine: an
-        # identity test per dtype (no list), one Size compare per shape, and the device only
-        # where a gradient could be elsewhere than host memory (see `_host_only`).
+        # Per gradient, the least a check can cost in Python (it runs every step): an identity
+        # test per dtype (no list), one Size compare per shape, and the device only where a
+        # gradient could be elsewhere than host memory (see `_host_only`).
         ok = (all(map(operator.is_, map(_dtype_of, present), expected_dtypes))
               and list(map(_shape_of, present)) == expected_shapes)
         if ok and not self._host_only:
@@ -158,9 +160,3 @@ def _refuse_sparse(grad, what):
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(f"FusedAdam does not support sparse gradients ({what}), please "
                            "consider SparseAdam instead")
-
-
-def _flat_real(grad):
-    if grad.is_complex():
-        grad = torch.view_as_real(grad)
-    return grad.reshape(-1)

@@ -12,6 +12,9 @@ from fused_adam.kernels.contract import GROUP_COLUMNS, LR
 
 # Stands in the row for a learning rate that lives on a GPU (see `GroupTables.table`).
 _LR_ON_DEVICE = -1.0
+# Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
+# state_dict with its meaning intact (decoupled_weight_decay above all).
+TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
 
 
 def validate_hyperparameters(lr, betas, eps, weight_decay):
@@ -71,6 +74,17 @@ def normalized_group(param_group, defaults, param_groups):
                          f"cannot add param group {with_names} to the optimizer")
     validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     return group
+
+
+def fill_group_defaults(param_groups, decoupled_weight_decay):
+    """Keys a checkpoint of an older torch (or ours) may lack, with torch's defaults."""
+    for group in param_groups:
+        group.setdefault("amsgrad", False)
+        group.setdefault("maximize", False)
+        group.setdefault("decoupled_weight_decay", decoupled_weight_decay)
+        group.setdefault("capturable", False)
+        for key, value in TORCH_GROUP_DEFAULTS.items():
+            group.setdefault(key, value)
 
 
 def _lr_on_device(group):

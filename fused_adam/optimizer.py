@@ -9,35 +9,79 @@ state, so `state_dict()` loads into `torch.optim.Adam` and back.
 
 `param_groups` and `state` stay what they are in torch, containers users and libraries edit: a
 step first follows them (`_follow_groups`, `_follow_state`), at the cost of one identity check
-per parameter when nothing changed.
+per parameter when nothing changed. What lies beyond torch's Optimizer surface and the step's
+phases is elsewhere: the arenas and their state entries (`arena`, `state_entries`), the clip
+(`clipping`), checkpoint loading (`checkpoint`).
 """
 import itertools
-import operator
 import warnings
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from fused_adam import aliasing, dispatch
+from fused_adam import aliasing, checkpoint, dispatch
+from fused_adam.arena import check_steppable, real_dtype, table_device
 from fused_adam.arenas import Arenas
-from fused_adam.clipping import PendingClip, clip_coefficient, gradient_norm
+from fused_adam.clipping import PendingClip, fused_clip
 from fused_adam.clock import NO_CLOCK
-from fused_adam.distributed import local_grad_of
-from fused_adam.kernels.contract import COMPACT_MASTERS, QUANTIZED_STATE_DTYPE
-from fused_adam.flat import MASTER_KEY, MAX_KEY, check_steppable, real_dtype, table_device
 from fused_adam.groups import (
-    GroupTables,
-    group_row,
-    normalized_group,
+    TORCH_GROUP_DEFAULTS, GroupTables, fill_group_defaults, group_row, normalized_group,
     validate_hyperparameters,
 )
-from fused_adam.state import TrackedState, plain
+from fused_adam.kernels.contract import COMPACT_MASTERS, QUANTIZED_STATE_DTYPE
+from fused_adam.state_entries import follow_edits
+from fused_adam.torch_internals import bump_versions
+from fused_adam.tracked_state import TrackedState, plain
 
-# Group keys torch.optim.Adam keeps; carrying them all lets either optimizer load the other's
-# state_dict with its meaning intact (decoupled_weight_decay above all).
-_TORCH_GROUP_DEFAULTS = dict(foreach=None, differentiable=False, fused=None)
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, QUANTIZED_STATE_DTYPE)
+_DEFAULT_SETTINGS = dict(backend=None, master_weights=False, state_dtype=None)
+
+# The options, one entry each (Google style), shared by both classes' docstrings as torch shares
+# its argument docs between Adam and AdamW (`_document_arguments`, at the end of this file).
+_ARGUMENTS = dict(
+    params="""params (iterable): tensors to optimize, (name, tensor) pairs, or dicts defining
+    param groups (`params` and any of lr, betas, eps, weight_decay, amsgrad, maximize), as
+    torch's.""",
+    lr="""lr (float or Tensor, optional): learning rate (default: 1e-3). A tensor on a GPU is
+    read there, with no host sync. LR schedulers write `group["lr"]`; the next step uses it.""",
+    betas="""betas (Tuple[float, float], optional): coefficients of the running averages of the
+    gradient and of its square (default: (0.9, 0.999)).""",
+    eps="""eps (float, optional): term added to the denominator for numerical stability
+    (default: 1e-8).""",
+    weight_decay="""weight_decay (float, optional): weight decay coefficient, added to the
+    gradient (L2) or decoupled (see `decoupled_weight_decay`) (default: 0).""",
+    amsgrad="""amsgrad (bool, optional): AMSGrad: step with the largest second moment so far,
+    kept as `max_exp_avg_sq` (default: False; not offered with 8-bit moments).""",
+    maximize="""maximize (bool, optional): maximize the objective instead of minimizing it
+    (default: False).""",
+    decoupled_weight_decay="""decoupled_weight_decay (bool, optional): AdamW's weight decay:
+    the params are scaled by (1 - lr * weight_decay) instead of the decay being added to the
+    gradient (default: False).""",
+    backend="""backend (str, optional): "numba", "triton" or "torch"; None picks by device
+    (triton on CUDA, numba on CPU, the torch reference elsewhere), after the
+    `FUSED_ADAM_BACKEND` environment variable. One that cannot run is refused here, saying why
+    (default: None).""",
+    master_weights="""master_weights (bool or str, optional): True keeps an fp32 copy of
+    bf16/fp16 params, which the step updates and rounds into them (a no-op, with a warning,
+    when no param is bf16/fp16); "bf16+16" or "bf16+8" (bf16 params) keep it compact, as an
+    int16 (exact) or int8 remainder beside the param. `fused_adam.master_params` gives it as
+    fp32 values (default: False).""",
+    state_dtype="""state_dtype (torch.dtype, optional): dtype of the moments: None (fp32 with a
+    master, else the params', as torch), torch.float32, torch.bfloat16, or torch.int8 for 8-bit
+    moments (codes with an fp32 absmax per 256 values, no amsgrad;
+    `fused_adam.dequantized_state_dict` turns their `state_dict()` into torch's format).
+    `kernels/contract.py` gives the exact maps (default: None).""",
+    foreach="""foreach (bool, optional): torch's, accepted for drop-in use and ignored: the step
+    is always fused (default: None).""",
+    fused="""fused (bool, optional): torch's, accepted and ignored as `foreach` is
+    (default: None).""",
+    capturable="""capturable (bool, optional): CUDA only: step counts, bias corrections and a
+    tensor `lr` stay on the device and nothing is read back to the host, so the step can be
+    captured in a CUDA graph after one eager step (default: False).""",
+    differentiable="""differentiable (bool, optional): torch's; True is refused (the step is
+    not traced by autograd) (default: False).""",
+)
 
 
 def _disable_dynamo(function):
@@ -47,34 +91,42 @@ def _disable_dynamo(function):
     return disable(function)
 
 
-def bump_versions(params):
-    """What an in-place op does to autograd's version counters, for the params a step wrote:
-    a backward through a graph that saved one of them before the step then raises, as it does
-    after torch's Adam."""
-    try:
-        torch._C._increment_version(params)
-    except TypeError:  # torch < 2.5 takes one tensor at a time
-        for p in params:
-            torch._C._increment_version(p)
+def _check_settings(state_dtype, backend, differentiable, master_weights):
+    """Refuse, with torch's ValueError, options no group of this optimizer could step with."""
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32, "
+                         "torch.bfloat16 or torch.int8 (8-bit moments)")
+    if backend is not None and backend not in dispatch.BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {dispatch.BACKENDS}")
+    if differentiable:
+        raise ValueError("FusedAdam does not support differentiable=True")
+    if not (isinstance(master_weights, bool) or master_weights in COMPACT_MASTERS):
+        raise ValueError(f"Invalid master_weights: {master_weights!r}; use True (an fp32 "
+                         f"copy), False, or one of {sorted(COMPACT_MASTERS)} (bf16 params)")
+
+
+def _check_group(group, settings):
+    """Refuse, before anything changes, a param group (normalized) these settings cannot step."""
+    quantized = settings["state_dtype"] == QUANTIZED_STATE_DTYPE
+    if group["amsgrad"] and quantized:
+        raise ValueError("FusedAdam: amsgrad is not offered with 8-bit moments "
+                         "(state_dtype=torch.int8)")
+    for p in group["params"]:
+        check_steppable(p)
+        if settings["master_weights"] in COMPACT_MASTERS and p.dtype == torch.float16:
+            raise ValueError(f"FusedAdam: master_weights={settings['master_weights']!r}"
+                             " is for bfloat16 parameters, not float16 ones (use True)")
+        if p.is_complex() and quantized:
+            raise ValueError("FusedAdam: 8-bit moments (state_dtype=torch.int8) are not "
+                             "offered for complex parameters")
+        if group["capturable"] and p.device.type != "cuda":
+            raise ValueError(
+                f"FusedAdam: capturable=True needs CUDA parameters, got {p.device.type} ones")
+        dispatch.backend_name(settings["backend"], p.device, real_dtype(p.dtype))
 
 
 class FusedAdam(Optimizer):
-    """Adam (Kingma & Ba) with torch.optim.Adam's options and numbers, one fused pass per step.
-
-    Args beyond torch's: `backend` is "numba", "triton", "torch" or None (by device; the
-    `FUSED_ADAM_BACKEND` environment variable does the same). `master_weights=True` keeps an
-    fp32 copy of bf16/fp16 params, which the step updates and rounds into them (a no-op, with a
-    warning, when no param is bf16/fp16); "bf16+16" or "bf16+8" (bf16 params) keep it compact,
-    as an int16 (exact) or int8 remainder beside the param. `state_dtype` is the dtype of the
-    moments: None (fp32 with a master, else the params', as torch), torch.float32,
-    torch.bfloat16, or torch.int8 for 8-bit moments (codes with an fp32 absmax per 256 values,
-    no amsgrad; `fused_adam.dequantized_state_dict` turns their `state_dict()` into torch's
-    format, `fused_adam.master_params` gives a master as fp32 values). See
-    `kernels/contract.py` for the exact maps. `foreach` and `fused` are accepted for drop-in
-    use and ignored: the step is always fused. `capturable=True` (CUDA only): step
-    counts, bias corrections and a tensor `lr` stay on the device and nothing is read back to
-    the host, so the step can be captured in a CUDA graph after one eager step.
-    """
+    """Adam (Kingma & Ba) with torch.optim.Adam's options and numbers, one fused pass per step."""
 
     _step_supports_amp_scaling = True
 
@@ -83,22 +135,13 @@ class FusedAdam(Optimizer):
                  master_weights=False, state_dtype=None, foreach=None, fused=None,
                  capturable=False, differentiable=False):
         validate_hyperparameters(lr, betas, eps, weight_decay)
-        if state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype}; use torch.float32, "
-                             "torch.bfloat16 or torch.int8 (8-bit moments)")
-        if backend is not None and backend not in dispatch.BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r}; choose one of {dispatch.BACKENDS}")
-        if differentiable:
-            raise ValueError("FusedAdam does not support differentiable=True")
-        if not (isinstance(master_weights, bool) or master_weights in COMPACT_MASTERS):
-            raise ValueError(f"Invalid master_weights: {master_weights!r}; use True (an fp32 "
-                             f"copy), False, or one of {sorted(COMPACT_MASTERS)} (bf16 params)")
+        _check_settings(state_dtype, backend, differentiable, master_weights)
         self._settings = dict(backend=backend, master_weights=master_weights,
                               state_dtype=state_dtype)
         self._start_machinery()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-                        capturable=capturable, **_TORCH_GROUP_DEFAULTS)
+                        capturable=capturable, **TORCH_GROUP_DEFAULTS)
         super().__init__(params, defaults)
         self._constructed = True
         self.state = TrackedState(self.state)
@@ -114,7 +157,7 @@ class FusedAdam(Optimizer):
         self._pending_clip = PendingClip()
         self._params_seen = set()  # every param of every group (for add_param_group's check)
         self._constructed = False
-        self._loading = None  # the checkpoint load_state_dict is loading, while it runs
+        self._loading = None  # the `checkpoint.Loading` of a load_state_dict, while it runs
 
     # ----------------------------------------------------------------------------------------
     # Param groups
@@ -126,22 +169,7 @@ class FusedAdam(Optimizer):
         groups. The arenas take the group at the next step."""
         group = normalized_group(param_group, self.defaults, self.param_groups)
         params = group["params"]
-        if group["amsgrad"] and self._settings["state_dtype"] == QUANTIZED_STATE_DTYPE:
-            raise ValueError("FusedAdam: amsgrad is not offered with 8-bit moments "
-                             "(state_dtype=torch.int8)")
-        for p in params:
-            check_steppable(p)
-            if (self._settings["master_weights"] in COMPACT_MASTERS
-                    and p.dtype == torch.float16):
-                raise ValueError(f"FusedAdam: master_weights={self._settings['master_weights']!r}"
-                                 " is for bfloat16 parameters, not float16 ones (use True)")
-            if p.is_complex() and self._settings["state_dtype"] == QUANTIZED_STATE_DTYPE:
-                raise ValueError("FusedAdam: 8-bit moments (state_dtype=torch.int8) are not "
-                                 "offered for complex parameters")
-            if group["capturable"] and p.device.type != "cuda":
-                raise ValueError(
-                    f"FusedAdam: capturable=True needs CUDA parameters, got {p.device.type} ones")
-            dispatch.backend_name(self._settings["backend"], p.device, real_dtype(p.dtype))
+        _check_group(group, self._settings)
         # torch warns and steps such a parameter once per listing; an arena steps it once.
         aliasing.check_listed_once(aliasing.labelled_group(group, len(self.param_groups)))
         seen = self._params_seen
@@ -150,7 +178,7 @@ class FusedAdam(Optimizer):
         if not seen.isdisjoint(params):
             raise ValueError("some parameters appear in more than one parameter group")
         if self._constructed:  # at construction, `_follow_groups` checks every group at once
-            self._check_no_shared_memory([*self.param_groups, group])
+            self._arenas.check_no_shared_memory([*self.param_groups, group])
         param_group.update(group)  # torch fills the caller's dict in, and appends it
         self.param_groups.append(param_group)
         seen.update(params)
@@ -161,37 +189,21 @@ class FusedAdam(Optimizer):
         or removed from a group's list), carrying every state over through `self.state`."""
         if self._arenas.unchanged(self.param_groups):
             return
-        aliasing.check_listed_once(aliasing.labelled_params(self.param_groups))
-        self._check_no_shared_memory(self.param_groups)
-        replaced = self._arenas.follow(self.param_groups)
-        if replaced is None:
+        removed = self._arenas.follow(self.param_groups)
+        if removed is None:
             return
-        kept = {p for arena in self._arenas.values() for p in arena.params_in_order}
-        for arena in replaced.values():
-            for index, p in enumerate(arena.params_in_order):
-                if p not in kept:  # removed from the groups: its memory becomes its own
-                    arena.release(index)
-                    if p in self.state:
-                        self.state.put(p, {name: value.clone() if torch.is_tensor(value)
-                                           else value for name, value in self.state[p].items()})
-        self._params_seen = kept
+        for p in removed:  # its state stops being arena views
+            if p in self.state:
+                self.state.put(p, {name: value.clone() if torch.is_tensor(value) else value
+                                   for name, value in self.state[p].items()})
+        self._params_seen = self._arenas.params()
         self._follow_state(everything=True)
-
-    def _check_no_shared_memory(self, param_groups):
-        """ValueError, naming both, for two params of `param_groups` that share memory, or one
-        that shares the memory a param had before an arena took it (`b = nn.Parameter(a.data)`
-        made before the optimizer, added after)."""
-        listed = aliasing.labelled_params(param_groups)
-        label_of = {id(p): label for label, p in listed}
-        former = [(label_of[id(p)], tensor) for arena in self._arenas.values()
-                  for p, tensor in arena.former_memory() if id(p) in label_of]
-        aliasing.check_no_shared_memory(listed, former)
 
     @property
     def backends(self):
         """{(device, dtype): backend name ("numba", "triton" or "torch")} of every arena."""
         self._follow_groups()
-        return self._arenas.backends
+        return self._arenas.backend_names
 
     @property
     def grad_copies(self):
@@ -199,40 +211,13 @@ class FusedAdam(Optimizer):
         `zero_grad(); backward(); step()` loop copies none)."""
         return self._arenas.grad_copies
 
-    # ----------------------------------------------------------------------------------------
-    # State
-
     def _follow_state(self, everything=False):
-        """Import what was edited in `self.state` since the last step into the arenas: a
-        cleared or deleted entry restarts that parameter's Adam, a tensor put into an entry
-        becomes its value. All is checked before anything is written; an edit that is refused
-        stays pending, so the next step refuses it again."""
+        """Import what was edited in `self.state` since the last step into the arenas (see
+        `state_entries.follow_edits`)."""
         if not isinstance(self.state, TrackedState):  # replaced wholesale (`opt.state = {}`)
             self.state = TrackedState(self.state)
             everything = True
-        log = self.state.log
-        if not everything and log.empty:
-            return
-        everything = everything or log.everything
-        targets = [(arena, index, p, dict.get(self.state, p))
-                   for arena in self._arenas.values()
-                   for index, p in enumerate(arena.params_in_order)
-                   if everything or p in log.params]
-        plans = [arena.plan_import(index, entry) for arena, index, _, entry in targets]
-        for (arena, index, p, entry), planned in zip(targets, plans):
-            if planned is None:  # no state (an empty entry is torch's "no state" too)
-                if arena.has_state[index]:
-                    arena.reset_state(index)
-                continue
-            for name, value in planned:
-                arena.write_state(index, name, value)
-            if arena.lacks_master(entry):
-                arena.write_state(index, MASTER_KEY, p.detach())
-            views = arena.state_entry(index, amsgrad=MAX_KEY in entry)
-            self.state.put(p, {**entry, **views})
-            arena.has_state[index] = True
-            arena.has_max[index] = MAX_KEY in entry
-        log.take()
+        follow_edits(self.state, self._arenas, everything=everything)
 
     # ----------------------------------------------------------------------------------------
     # Step
@@ -282,31 +267,20 @@ class FusedAdam(Optimizer):
                               or self._arenas.reader(key).read(clock))
         rows = [group_row(group) for group in self.param_groups]
         amsgrad = np.array([group["amsgrad"] for group in self.param_groups], dtype=bool)
-        for key, arena in self._arenas.items():
-            # Switched on after a parameter's first step, amsgrad finds no max_exp_avg_sq in
-            # its state: torch's Adam raises KeyError there, and so does this, before any change.
-            missing = (gradients[key].has_grad & arena.has_state & ~arena.has_max
-                       & amsgrad[arena.host_groups])
-            if missing.any():
-                raise KeyError(MAX_KEY)
-            if arena.quantized and amsgrad[arena.groups].any():
-                raise ValueError("FusedAdam: amsgrad is not offered with 8-bit moments "
-                                 "(state_dtype=torch.int8); a param group switched it on")
+        for key, gradients_of_arena in gradients.items():  # before any arena changes
+            self._arenas.entries_of(key).check_amsgrad(gradients_of_arena.has_grad, amsgrad)
         for key, arena in self._arenas.items():
             has_grad = gradients[key].has_grad
             with clock("create state"):
-                if amsgrad[arena.groups].any():
-                    arena.ensure_max_buffer()
-                self._create_state(arena, has_grad, amsgrad)
+                self._arenas.entries_of(key).create(has_grad, amsgrad, self.state.put)
             with clock("version counters"):
                 # Before the kernel: a step interrupted between the two must not leave a
                 # changed parameter looking unchanged to autograd.
                 bump_versions(arena.params_in_order if has_grad.all()
                               else list(itertools.compress(arena.params_in_order, has_grad)))
             with clock("kernel"):
-                kernels = self._arenas.launcher(key)
                 device = table_device(arena.device)
-                kernels.adam_step(
+                self._arenas.backend(key).adam_step(
                     arena.record, grads=gradients[key].for_backend,
                     group_table=self._group_tables.table(device, rows, self.param_groups),
                     inv_grad_scale=(None if grad_scale is None
@@ -314,26 +288,12 @@ class FusedAdam(Optimizer):
                     found_inf=None if found_inf is None else found_inf.to(device),
                     clip_factor=self._pending_clip.factor(device))
             with clock("write back"):
-                arena.write_back()
-
-    def _create_state(self, arena, has_grad, amsgrad):
-        """torch creates a parameter's state at its first gradient; so do we (as arena views).
-        Done before the kernel runs: a step interrupted after it leaves state at step 0 with
-        zero moments, which is where torch's own state starts."""
-        new = has_grad & ~arena.has_state
-        for index in np.flatnonzero(new):
-            with_max = bool(amsgrad[arena.host_groups[index]])
-            self.state.put(arena.params_in_order[index], arena.state_entry(index, with_max))
-            arena.has_max[index] = with_max
-        arena.has_state |= new
+                arena.former_memory.write_back()
 
     def zero_grad(self, set_to_none=True):
         """torch's `zero_grad`; it also drops a clipping factor no step has applied."""
         self._pending_clip.clear()
         super().zero_grad(set_to_none)
-
-    # ----------------------------------------------------------------------------------------
-    # Gradient clipping
 
     @_disable_dynamo
     @torch.no_grad()
@@ -351,32 +311,13 @@ class FusedAdam(Optimizer):
         and nothing tells it so (ZeroRedundancyOptimizer's local optimizer), the group whose
         norms add up to the whole. DTensor (FSDP2) parameters need none: their mesh says.
         """
-        norm_type, max_norm = float(norm_type), float(max_norm)
         self._follow_groups()
         self._follow_state()
-        # A factor whose gradients are gone (a step skipped, then a zero_grad that never reached
-        # this optimizer: ZeRO's, the model's) applies to nothing; those it still applies to
-        # are scaled now, as torch's clip left them. One edited since is measured as it stands.
-        self._pending_clip.resolve(self._arenas, refuse_edited=False)
-        readings = []
-        for key, arena in self._arenas.items():
-            arena.adopt_moved_params()
-            readings.append((key, arena, self._arenas.reader(key).read(NO_CLOCK)))
-        norm = gradient_norm(
-            [(arena, read, self._arenas.launcher(key)) for key, arena, read in readings],
-            norm_type, process_group=process_group,
+        return fused_clip(
+            self._arenas, self._pending_clip, float(max_norm), float(norm_type),
+            error_if_nonfinite, process_group=process_group,
             torch_grads=lambda: [p.grad for group in self.param_groups
                                  for p in group["params"] if p.grad is not None])
-        if self._pending_clip.armed:  # clipped twice: the gradients count as scaled once
-            norm = (norm.double() * self._pending_clip.factor(norm.device)).to(norm.dtype)
-        coefficient = clip_coefficient(norm, max_norm, error_if_nonfinite, norm_type)
-        self._pending_clip.set(coefficient, {table_device(arena.device)
-                                             for _, arena, _ in readings} | {norm.device})
-        self._pending_clip.watch(
-            {key: (arena, read) for key, arena, read in readings},
-            grad_of=(local_grad_of if any(arena.is_distributed for _, arena, _ in readings)
-                     else operator.attrgetter("grad")))
-        return norm
 
     clip_grad_norm_ = clip_grad_norm
 
@@ -394,44 +335,16 @@ class FusedAdam(Optimizer):
         own precision (torch's loader would first cast them to the params' dtype, rounding an
         fp32 master copy to bf16), a checkpoint whose tensors do not fit the params is refused
         before anything changes, and one without `master_param` (torch's) takes the master copy
-        from the params."""
+        from the params (see `fused_adam.checkpoint`)."""
         self._follow_groups()
-        loading = {}
-
-        def check_and_keep(optimizer, final_state_dict):  # after every pre-hook of the user's
-            self._check_checkpoint(final_state_dict)
-            loading["state_dict"] = final_state_dict
-
-        handle = self.register_load_state_dict_pre_hook(check_and_keep)
+        loading = checkpoint.Loading(self._arenas)
+        handle = self.register_load_state_dict_pre_hook(loading.check_and_keep)
         self._loading = loading
         try:
             super().load_state_dict(state_dict)
         finally:
             handle.remove()
             self._loading = None
-
-    def _checkpoint_params(self, state_dict):
-        """{saved id: param} as torch's loader pairs them, or None where the groups differ (its
-        own ValueError follows)."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-                len(saved["params"]) != len(group["params"])
-                for saved, group in zip(saved_groups, self.param_groups)):
-            return None
-        return dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
-                        itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
-
-    def _check_checkpoint(self, state_dict):
-        by_id = self._checkpoint_params(state_dict)
-        if by_id is None:
-            return
-        where = {p: (arena, index) for arena in self._arenas.values()
-                 for index, p in enumerate(arena.params_in_order)}
-        for saved_id, entry in state_dict["state"].items():
-            p = by_id.get(saved_id)
-            if p is not None and p in where:
-                arena, index = where[p]
-                arena.plan_import(index, entry)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -442,24 +355,10 @@ class FusedAdam(Optimizer):
         settings = state.pop("_fused_adam_settings", None)
         super().__setstate__(state)
         self._fill_group_defaults()
-        self._after_setstate(settings)
-
-    def _fill_group_defaults(self):
-        """Keys a checkpoint of an older torch (or ours) may lack, with torch's defaults."""
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("decoupled_weight_decay", self.defaults["decoupled_weight_decay"])
-            group.setdefault("capturable", False)
-            for key, value in _TORCH_GROUP_DEFAULTS.items():
-                group.setdefault(key, value)
-
-    def _after_setstate(self, settings):
         if "_arenas" not in self.__dict__:
             # A copy (pickle, deepcopy, torch.load of the optimizer): its params and state are
             # copies too; build its arenas from them.
-            self._settings = settings or dict(backend=None, master_weights=False,
-                                              state_dtype=None)
+            self._settings = settings or dict(_DEFAULT_SETTINGS)
             self._start_machinery()
             self._constructed = True
             self.state = TrackedState(self.state)
@@ -467,17 +366,13 @@ class FusedAdam(Optimizer):
             return
         # From load_state_dict: torch's loader has cast every value to its param's dtype;
         # take the checkpoint's own values instead, then import them all.
-        loaded = self._loading.get("state_dict") if self._loading else None
-        state = TrackedState(self.state)
-        if loaded is not None:
-            by_id = self._checkpoint_params(loaded) or {}
-            for saved_id, entry in loaded["state"].items():
-                p = by_id.get(saved_id)
-                if p is not None and p in state:
-                    state[p] = {**state[p], **entry}
-        self.state = state
+        self.state = checkpoint.with_own_values(self.state, self._loading, self.param_groups)
         self._follow_groups()
         self._follow_state(everything=True)
+
+    def _fill_group_defaults(self):
+        """Keys a checkpoint of an older torch (or ours) may lack, with torch's defaults."""
+        fill_group_defaults(self.param_groups, self.defaults["decoupled_weight_decay"])
 
 
 class FusedAdamW(FusedAdam):
@@ -498,3 +393,20 @@ class FusedAdamW(FusedAdam):
         super()._fill_group_defaults()
         for group in self.param_groups:
             group["decoupled_weight_decay"] = True
+
+
+def _document_arguments(cls, names, **own):
+    """Append to `cls`'s docstring (where there is one: not under `python -OO`) an "Args:"
+    section: the `_ARGUMENTS` entries of `names`, or the text in `own`."""
+    if cls.__doc__ is not None:
+        cls.__doc__ += "\n\n    Args:\n" + "".join(
+            "        " + own.get(name, _ARGUMENTS.get(name)).replace("\n", "\n        ") + "\n"
+            for name in names)
+
+
+_document_arguments(FusedAdam, _ARGUMENTS)
+_document_arguments(
+    FusedAdamW, [name for name in _ARGUMENTS if name != "decoupled_weight_decay"],
+    weight_decay="""weight_decay (float, optional): decoupled weight decay coefficient: each step
+    scales the params by (1 - lr * weight_decay) before the Adam update, always (a param group
+    or an Adam checkpoint saying otherwise included), as torch's AdamW (default: 1e-2).""")

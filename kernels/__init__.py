@@ -1,5 +1,6 @@
 """fused_adam's kernels, no optimizer logic: the contract every backend reads (`contract`), the
-plain-torch oracle (`reference`), Numba for CPUs (`numba_adam`), Triton for GPUs (`triton_adam`).
+stored formats' codecs (`codecs`), the plain-torch oracle (`reference`), Numba for CPUs
+(`numba_adam`, on the threads `cpu_threads` picks), Triton for GPUs (`triton_adam`).
 
 This folder sits at the top of the checkout and installs as `fused_adam.kernels` (setup.py's
 package_dir). Whatever runs from a checkout (`python -m pytest`, `python -m bench`, setup.py

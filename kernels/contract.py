@@ -2,14 +2,14 @@
 
 Each backend module (`numba_adam`, `triton_adam`, `reference`) has two launchers:
 
-    adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
+    adam_step(record, *, grads, group_table, inv_grad_scale=None, found_inf=None,
               clip_factor=None)
-    grad_power_sum(arena, *, grads, norm_type)
+    grad_power_sum(record, *, grads, norm_type)
 
-- `arena` is an `ArenaTensors`: the flat 1-D buffers of one (device, dtype) and the per-segment
-  tables (one segment per parameter). A launcher reads nothing else of the optimizer; what it
-  derives from a layout (chunk tables, numpy views) it caches itself, keyed by the record, which
-  is replaced whenever the layout changes.
+- `record` is an `ArenaRecord`: the flat 1-D buffers of one arena (one device and dtype) and
+  the per-segment tables (one segment per parameter), passed positionally. A launcher reads
+  nothing else of the optimizer; what it derives from a layout (chunk tables, numpy views) it
+  caches itself, keyed by the record, which is replaced whenever the layout changes.
 - `grads` comes in the form the backend names in its `GRADS`:
   - `"addresses"`: an int64 tensor beside the segment tables, one entry per segment, the address
     of its gradient (contiguous, of the params' dtype, `segment_lengths[s]` elements, aligned to
@@ -23,7 +23,8 @@ Each backend module (`numba_adam`, `triton_adam`, `reference`) has two launchers
   coefficient, already rounded to the dtype torch's `clip_grad_norm_` would compute it in.
 
 For every segment with a gradient (unless `found_inf` is nonzero) a launcher adds 1 to `steps`
-and applies, with that segment's step t and group:
+and applies, with that segment's step t and group, the update formula (the one statement of it:
+the kernels' docstrings refer here):
 
     g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g (maximize)
     g = fma(p, wd, g) (L2)   or   p = p * (1 - lr * wd) (decoupled)
@@ -123,7 +124,7 @@ MASTER_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ArenaTensors:
+class ArenaRecord:
     """One arena's buffers and segment tables: the whole of what a launcher reads of it.
 
     Buffers are 1-D over every segment (padding included): `params` in the params' dtype,
@@ -161,15 +162,15 @@ class ArenaTensors:
 
 
 class PerLayout:
-    """What a backend derives from a layout (`make(arena)`: chunk tables, numpy views, host
+    """What a backend derives from a layout (`make(record)`: chunk tables, numpy views, host
     copies of the tables), made at a record's first use and dropped with the record."""
 
     def __init__(self, make):
         self._make = make
-        self._cache = weakref.WeakKeyDictionary()  # ArenaTensors -> make(arena)
+        self._cache = weakref.WeakKeyDictionary()  # ArenaRecord -> make(record)
 
-    def __call__(self, arena):
-        derived = self._cache.get(arena)
+    def __call__(self, record):
+        derived = self._cache.get(record)
         if derived is None:
-            derived = self._cache[arena] = self._make(arena)
+            derived = self._cache[record] = self._make(record)
         return derived

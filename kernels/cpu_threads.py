@@ -6,9 +6,7 @@ Numba's `parallel=True` runs on a process-wide threading layer, OpenMP on Linux 
 and GNU OpenMP does not survive fork(): a child that opens a parallel region after its parent
 did is killed by numba's check or hangs (a torch op hangs there just the same). So a process
 forked after `import fused_adam` runs the kernel on this module's pool instead, made anew in
-each child. Measured by a study on the development machine (2 cores, other work running),
-kernel alone: 800 small tensors 0.97 ms [0.83-1.34] against OpenMP's 0.85 ms back to back;
-one tensor of 2^24 elements 11.0 ms against 11.1 ms.
+each child; it keeps up with OpenMP (bench/RESULTS.md, "Kernel notes moved from code comments").
 """
 import _thread
 import contextlib
@@ -18,7 +16,7 @@ import threading
 
 import torch
 
-# Below this many elements, waking a worker costs more than it saves (measured: 30-50K).
+# Below this many elements, waking a worker costs more than it saves (bench/RESULTS.md).
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 

@@ -36,14 +36,12 @@ CHUNK_ELEMENTS = 1 << 14
 NUMPY_VIEWS = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16,
                torch.float16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8}
 # Only nsz in the step: every operation rounds as IEEE says, once, in the order written, as
-# torch's CPU ops do. `contract` let LLVM fuse a product into the next addition where torch
-# rounds twice (AdamW's `p * (1 - lr * wd)` into the update: after 20 fp32 AdamW steps 16,474
-# param and state elements of tests/test_bitwise.py's 7,143 params differed from torch's
-# loop); torch's own FMAs (lerp, addcmul, add with alpha) are written out as `_fma`. nsz can
-# change only the sign of a zero result; without it the fp32 step in L2 took 7-9% longer
-# (64K elements, one thread, `python -m bench.moment_speed --configs large-64K --kernel-only
-# --threads 1`). No nnan/ninf (NaN and Inf propagate as in torch), no reassoc (it let
-# `(1 - b2) * g * g` become `g * g * (1 - b2)`, which overflows fp32 at |g| = 1e20), no
+# torch's CPU ops do. `contract` would let LLVM fuse a product into the next addition where torch
+# rounds twice (AdamW's `p * (1 - lr * wd)` into the update; tests/test_bitwise.py catches it);
+# torch's own FMAs (lerp, addcmul, add with alpha) are written out as `_fma`. nsz can change only
+# the sign of a zero result, and without it the fp32 step is slower (bench/RESULTS.md, "Kernel
+# notes moved from code comments"). No nnan/ninf (NaN and Inf propagate as in torch), no reassoc
+# (it let `(1 - b2) * g * g` become `g * g * (1 - b2)`, which overflows fp32 at |g| = 1e20), no
 # afn/arcp (approximate sqrt and division).
 _FASTMATH = {"nsz"}
 _JIT = dict(nogil=True, cache=True, error_model="numpy", fastmath=_FASTMATH)
@@ -155,9 +153,8 @@ def _narrow(value, buffer):
 def _narrow_overload(value, buffer):
     if buffer.dtype == types.uint16:
         # Round to nearest even on the bits, and NaN as a select of the 32-bit result, so
-        # that one shift and one narrowing (vpmovdw) serve both. The NaN test written as a
-        # branch on the bits vectorized as a second shift, narrowing and blend per store,
-        # which made the bf16-moment step dearer than the fp32 one (ratio 0.83-0.93).
+        # that one shift and one narrowing (vpmovdw) serve both: a branch on the bits
+        # vectorizes as a second shift, narrowing and blend per store (bench/RESULTS.md).
         def to_bf16(value, buffer):
             value = np.float32(value)
             bits = _float32_as_bits(value)
@@ -311,19 +308,31 @@ def _lerp(m, g, c):
 
 
 @njit(inline="always", **_JIT)
-def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, c):
-    """g = grad * grad_scale * clip_factor;  g = fma(p, l2, g);  p *= param_decay;
-    m = fma(w, g - m, m) (w < 0.5) or fma(w - 1, g - m, g);  v = fma((1 - b2) * g, g, v * b2);
-    p += (-step_size * m) / (sqrt(max(v_max, v)) / bc2_sqrt + eps)
-    with p the fp32 master copy where there is one (then param = round(p)). `master_param` is
-    None or an array and `amsgrad` a literal: numba compiles each case apart, with no branch
-    in the loop."""
+def _update_moments(p, grad, m, v, c):
+    """(p, m, v) of one element after the contract's gradient, weight decay and moment lines
+    (`contract.py`), from its widened param and moments and its stored gradient."""
+    g = _gradient(grad, p, c)
+    p = p * c.param_decay
+    m = _lerp(m, g, c)
+    v = _fma(c.one_minus_beta2 * g, g, v * c.beta2)
+    return p, m, v
+
+
+@njit(inline="always", **_JIT)
+def _stepped_param(p, m, root, c):
+    """The contract's last line, from root = sqrt(v_hat)."""
+    return p - c.step_size * m / (root / c.bias_correction2_sqrt + c.eps)
+
+
+@njit(inline="always", **_JIT)
+def _step_float_moments(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                        amsgrad, c):
+    """The contract's step over a slice with moments of a float dtype, p the master where there
+    is one. `master_param` is None or an array and `amsgrad` a literal: numba compiles each
+    case apart, with no branch in the loop."""
     for i in range(param.shape[0]):
-        p = _load_param(param, master_param, i)
-        g = _gradient(grad[i], p, c)
-        p = p * c.param_decay
-        m = _lerp(_widen(exp_avg[i]), g, c)
-        v = _fma(c.one_minus_beta2 * g, g, _widen(exp_avg_sq[i]) * c.beta2)
+        p, m, v = _update_moments(_load_param(param, master_param, i), grad[i],
+                                  _widen(exp_avg[i]), _widen(exp_avg_sq[i]), c)
         exp_avg[i] = _narrow(m, exp_avg)
         exp_avg_sq[i] = _narrow(v, exp_avg_sq)
         if amsgrad:
@@ -332,8 +341,7 @@ def _update_chunk(param, master_param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
             if v_max > v or v_max != v_max:
                 v = v_max
             max_exp_avg_sq[i] = _narrow(v, max_exp_avg_sq)
-        p = p - c.step_size * m / (np.sqrt(v) / c.bias_correction2_sqrt + c.eps)
-        _store_param(param, master_param, i, p)
+        _store_param(param, master_param, i, _stepped_param(p, m, np.sqrt(v), c))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,23 +411,19 @@ def _reciprocal(absmax):
 
 
 @njit(inline="always", **_JIT)
-def _update_quantized_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
-                            exp_avg_sq_absmax, block, c, new_exp_avg, new_root):
+def _step_8bit_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
+                     exp_avg_sq_absmax, block, c, new_exp_avg, new_root):
     """One block: the arrays are its elements (sliced by the caller: loops over a slice from 0
     vectorize, loops over a range inside a larger array did not), `block` its absmax's index,
     `new_exp_avg` and `new_root` scratch of at least its length."""
     exp_avg_scale, exp_avg_sq_scale = exp_avg_absmax[block], exp_avg_sq_absmax[block]
     largest_m = largest_v = np.uint32(0)
     for i in range(param.shape[0]):
-        p = _load_param(param, master_param, i)
-        g = _gradient(grad[i], p, c)
-        p = p * c.param_decay
-        m = _lerp(_decode_signed(exp_avg[i], exp_avg_scale), g, c)
-        v = _fma(c.one_minus_beta2 * g, g,
-                 _decode_unsigned(exp_avg_sq[i], exp_avg_sq_scale) * c.beta2)
+        p, m, v = _update_moments(_load_param(param, master_param, i), grad[i],
+                                  _decode_signed(exp_avg[i], exp_avg_scale),
+                                  _decode_unsigned(exp_avg_sq[i], exp_avg_sq_scale), c)
         root = np.sqrt(v)
-        _store_param(param, master_param, i,
-                     p - c.step_size * m / (root / c.bias_correction2_sqrt + c.eps))
+        _store_param(param, master_param, i, _stepped_param(p, m, root, c))
         largest_m = _larger_magnitude_bits(largest_m, m)
         largest_v = _larger_magnitude_bits(largest_v, v)
         new_exp_avg[i] = m
@@ -436,18 +440,19 @@ def _update_quantized_block(param, master_param, grad, exp_avg, exp_avg_sq, exp_
 
 
 @njit(inline="always", **_JIT)
-def _update_quantized_chunk(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
-                            exp_avg_sq_absmax, first_block, c):
-    """A chunk (whole blocks from a block's start, the last maybe partial) block by block."""
+def _step_8bit_moments(param, master_param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
+                       exp_avg_sq_absmax, first_block, c):
+    """The contract's step over a slice with 8-bit moments (whole blocks from a block's start,
+    the last maybe partial), block by block."""
     n = param.shape[0]
     new_exp_avg = np.empty(QUANT_BLOCK, dtype=np.float32)
     new_root = np.empty(QUANT_BLOCK, dtype=np.float32)
     for first in range(0, n, QUANT_BLOCK):
         last = min(first + QUANT_BLOCK, n)
-        _update_quantized_block(param[first:last], _slice(master_param, first, last),
-                                grad[first:last], exp_avg[first:last], exp_avg_sq[first:last],
-                                exp_avg_absmax, exp_avg_sq_absmax,
-                                first_block + first // QUANT_BLOCK, c, new_exp_avg, new_root)
+        _step_8bit_block(param[first:last], _slice(master_param, first, last),
+                         grad[first:last], exp_avg[first:last], exp_avg_sq[first:last],
+                         exp_avg_absmax, exp_avg_sq_absmax,
+                         first_block + first // QUANT_BLOCK, c, new_exp_avg, new_root)
 
 
 @njit(**_JIT)
@@ -459,11 +464,11 @@ def _advance_steps(grad_addresses, steps):
 
 
 @njit(inline="always", **_JIT)
-def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+def _step_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
                 exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses, group_table,
                 inv_grad_scale, clip_factor):
-    """Chunk `chunk`, if its segment has a gradient: `_update_chunk` with its group's settings
-    and its segment's (already advanced) step."""
+    """Chunk `chunk` of the chunk table, if its segment has a gradient, stepped with its
+    group's settings and its segment's (already advanced) step."""
     segment = chunks.segments[chunk]
     address = grad_addresses[segment]
     if address == 0:
@@ -494,46 +499,45 @@ def _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_s
     # one specialization each.
     master = _slice(master_params, start, end)
     if exp_avg_absmax is not None:  # 8-bit moments (no amsgrad); chunks start on a block
-        _update_quantized_chunk(params[start:end], master, grad, exp_avg[start:end],
-                                exp_avg_sq[start:end], exp_avg_absmax, exp_avg_sq_absmax,
-                                start // QUANT_BLOCK, c)
+        _step_8bit_moments(params[start:end], master, grad, exp_avg[start:end],
+                           exp_avg_sq[start:end], exp_avg_absmax, exp_avg_sq_absmax,
+                           start // QUANT_BLOCK, c)
         return
     # amsgrad as a literal at each call: the loop is compiled once with and once without it. A
-    # run-time flag left the branch inside the loop, which the vectorizer executes masked for
-    # every element: with bf16 moments that doubled the step (257 us vs 129 us for 1M elements
-    # in cache).
+    # run-time flag leaves the branch inside the loop, which the vectorizer executes masked
+    # for every element (bf16 moments: twice the time, bench/RESULTS.md).
     if group[AMSGRAD] != 0:
-        _update_chunk(params[start:end], master, grad, exp_avg[start:end],
-                      exp_avg_sq[start:end], max_exp_avg_sq[start:end], True, c)
+        _step_float_moments(params[start:end], master, grad, exp_avg[start:end],
+                            exp_avg_sq[start:end], max_exp_avg_sq[start:end], True, c)
     else:
-        _update_chunk(params[start:end], master, grad, exp_avg[start:end],
-                      exp_avg_sq[start:end], max_exp_avg_sq[start:end], False, c)
+        _step_float_moments(params[start:end], master, grad, exp_avg[start:end],
+                            exp_avg_sq[start:end], max_exp_avg_sq[start:end], False, c)
 
 
 @njit(parallel=True, **_JIT)
-def _adam_pass(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, exp_avg_absmax,
-               exp_avg_sq_absmax, segments, chunks, grad_addresses, group_table,
-               inv_grad_scale, clip_factor):
+def _step_on_numba_threads(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                           exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses,
+                           group_table, inv_grad_scale, clip_factor):
     """The whole pass in one call on numba's threading layer (see `adam_step`): steps first,
     then every chunk."""
     _advance_steps(grad_addresses, segments.steps)
     for chunk in prange(chunks.segments.shape[0]):
-        _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        _step_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
                     exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses,
                     group_table, inv_grad_scale, clip_factor)
 
 
 @njit(**_JIT)
-def _adam_chunks(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq, exp_avg_absmax,
-                 exp_avg_sq_absmax, segments, chunks, grad_addresses, group_table,
-                 inv_grad_scale, clip_factor, advance, first, last):
+def _step_on_this_thread(params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                         exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses,
+                         group_table, inv_grad_scale, clip_factor, advance, first, last):
     """Chunks `first` .. `last - 1` on this thread, the steps advanced first here if `advance`
     (a pass in one call) or before the call (a pass split across threads: every part reads
     the steps)."""
     if advance:
         _advance_steps(grad_addresses, segments.steps)
     for chunk in range(first, last):
-        _adam_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        _step_chunk(chunk, params, master_params, exp_avg, exp_avg_sq, max_exp_avg_sq,
                     exp_avg_absmax, exp_avg_sq_absmax, segments, chunks, grad_addresses,
                     group_table, inv_grad_scale, clip_factor)
 
@@ -560,24 +564,24 @@ class _Derived:
     buffers, the segment and chunk tables) and the chunk boundaries that split the pass into
     parts of about equal elements, per thread count."""
 
-    def __init__(self, arena):
-        exp_avg = _numpy(arena.exp_avg)
-        chunks = chunk_table(arena.segment_lengths.numpy())
+    def __init__(self, record):
+        exp_avg = _numpy(record.exp_avg)
+        chunks = chunk_table(record.segment_lengths.numpy())
         by_name = dict(
-            params=_numpy(arena.params),
+            params=_numpy(record.params),
             # The master in whichever form there is one: fp32, a compact remainder, or None.
-            master_params=(_numpy(arena.master_params) if arena.master_params is not None
-                           else _numpy(arena.master_remainder)
-                           if arena.master_remainder is not None else None),
-            exp_avg=exp_avg, exp_avg_sq=_numpy(arena.exp_avg_sq),
+            master_params=(_numpy(record.master_params) if record.master_params is not None
+                           else _numpy(record.master_remainder)
+                           if record.master_remainder is not None else None),
+            exp_avg=exp_avg, exp_avg_sq=_numpy(record.exp_avg_sq),
             # Never read without amsgrad; an empty array keeps the argument's type an array.
-            max_exp_avg_sq=(exp_avg[:0] if arena.max_exp_avg_sq is None
-                            else _numpy(arena.max_exp_avg_sq)),
+            max_exp_avg_sq=(exp_avg[:0] if record.max_exp_avg_sq is None
+                            else _numpy(record.max_exp_avg_sq)),
             # None (float moments) or the per-block absmax: one specialization each.
-            exp_avg_absmax=None if not arena.quantized else _numpy(arena.exp_avg_absmax),
-            exp_avg_sq_absmax=None if not arena.quantized else _numpy(arena.exp_avg_sq_absmax),
-            segments=Segments(arena.segment_starts.numpy(), arena.segment_groups.numpy(),
-                              arena.steps.numpy()),
+            exp_avg_absmax=None if not record.quantized else _numpy(record.exp_avg_absmax),
+            exp_avg_sq_absmax=None if not record.quantized else _numpy(record.exp_avg_sq_absmax),
+            segments=Segments(record.segment_starts.numpy(), record.segment_groups.numpy(),
+                              record.steps.numpy()),
             chunks=chunks)
         self.steps = by_name["segments"].steps
         self.params, self.chunks = by_name["params"], chunks
@@ -599,31 +603,30 @@ class _Derived:
 
 
 _derived_for = PerLayout(_Derived)
-# `_adam_chunks`'s leading arguments, which `_Derived` makes once per layout.
-_LAYOUT_ARGUMENTS = tuple(inspect.signature(_adam_chunks.py_func).parameters)[:9]
+# The step kernels' leading arguments, which `_Derived` makes once per layout.
+_LAYOUT_ARGUMENTS = tuple(inspect.signature(_step_on_this_thread.py_func).parameters)[:9]
 
 
-def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
+def adam_step(record, *, grads, group_table, inv_grad_scale=None, found_inf=None,
               clip_factor=None):
-    """One pass over every chunk of `arena` (see `contract.py` for the contract), on
-    the threads `cpu_threads` picks:
+    """One pass over every chunk of `record` (the launcher of `contract.py`), on the threads
+    `cpu_threads` picks:
 
-    - one thread (torch allowed one, or the arena is small): `_adam_chunks` in one call;
-    - the process that imported fused_adam: `_adam_pass`, one call on numba's threading
-      layer. Where numba's layer is OpenMP (Linux without TBB) and torch was imported first,
-      numba's OpenMP is torch's own libgomp, so the pass runs on the very threads torch's
-      backward just used, still spinning: measured after a backward on the development
-      machine, a 2^26-element arena steps in 45.6-47.5 ms there against 50.5-51.7 ms on
-      threads of our own, whose worker waited 2-5 ms for a core;
+    - one thread (torch allowed one, or the arena is small): `_step_on_this_thread`, one call;
+    - the process that imported fused_adam: `_step_on_numba_threads`, one call on numba's
+      threading layer. Where that layer is OpenMP (Linux without TBB) and torch was imported
+      first, numba's OpenMP is torch's own libgomp, so the pass runs on the very threads
+      torch's backward just used, still spinning, and starts sooner than on threads of our
+      own (bench/RESULTS.md);
     - a forked child: threads of our own (`cpu_threads.run_parts`). GNU OpenMP does not survive
       fork(): a child that runs a parallel region after its parent did hangs, torch's own ops
       included (which is why DataLoader workers run torch on one thread).
     """
-    assert arena.params.device.type == "cpu" and arena.params.dtype in PARAM_DTYPES
-    assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
+    assert record.params.device.type == "cpu" and record.params.dtype in PARAM_DTYPES
+    assert grads.dtype == torch.int64 and grads.numel() == record.n_segments
     if found_inf is not None and float(found_inf) != 0:
         return
-    derived = _derived_for(arena)
+    derived = _derived_for(record)
     grad_addresses = grads.numpy()
     arguments = (*derived.arguments, grad_addresses, group_table.numpy(),
                  1.0 if inv_grad_scale is None else float(inv_grad_scale),
@@ -631,78 +634,64 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
     parts = cpu_threads.parts_for(derived.n_elements)
     if parts == 1:
         # One call, steps and updates together: nothing can stop it half-way.
-        _adam_chunks(*arguments, True, 0, derived.n_chunks)
+        _step_on_this_thread(*arguments, True, 0, derived.n_chunks)
     elif not cpu_threads.forked():
-        _adam_pass(*arguments)
+        _step_on_numba_threads(*arguments)
     else:
         with cpu_threads.interrupts_deferred():
             _advance_steps(grad_addresses, derived.steps)
-            cpu_threads.run_parts(_adam_chunks, (*arguments, False), derived.bounds(parts))
+            cpu_threads.run_parts(_step_on_this_thread, (*arguments, False),
+                                  derived.bounds(parts))
 
 
 # ---------------------------------------------------------------------------------------------
 # The gradient norm: one read of every gradient, chunk by chunk, partial sums in float64.
 
-# Each reduction reads its chunk as four quarters at once: one read stream per thread is held
-# back by the prefetchers. Measured on the development machine (Intel Xeon, 2 threads, 512 MiB of
-# fp32 out of cache): one stream per thread 16 GB/s, four 28 GB/s; GPT-2-small's gradients
-# took 30 ms with one.
+# How `_four_stream_reduction` folds each element in: a sum of squares, a sum of magnitudes, the
+# largest magnitude.
+_SQUARES, _MAGNITUDES, _LARGEST = 2, 1, 0
+
 
 @njit(inline="always", **_REDUCTION_JIT)
-def _sum_of_squares(grad):
+def _fold(total, g, kind):
+    if kind == _SQUARES:
+        return total + g * g
+    if kind == _MAGNITUDES:
+        return total + abs(g)
+    return _nan_max(total, abs(g))
+
+
+@njit(inline="always", **_REDUCTION_JIT)
+def _merge(a, b, kind):
+    return _nan_max(a, b) if kind == _LARGEST else a + b
+
+
+@njit(inline="always", **_REDUCTION_JIT)
+def _four_stream_reduction(grad, kind):
+    """`grad` folded (`_fold`) in float64, read as four quarters at once: one read stream per
+    thread is held back by the prefetchers (bench/RESULTS.md). `kind` is a constant at every
+    call, so each call compiles to its own branch-free loop."""
     q = grad.shape[0] // 4
     t0 = t1 = t2 = t3 = 0.0
     for i in range(q):
-        a, b = np.float64(_widen(grad[i])), np.float64(_widen(grad[q + i]))
-        c, d = np.float64(_widen(grad[2 * q + i])), np.float64(_widen(grad[3 * q + i]))
-        t0 += a * a
-        t1 += b * b
-        t2 += c * c
-        t3 += d * d
+        t0 = _fold(t0, np.float64(_widen(grad[i])), kind)
+        t1 = _fold(t1, np.float64(_widen(grad[q + i])), kind)
+        t2 = _fold(t2, np.float64(_widen(grad[2 * q + i])), kind)
+        t3 = _fold(t3, np.float64(_widen(grad[3 * q + i])), kind)
     for i in range(4 * q, grad.shape[0]):
-        a = np.float64(_widen(grad[i]))
-        t0 += a * a
-    return (t0 + t1) + (t2 + t3)
+        t0 = _fold(t0, np.float64(_widen(grad[i])), kind)
+    return _merge(_merge(t0, t1, kind), _merge(t2, t3, kind), kind)
 
 
 @njit(inline="always", **_REDUCTION_JIT)
-def _sum_of_magnitudes(grad):
-    q = grad.shape[0] // 4
-    t0 = t1 = t2 = t3 = 0.0
-    for i in range(q):
-        t0 += abs(np.float64(_widen(grad[i])))
-        t1 += abs(np.float64(_widen(grad[q + i])))
-        t2 += abs(np.float64(_widen(grad[2 * q + i])))
-        t3 += abs(np.float64(_widen(grad[3 * q + i])))
-    for i in range(4 * q, grad.shape[0]):
-        t0 += abs(np.float64(_widen(grad[i])))
-    return (t0 + t1) + (t2 + t3)
-
-
-@njit(inline="always", **_REDUCTION_JIT)
-def _largest_magnitude(grad):
-    """max |g|, NaN if any g is NaN (torch's max)."""
-    q = grad.shape[0] // 4
-    t0 = t1 = t2 = t3 = 0.0
-    for i in range(q):
-        t0 = _nan_max(t0, abs(np.float64(_widen(grad[i]))))
-        t1 = _nan_max(t1, abs(np.float64(_widen(grad[q + i]))))
-        t2 = _nan_max(t2, abs(np.float64(_widen(grad[2 * q + i]))))
-        t3 = _nan_max(t3, abs(np.float64(_widen(grad[3 * q + i]))))
-    for i in range(4 * q, grad.shape[0]):
-        t0 = _nan_max(t0, abs(np.float64(_widen(grad[i]))))
-    return _nan_max(_nan_max(t0, t1), _nan_max(t2, t3))
-
-
-@njit(inline="always", **_REDUCTION_JIT)
-def _chunk_power_sum(grad, norm_type):
+def _power_sum(grad, norm_type):
     """sum(|g|^p) over `grad` in float64, or max(|g|) for p = inf (NaN if any g is NaN)."""
     if norm_type == 2.0:
-        return _sum_of_squares(grad)
+        return _four_stream_reduction(grad, _SQUARES)
     if norm_type == 1.0:
-        return _sum_of_magnitudes(grad)
+        return _four_stream_reduction(grad, _MAGNITUDES)
     if norm_type == np.inf:
-        return _largest_magnitude(grad)
+        return _four_stream_reduction(grad, _LARGEST)
     total = 0.0
     for i in range(grad.shape[0]):
         total += abs(np.float64(_widen(grad[i]))) ** norm_type
@@ -710,43 +699,44 @@ def _chunk_power_sum(grad, norm_type):
 
 
 @njit(inline="always", **_REDUCTION_JIT)
-def _power_sum_chunk(chunk, params, chunks, grad_addresses, norm_type, partials):
+def _write_partial(chunk, params, chunks, grad_addresses, norm_type, partials):
+    """partials[chunk] = the power sum of chunk `chunk`'s gradient (0 without one)."""
     address = grad_addresses[chunks.segments[chunk]]
     if address == 0:
         partials[chunk] = 0.0
         return
     offset, n = chunks.offsets[chunk], chunks.lengths[chunk]
     grad = numba.carray(_pointer_like(address + offset * params.itemsize, params), n)
-    partials[chunk] = _chunk_power_sum(grad, norm_type)
+    partials[chunk] = _power_sum(grad, norm_type)
 
 
 @njit(parallel=True, **_REDUCTION_JIT)
-def _power_sum_pass(params, chunks, grad_addresses, norm_type, partials):
+def _partials_on_numba_threads(params, chunks, grad_addresses, norm_type, partials):
     for chunk in prange(chunks.segments.shape[0]):
-        _power_sum_chunk(chunk, params, chunks, grad_addresses, norm_type, partials)
+        _write_partial(chunk, params, chunks, grad_addresses, norm_type, partials)
 
 
 @njit(**_REDUCTION_JIT)
-def _power_sum_chunks(params, chunks, grad_addresses, norm_type, partials, first, last):
+def _partials_on_this_thread(params, chunks, grad_addresses, norm_type, partials, first, last):
     for chunk in range(first, last):
-        _power_sum_chunk(chunk, params, chunks, grad_addresses, norm_type, partials)
+        _write_partial(chunk, params, chunks, grad_addresses, norm_type, partials)
 
 
-def grad_power_sum(arena, *, grads, norm_type):
-    """sum(|g|^p) over every gradient of `arena` (max |g| for p = inf), a 0-d float64 tensor
+def grad_power_sum(record, *, grads, norm_type):
+    """sum(|g|^p) over every gradient of `record` (max |g| for p = inf), a 0-d float64 tensor
     (see `contract.py`): partial sums per chunk on the threads `adam_step` would use,
     added up here (numpy's pairwise sum)."""
-    assert grads.dtype == torch.int64 and grads.numel() == arena.n_segments
-    derived = _derived_for(arena)
+    assert grads.dtype == torch.int64 and grads.numel() == record.n_segments
+    derived = _derived_for(record)
     partials = np.empty(derived.n_chunks, dtype=np.float64)
     arguments = (derived.params, derived.chunks, grads.numpy(), float(norm_type), partials)
     parts = cpu_threads.parts_for(derived.n_elements)
     if parts == 1:
-        _power_sum_chunks(*arguments, 0, derived.n_chunks)
+        _partials_on_this_thread(*arguments, 0, derived.n_chunks)
     elif not cpu_threads.forked():
-        _power_sum_pass(*arguments)
+        _partials_on_numba_threads(*arguments)
     else:
-        cpu_threads.run_parts(_power_sum_chunks, arguments, derived.bounds(parts))
+        cpu_threads.run_parts(_partials_on_this_thread, arguments, derived.bounds(parts))
     # numpy's max propagates NaN, as torch's norms do.
     total = partials.max(initial=0.0) if norm_type == np.inf else partials.sum()
     return torch.tensor(total, dtype=torch.float64)

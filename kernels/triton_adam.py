@@ -7,7 +7,7 @@ exchange no program ever touches padding, gradients need no flat copy (their int
 turned into pointers in the kernel), and hyperparameters, steps and amsgrad/maximize/decoupled
 flags stay per segment and per group without one compile per combination.
 
-Mixed precision follows the numba kernel's contract: bf16/fp16 params may have an fp32 master
+Mixed precision follows the contract (`contract.py`): bf16/fp16 params may have an fp32 master
 copy (stepped in their place, then rounded into them) and moments of their own dtype, fp32 or
 bf16; the math is fp32 (fp64 for fp64 params) and every narrower store rounds to nearest even.
 bf16 params may keep a compact master instead (an int16 or int8 remainder beside them, see
@@ -87,10 +87,9 @@ def _store_rounded(ptrs, x, mask):
             tl.store(ptrs, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True),
                      mask=mask)
         else:
-            # Compiled: cvt.rn.bf16x2.f32, half an instruction per value. The integer
-            # rounding above compiles to about 6.5 per value on sm_90 (SHF, SGXT, IADD3,
-            # FSETP, SEL, PRMT): 3296 -> 3944 SASS instructions (+20%) in the kernel for bf16
-            # params and moments, a kernel that should be bound by memory, not by issue.
+            # Compiled: cvt.rn.bf16x2.f32, half an instruction per value, where the integer
+            # rounding above takes about 6.5 (SHF, SGXT, IADD3, FSETP, SEL, PRMT on sm_90) in
+            # a kernel that should be bound by memory, not by issue (bench/RESULTS.md).
             tl.store(ptrs, x.to(tl.bfloat16), mask=mask)
     else:
         # fp16: cvt.rn.f16.f32 compiled, numpy's astype (also nearest even) interpreted.
@@ -157,10 +156,11 @@ def _store_stepped(param_ptrs, master_param_ptrs, p, mask, HAS_MASTER: tl.conste
 
 
 @triton.jit
-def _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
-                    param_decay, lerp_weight, beta2, one_minus_beta2):
-    """(p, m, v) after the gradient's scaling, weight decay and the moments' update: the math
-    both kernels share, on tiles of any shape."""
+def _update_moments(p, g, m, v, moment_scalars):
+    """(p, m, v) after the contract's gradient, weight decay and moment lines (`contract.py`),
+    on tiles of any shape; `moment_scalars` as `_segment_scalars` makes them."""
+    (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, lerp_weight, beta2,
+     one_minus_beta2) = moment_scalars
     # grad_scale is GradScaler's inverse scale, negated for maximize: exactly +-1.0 without a
     # scaler, so no rounding. Then the clipping factor (1.0 without clipping), rounded apart
     # as torch's unscale_ then clip_grad_norm_ round.
@@ -187,31 +187,39 @@ def _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay, decoup
 
 
 @triton.jit
-def _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps):
-    """p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps), IEEE-rounded."""
-    return _stepped_param_by_root(p, m, _sqrt(v_hat), step_size, bias_correction2_sqrt, eps)
-
-
-@triton.jit
-def _stepped_param_by_root(p, m, root, step_size, bias_correction2_sqrt, eps):
-    """`_stepped_param` from root = sqrt(v_hat), for a caller that needs the root too."""
+def _stepped_param(p, m, root, step_scalars):
+    """The contract's last line from root = sqrt(v_hat), IEEE-rounded."""
+    step_size, bias_correction2_sqrt, eps = step_scalars
     denom = _div(root, bias_correction2_sqrt.to(root.dtype)) + eps.to(root.dtype)
     return p - _div(step_size.to(p.dtype) * m, denom)
 
 
 @triton.jit
+def _chunk_scalars(scalars):
+    """`_segment_scalars`' scalars as a chunk's math takes them: (`_update_moments`' scalars,
+    `_stepped_param`'s, amsgrad). The moments' weights 1 - b1 and 1 - b2 are taken here, where
+    the chunk's math starts: taken with the other scalars, the two fp64 values stay live across
+    the pointer math, and ptxas spills registers in three sm_80 kernels past the bound of
+    tests/test_triton_compile.py."""
+    segment_moment_scalars, step_scalars, amsgrad = scalars
+    grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2 = \
+        segment_moment_scalars
+    moment_scalars = (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay,
+                      1.0 - beta1, beta2, 1.0 - beta2)
+    return moment_scalars, step_scalars, amsgrad
+
+
+@triton.jit
 def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                max_exp_avg_sq_ptrs, mask, grad_scale, clip_factor, l2_weight_decay, decoupled_wd,
-                param_decay, lerp_weight, beta2, one_minus_beta2, step_size,
-                bias_correction2_sqrt, eps, amsgrad, HAS_MASTER: tl.constexpr,
+                max_exp_avg_sq_ptrs, mask, scalars, HAS_MASTER: tl.constexpr,
                 HAS_MAX_EXP_AVG_SQ: tl.constexpr):
+    moment_scalars, step_scalars, amsgrad = _chunk_scalars(scalars)
     p = _load_stepped(param_ptrs, master_param_ptrs, mask, HAS_MASTER)
     g = _to_compute(tl.load(grad_ptrs, mask=mask))
     m = _to_compute(tl.load(exp_avg_ptrs, mask=mask))
     v = _to_compute(tl.load(exp_avg_sq_ptrs, mask=mask))
 
-    p, m, v = _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay,
-                              decoupled_wd, param_decay, lerp_weight, beta2, one_minus_beta2)
+    p, m, v = _update_moments(p, g, m, v, moment_scalars)
     v_hat = v
     if HAS_MAX_EXP_AVG_SQ:
         if amsgrad:
@@ -219,7 +227,7 @@ def _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_
             # torch.maximum propagates NaN; tl.maximum does not unless asked.
             v_hat = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
             _store_rounded(max_exp_avg_sq_ptrs, v_hat, mask)
-    p = _stepped_param(p, m, v_hat, step_size, bias_correction2_sqrt, eps)
+    p = _stepped_param(p, m, _sqrt(v_hat), step_scalars)
 
     _store_stepped(param_ptrs, master_param_ptrs, p, mask, HAS_MASTER)
     _store_rounded(exp_avg_ptrs, m, mask)
@@ -242,8 +250,8 @@ def _power(base, exponent):
     (but for a result within 2^-90 or so of a rounding boundary): Python's `beta ** step`, the
     bias corrections' power, which glibc's pow rounds correctly too. By squaring in
     double-double, at most 2 * 25 products for a step below 2^25 (a float32 step stops counting
-    at 2^24). exp2(step * log2(beta)), as this was, missed by an ulp or more in fp64: 169 of
-    2145 fp64 params differed from torch's loop after 7 steps."""
+    at 2^24). exp2(step * log2(beta)) misses by an ulp or more in fp64: 169 of 2145 fp64
+    params part from torch's loop within 7 steps."""
     result_high = base * 0.0 + 1.0
     result_low = base * 0.0
     power_high = base
@@ -258,9 +266,39 @@ def _power(base, exponent):
 
 
 @triton.jit
+def _locate_chunk(chunk_table_ptr, grad_addresses_ptr, found_inf_ptr):
+    """Both kernels' opening: where this program's chunk is, (segment, chunk offset in it,
+    gradient address), and whether it has nothing to do (the step is skipped, or the segment
+    has no gradient): then the kernel returns at once."""
+    found_inf = tl.load(found_inf_ptr)
+    pid = tl.program_id(0).to(tl.int64)
+    segment = tl.load(chunk_table_ptr + 2 * pid)
+    chunk_offset = tl.load(chunk_table_ptr + 2 * pid + 1)
+    grad_address = tl.load(grad_addresses_ptr + segment)
+    return (segment, chunk_offset, grad_address), (found_inf != 0) | (grad_address == 0)
+
+
+@triton.jit
+def _open_segment(located, param_ptr, segment_starts_ptr, segment_lengths_ptr,
+                  segment_groups_ptr, steps_ptr, group_table_ptr, inv_grad_scale_ptr,
+                  inv_grad_scale, clip_factor_ptr):
+    """Both kernels' next step, for a chunk with work (`located` by `_locate_chunk`): (its offset
+    in its segment, the segment's start and length, the gradient as a pointer of the params'
+    type, the scalars of `_segment_scalars`)."""
+    segment, chunk_offset, grad_address = located
+    start = tl.load(segment_starts_ptr + segment)
+    length = tl.load(segment_lengths_ptr + segment)
+    scalars = _segment_scalars(segment, segment_groups_ptr, steps_ptr, group_table_ptr,
+                               inv_grad_scale_ptr, inv_grad_scale, clip_factor_ptr)
+    grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
+    return chunk_offset, start, length, grad_ptr, scalars
+
+
+@triton.jit
 def _segment_scalars(segment, segment_groups_ptr, steps_ptr, group_table_ptr,
                      inv_grad_scale_ptr, inv_grad_scale, clip_factor_ptr):
-    """The scalars both kernels step a segment with, from its group row and step count."""
+    """The scalars both kernels step a segment with, from its group row and step count (see
+    `_chunk_scalars`)."""
     group_row = group_table_ptr + tl.load(segment_groups_ptr + segment) * _GROUP_COLUMNS
     lr = tl.load(group_row + _LR)
     beta1 = tl.load(group_row + _BETA1)
@@ -282,8 +320,8 @@ def _segment_scalars(segment, segment_groups_ptr, steps_ptr, group_table_ptr,
     grad_scale = tl.load(inv_grad_scale_ptr) * inv_grad_scale
     grad_scale = tl.where(maximize, -grad_scale, grad_scale)
     clip_factor = tl.load(clip_factor_ptr)
-    return (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2,
-            eps, step_size, bias_correction2_sqrt, amsgrad)
+    return ((grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2),
+            (step_size, bias_correction2_sqrt, eps), amsgrad)
 
 
 @triton.jit
@@ -293,37 +331,15 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
                  inv_grad_scale_ptr, inv_grad_scale, found_inf_ptr, clip_factor_ptr,
                  HAS_MASTER: tl.constexpr, HAS_MAX_EXP_AVG_SQ: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr):
-    """For each element of this program's chunk, with t = steps[segment] (already advanced):
-
-    g = grad * inv_grad_scale;  g = g * clip_factor;  g = -g if maximize
-    g = fma(p, wd, g)                   (Adam, L2)      p = p * (1 - lr * wd)   (AdamW)
-    m = fma(w, g - m, m) (w = 1 - b1 < 0.5), else fma(w - 1, g - m, g)
-    v = fma((1 - b2) * g, g, v * b2)
-    v_hat = max(v_max, v)  (amsgrad, v_max := v_hat)   else v_hat = v
-    p = p - (lr / (1 - b1^t)) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
-
-    in fp32 (fp64 for fp64 params), p taken from and written to the master when HAS_MASTER:
-    an fp32 copy (then param = p rounded), or, where `master_param_ptr` is int16 or int8, a
-    compact one (p joined from the bf16 params and that remainder, and split back into them:
-    `_join_master`, `_split_master`); values stored in a narrower dtype (params, and the
-    moments, whose dtype may differ from the params') are rounded to nearest even.
-    """
-    found_inf = tl.load(found_inf_ptr)
-    pid = tl.program_id(0).to(tl.int64)
-    segment = tl.load(chunk_table_ptr + 2 * pid)
-    chunk_offset = tl.load(chunk_table_ptr + 2 * pid + 1)
-    grad_address = tl.load(grad_addresses_ptr + segment)
-    if (found_inf != 0) | (grad_address == 0):
+    """The update of `contract.py` on every element of this program's chunk, t = steps[segment]
+    (already advanced), p the master when HAS_MASTER: an fp32 copy, or a compact one (int16 or
+    int8 `master_param_ptr`, joined with the params and split back into them)."""
+    located, idle = _locate_chunk(chunk_table_ptr, grad_addresses_ptr, found_inf_ptr)
+    if idle:
         return
-
-    start = tl.load(segment_starts_ptr + segment)
-    length = tl.load(segment_lengths_ptr + segment)
-    (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2, eps,
-     step_size, bias_correction2_sqrt, amsgrad) = _segment_scalars(
-        segment, segment_groups_ptr, steps_ptr, group_table_ptr, inv_grad_scale_ptr,
-        inv_grad_scale, clip_factor_ptr)
-
-    grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
+    chunk_offset, start, length, grad_ptr, scalars = _open_segment(
+        located, param_ptr, segment_starts_ptr, segment_lengths_ptr, segment_groups_ptr,
+        steps_ptr, group_table_ptr, inv_grad_scale_ptr, inv_grad_scale, clip_factor_ptr)
     # Chunk offsets are multiples of BLOCK_SIZE and segment starts of SEGMENT_ALIGNMENT (16)
     # elements. Hints on the loaded scalars change nothing in the PTX; on the vectors they
     # are what makes the accesses 128-bit.
@@ -359,22 +375,11 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
     # scalar ones). Triton cannot merge a None and a tensor into one variable across branches.
     if chunk_offset + BLOCK_SIZE <= length:
         _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                    max_exp_avg_sq_ptrs, mask=None, grad_scale=grad_scale,
-                    clip_factor=clip_factor,
-                    l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
-                    param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
-                    one_minus_beta2=1.0 - beta2, step_size=step_size,
-                    bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, amsgrad=amsgrad,
-                    HAS_MASTER=HAS_MASTER, HAS_MAX_EXP_AVG_SQ=HAS_MAX_EXP_AVG_SQ)
+                    max_exp_avg_sq_ptrs, None, scalars, HAS_MASTER, HAS_MAX_EXP_AVG_SQ)
     else:
         _adam_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                    max_exp_avg_sq_ptrs, mask=in_segment < length, grad_scale=grad_scale,
-                    clip_factor=clip_factor,
-                    l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
-                    param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
-                    one_minus_beta2=1.0 - beta2, step_size=step_size,
-                    bias_correction2_sqrt=bias_correction2_sqrt, eps=eps, amsgrad=amsgrad,
-                    HAS_MASTER=HAS_MASTER, HAS_MAX_EXP_AVG_SQ=HAS_MAX_EXP_AVG_SQ)
+                    max_exp_avg_sq_ptrs, in_segment < length, scalars, HAS_MASTER,
+                    HAS_MAX_EXP_AVG_SQ)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +388,8 @@ def _adam_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_e
 # buffers and no amsgrad or fp64; as a constexpr branch of `_adam_kernel` it would have added
 # parameters to that kernel's signature (and to its direct calls in tests) and a second tile
 # shape to every branch of it, and each change to one would risk the other's code. The two
-# share the scalars and the fp32 math (`_segment_scalars`, `_update_moments`, `_stepped_param`),
-# and `_adam_kernel`'s PTX is what it was before this kernel existed.
+# share their opening (`_locate_chunk`, `_open_segment`) and the fp32 math (`_update_moments`,
+# `_stepped_param`).
 
 _QUANT_BLOCK = tl.constexpr(QUANT_BLOCK)
 _SIGNED_LEVELS = tl.constexpr(float(SIGNED_LEVELS))
@@ -471,22 +476,20 @@ def _store_quantized(code_ptrs, absmax_ptrs, x, root, mask, block_mask, SIGNED: 
 
 @triton.jit
 def _adam_q8_chunk(param_ptrs, master_param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs,
-                   exp_avg_absmax_ptrs, exp_avg_sq_absmax_ptrs, mask, block_mask, grad_scale,
-                   clip_factor, l2_weight_decay, decoupled_wd, param_decay, lerp_weight, beta2,
-                   one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+                   exp_avg_absmax_ptrs, exp_avg_sq_absmax_ptrs, mask, block_mask, scalars,
                    HAS_MASTER: tl.constexpr):
+    moment_scalars, step_scalars, _ = _chunk_scalars(scalars)  # no amsgrad with 8-bit moments
     p = _load_stepped(param_ptrs, master_param_ptrs, mask, HAS_MASTER)
     g = tl.load(grad_ptrs, mask=mask).to(tl.float32)
     m = _decode(tl.load(exp_avg_ptrs, mask=mask), tl.load(exp_avg_absmax_ptrs, mask=block_mask),
                 SIGNED=True)
     v = _decode(tl.load(exp_avg_sq_ptrs, mask=mask),
                 tl.load(exp_avg_sq_absmax_ptrs, mask=block_mask), SIGNED=False)
-    p, m, v = _update_moments(p, g, m, v, grad_scale, clip_factor, l2_weight_decay,
-                              decoupled_wd, param_decay, lerp_weight, beta2, one_minus_beta2)
+    p, m, v = _update_moments(p, g, m, v, moment_scalars)
     # The parameter steps with the unrounded new moments; v's code is taken from the same
     # sqrt(v).
     root = tl.sqrt_rn(v)
-    p = _stepped_param_by_root(p, m, root, step_size, bias_correction2_sqrt, eps)
+    p = _stepped_param(p, m, root, step_scalars)
     _store_stepped(param_ptrs, master_param_ptrs, p, mask, HAS_MASTER)
     _store_quantized(exp_avg_ptrs, exp_avg_absmax_ptrs, m, None, mask, block_mask, SIGNED=True)
     _store_quantized(exp_avg_sq_ptrs, exp_avg_sq_absmax_ptrs, v, root, mask, block_mask,
@@ -516,22 +519,9 @@ def _adam_q8_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr,
     within the thread and then across lanes (redux.sync.max.s32 on sm_80 and later); with 8
     elements a thread, SPLIT is 1. What still goes through shared memory is each new absmax,
     from its warp to the layout Triton gives the store of a [BLOCKS] vector (a few bytes)."""
-    found_inf = tl.load(found_inf_ptr)
-    pid = tl.program_id(0).to(tl.int64)
-    segment = tl.load(chunk_table_ptr + 2 * pid)
-    chunk_offset = tl.load(chunk_table_ptr + 2 * pid + 1)
-    grad_address = tl.load(grad_addresses_ptr + segment)
-    if (found_inf != 0) | (grad_address == 0):
+    located, idle = _locate_chunk(chunk_table_ptr, grad_addresses_ptr, found_inf_ptr)
+    if idle:
         return
-
-    start = tl.load(segment_starts_ptr + segment)
-    length = tl.load(segment_lengths_ptr + segment)
-    (grad_scale, clip_factor, l2_weight_decay, decoupled_wd, param_decay, beta1, beta2, eps,
-     step_size, bias_correction2_sqrt, amsgrad) = _segment_scalars(
-        segment, segment_groups_ptr, steps_ptr, group_table_ptr, inv_grad_scale_ptr,
-        inv_grad_scale, clip_factor_ptr)
-
-    grad_ptr = grad_address.to(tl.pointer_type(param_ptr.dtype.element_ty), bitcast=True)
     # One contiguity for every stream, as in `_adam_kernel`: 128 bits of the widest (fp32
     # params or master: 4 elements, so 32-bit accesses of the codes; bf16/fp16 params alone or
     # with a compact master: 8, 64-bit code accesses, and 128-bit (int16) or 64-bit (int8) ones
@@ -545,6 +535,9 @@ def _adam_q8_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr,
     BLOCKS: tl.constexpr = BLOCK_SIZE // _QUANT_BLOCK
     SPLIT: tl.constexpr = max(1, _QUANT_BLOCK // (32 * ACCESS))
     WIDTH: tl.constexpr = _QUANT_BLOCK // SPLIT
+    chunk_offset, start, length, grad_ptr, scalars = _open_segment(
+        located, param_ptr, segment_starts_ptr, segment_lengths_ptr, segment_groups_ptr,
+        steps_ptr, group_table_ptr, inv_grad_scale_ptr, inv_grad_scale, clip_factor_ptr)
     block = tl.arange(0, BLOCKS)
     block_offset = chunk_offset + block * _QUANT_BLOCK  # in the segment
     in_block = tl.arange(0, SPLIT)[:, None, None] * WIDTH + tl.arange(0, WIDTH)[None, None, :]
@@ -565,27 +558,16 @@ def _adam_q8_kernel(param_ptr, master_param_ptr, exp_avg_ptr, exp_avg_sq_ptr,
         _adam_q8_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
                        exp_avg_sq_ptr + offsets, exp_avg_absmax_ptr + blocks,
                        exp_avg_sq_absmax_ptr + blocks, mask=None, block_mask=None,
-                       grad_scale=grad_scale, clip_factor=clip_factor,
-                       l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
-                       param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
-                       one_minus_beta2=1.0 - beta2, step_size=step_size,
-                       bias_correction2_sqrt=bias_correction2_sqrt, eps=eps,
-                       HAS_MASTER=HAS_MASTER)
+                       scalars=scalars, HAS_MASTER=HAS_MASTER)
     else:
         _adam_q8_chunk(param_ptr + offsets, master_param_ptrs, grad_ptrs, exp_avg_ptr + offsets,
                        exp_avg_sq_ptr + offsets, exp_avg_absmax_ptr + blocks,
                        exp_avg_sq_absmax_ptr + blocks, mask=in_segment < length,
-                       block_mask=block_offset < length,
-                       grad_scale=grad_scale, clip_factor=clip_factor,
-                       l2_weight_decay=l2_weight_decay, decoupled_wd=decoupled_wd,
-                       param_decay=param_decay, lerp_weight=1.0 - beta1, beta2=beta2,
-                       one_minus_beta2=1.0 - beta2, step_size=step_size,
-                       bias_correction2_sqrt=bias_correction2_sqrt, eps=eps,
-                       HAS_MASTER=HAS_MASTER)
+                       block_mask=block_offset < length, scalars=scalars, HAS_MASTER=HAS_MASTER)
 
 
-def launch_config(arena):
-    """(BLOCK_SIZE, compile options) for `arena`'s buffer dtypes. 8 warps, each thread moving
+def launch_config(record):
+    """(BLOCK_SIZE, compile options) for `record`'s buffer dtypes. 8 warps, each thread moving
     32 B of the widest stream (two 128-bit accesses): 2048 elements per program when any stream
     is 4 bytes wide, 4096 when all are bf16/fp16, 1024 for fp64. Sized by the widest stream, a
     thread holds as many values as in the fp32 kernel (registers, the tail chunk and the
@@ -599,11 +581,11 @@ def launch_config(arena):
     for bf16/fp16 params alone; both multiples of QUANT_BLOCK, as `_adam_q8_kernel` needs. A
     compact master's remainder (2 or 1 bytes) is a stream like the others: 4096 elements for
     bf16 params with bf16 or 8-bit moments, 2048 with fp32 moments."""
-    widest = max(arena.params.element_size(), arena.exp_avg.element_size(),
-                 4 if arena.master_params is not None else 0,
-                 0 if arena.master_remainder is None else arena.master_remainder.element_size())
+    widest = max(record.params.element_size(), record.exp_avg.element_size(),
+                 4 if record.master_params is not None else 0,
+                 0 if record.master_remainder is None else record.master_remainder.element_size())
     block_size = 8192 // widest
-    assert not arena.quantized or block_size % QUANT_BLOCK == 0
+    assert not record.quantized or block_size % QUANT_BLOCK == 0
     return block_size, dict(num_warps=8, enable_fp_fusion=False)
 
 
@@ -615,44 +597,44 @@ def _check(name, tensor, dtype, device, n=None):
         assert tensor.numel() == n, f"{name}: expected {n} entries, got {tensor.numel()}"
 
 
-def _check_arena(arena):
+def _check_record(record):
     """The contract's shapes and dtypes (host metadata only: no device read, so that segment
     starts are multiples of QUANT_BLOCK in an arena of 8-bit moments is the contract's word)."""
-    params = arena.params
-    device, dtype, state_dtype = params.device, params.dtype, arena.exp_avg.dtype
+    params = record.params
+    device, dtype, state_dtype = params.device, params.dtype, record.exp_avg.dtype
     assert dtype in PARAM_DTYPES, f"unsupported dtype {dtype}"
     assert params.dim() == 1, "arena buffers are 1-D"
-    if arena.quantized:
+    if record.quantized:
         # fp32 math: the reference's quantized step is fp32, and the optimizer never gives
         # fp64 params 8-bit moments.
         assert dtype != torch.float64, "8-bit moments are for fp32, bf16 and fp16 params"
-        assert arena.max_exp_avg_sq is None, "8-bit moments do not offer amsgrad"
+        assert record.max_exp_avg_sq is None, "8-bit moments do not offer amsgrad"
         assert params.numel() % QUANT_BLOCK == 0, \
             f"an arena of 8-bit moments is whole blocks of {QUANT_BLOCK} elements"
-        moments = [("exp_avg", arena.exp_avg, EXP_AVG_CODES),
-                   ("exp_avg_sq", arena.exp_avg_sq, EXP_AVG_SQ_CODES)]
+        moments = [("exp_avg", record.exp_avg, EXP_AVG_CODES),
+                   ("exp_avg_sq", record.exp_avg_sq, EXP_AVG_SQ_CODES)]
         for name in ("exp_avg_absmax", "exp_avg_sq_absmax"):
-            assert getattr(arena, name) is not None, f"8-bit moments without {name}"
-            _check(name, getattr(arena, name), torch.float32, device,
+            assert getattr(record, name) is not None, f"8-bit moments without {name}"
+            _check(name, getattr(record, name), torch.float32, device,
                    params.numel() // QUANT_BLOCK)
     else:
         assert state_dtype == dtype or (dtype != torch.float64 and state_dtype in STATE_DTYPES), \
             f"{dtype} params cannot have {state_dtype} moments"
-        assert arena.exp_avg_sq_absmax is None, "exp_avg_sq_absmax without exp_avg_absmax"
-        moments = [("exp_avg", arena.exp_avg, state_dtype),
-                   ("exp_avg_sq", arena.exp_avg_sq, state_dtype),
-                   ("max_exp_avg_sq", arena.max_exp_avg_sq, state_dtype)]
-    assert arena.master_params is None or dtype in MASTER_DTYPES, \
+        assert record.exp_avg_sq_absmax is None, "exp_avg_sq_absmax without exp_avg_absmax"
+        moments = [("exp_avg", record.exp_avg, state_dtype),
+                   ("exp_avg_sq", record.exp_avg_sq, state_dtype),
+                   ("max_exp_avg_sq", record.max_exp_avg_sq, state_dtype)]
+    assert record.master_params is None or dtype in MASTER_DTYPES, \
         f"a master copy is for bf16/fp16 params, not {dtype}"
-    remainder = arena.master_remainder
+    remainder = record.master_remainder
     if remainder is not None:
         assert dtype == torch.bfloat16, f"a compact master is for bf16 params, not {dtype}"
-        assert arena.master_params is None, "both an fp32 master and a compact one"
+        assert record.master_params is None, "both an fp32 master and a compact one"
         assert remainder.dtype in COMPACT_MASTERS.values(), \
             f"master_remainder: expected one of {sorted(map(str, COMPACT_MASTERS.values()))}, " \
             f"got {remainder.dtype}"
     buffers = [("params", params, dtype), *moments,
-               ("master_params", arena.master_params, torch.float32),
+               ("master_params", record.master_params, torch.float32),
                ("master_remainder", remainder, None if remainder is None else remainder.dtype)]
     for name, buffer, buffer_dtype in buffers:
         if buffer is not None:
@@ -660,18 +642,18 @@ def _check_arena(arena):
             # 128-bit accesses need 16-byte aligned bases.
             assert buffer.data_ptr() % 16 == 0, f"{name} must be 16-byte aligned"
     for name in ("segment_starts", "segment_lengths", "segment_groups"):
-        _check(name, getattr(arena, name), torch.int64, device, arena.n_segments)
-    _check("steps", arena.steps, torch.float32, device, arena.n_segments)
+        _check(name, getattr(record, name), torch.int64, device, record.n_segments)
+    _check("steps", record.steps, torch.float32, device, record.n_segments)
 
 
 class _Derived:
     """What the launcher derives from one layout: the chunk table (program -> segment, offset),
     the launch configuration, and scratch scalars, made once and kept with the record."""
 
-    def __init__(self, arena):
-        _check_arena(arena)
-        self.block_size, self.options = launch_config(arena)
-        lengths = arena.segment_lengths
+    def __init__(self, record):
+        _check_record(record)
+        self.block_size, self.options = launch_config(record)
+        lengths = record.segment_lengths
         chunks_per_segment = (lengths + (self.block_size - 1)) // self.block_size
         # One host read per layout (the grid size), never per step.
         self.n_chunks = int(chunks_per_segment.sum())
@@ -681,73 +663,64 @@ class _Derived:
         first_chunk = torch.cumsum(chunks_per_segment, 0) - chunks_per_segment
         chunk = torch.arange(self.n_chunks, device=lengths.device) - first_chunk[segment]
         self.chunk_table = torch.stack([segment, chunk * self.block_size], dim=1).contiguous()
-        device = arena.params.device
+        device = record.params.device
         self.one = torch.ones((), dtype=torch.float32, device=device)
         self.no_clipping = torch.ones((), dtype=torch.float64, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
-        self.advance = torch.empty(arena.steps.shape, dtype=torch.bool, device=device)
+        self.advance = torch.empty(record.steps.shape, dtype=torch.bool, device=device)
         self.no_inf = torch.empty((), dtype=torch.bool, device=device)
 
 
 _derived_for = PerLayout(_Derived)
 
 
-def kernel_for(arena):
-    """The step kernel for `arena`: `_adam_q8_kernel` for 8-bit moments, else `_adam_kernel`."""
-    return _adam_q8_kernel if arena.quantized else _adam_kernel
+def kernel_for(record):
+    """The step kernel for `record`: `_adam_q8_kernel` for 8-bit moments, else `_adam_kernel`."""
+    return _adam_q8_kernel if record.quantized else _adam_kernel
 
 
-def kernel_arguments(arena, *, grads, group_table, inv_grad_scale_ptr, inv_grad_scale,
+def kernel_arguments(record, *, grads, group_table, inv_grad_scale_ptr, inv_grad_scale,
                      found_inf_ptr, clip_factor_ptr):
-    """`kernel_for(arena)`'s arguments by name for `arena`, and (grid size, compile options):
+    """`kernel_for(record)`'s arguments by name for `record`, and (grid size, compile options):
     what the launcher launches and what tests/test_triton_compile.py compiles ahead of time.
-    `master_param_ptr` is the master in whichever form the arena keeps it (the kernels tell an
+    `master_param_ptr` is the master in whichever form the record keeps it (the kernels tell an
     fp32 one from a compact one's remainder by its dtype), HAS_MASTER whether there is one."""
-    derived = _derived_for(arena)
-    master = arena.master_params if arena.master_remainder is None else arena.master_remainder
-    if arena.quantized:
-        arguments = dict(
-            param_ptr=arena.params, master_param_ptr=master,
-            exp_avg_ptr=arena.exp_avg, exp_avg_sq_ptr=arena.exp_avg_sq,
-            exp_avg_absmax_ptr=arena.exp_avg_absmax,
-            exp_avg_sq_absmax_ptr=arena.exp_avg_sq_absmax,
-            chunk_table_ptr=derived.chunk_table, segment_starts_ptr=arena.segment_starts,
-            segment_lengths_ptr=arena.segment_lengths, segment_groups_ptr=arena.segment_groups,
-            steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
-            inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
-            found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr,
-            HAS_MASTER=master is not None, BLOCK_SIZE=derived.block_size)
-        return arguments, derived.n_chunks, derived.options
-    has_max = arena.max_exp_avg_sq is not None
+    derived = _derived_for(record)
+    master = record.master_params if record.master_remainder is None else record.master_remainder
     arguments = dict(
-        param_ptr=arena.params, master_param_ptr=master,
-        exp_avg_ptr=arena.exp_avg, exp_avg_sq_ptr=arena.exp_avg_sq,
-        # Never touched without amsgrad; a moment buffer keeps the pointer's type the moments'.
-        max_exp_avg_sq_ptr=arena.max_exp_avg_sq if has_max else arena.exp_avg,
-        chunk_table_ptr=derived.chunk_table, segment_starts_ptr=arena.segment_starts,
-        segment_lengths_ptr=arena.segment_lengths, segment_groups_ptr=arena.segment_groups,
-        steps_ptr=arena.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
+        param_ptr=record.params, master_param_ptr=master,
+        exp_avg_ptr=record.exp_avg, exp_avg_sq_ptr=record.exp_avg_sq,
+        chunk_table_ptr=derived.chunk_table, segment_starts_ptr=record.segment_starts,
+        segment_lengths_ptr=record.segment_lengths, segment_groups_ptr=record.segment_groups,
+        steps_ptr=record.steps, grad_addresses_ptr=grads, group_table_ptr=group_table,
         inv_grad_scale_ptr=inv_grad_scale_ptr, inv_grad_scale=inv_grad_scale,
         found_inf_ptr=found_inf_ptr, clip_factor_ptr=clip_factor_ptr,
-        HAS_MASTER=master is not None,
-        HAS_MAX_EXP_AVG_SQ=has_max, BLOCK_SIZE=derived.block_size)
+        HAS_MASTER=master is not None, BLOCK_SIZE=derived.block_size)
+    if record.quantized:
+        arguments.update(exp_avg_absmax_ptr=record.exp_avg_absmax,
+                         exp_avg_sq_absmax_ptr=record.exp_avg_sq_absmax)
+    else:
+        has_max = record.max_exp_avg_sq is not None
+        # Never touched without amsgrad; a moment buffer keeps the pointer's type the moments'.
+        arguments.update(max_exp_avg_sq_ptr=record.max_exp_avg_sq if has_max else record.exp_avg,
+                         HAS_MAX_EXP_AVG_SQ=has_max)
     return arguments, derived.n_chunks, derived.options
 
 
-def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
+def adam_step(record, *, grads, group_table, inv_grad_scale=None, found_inf=None,
               clip_factor=None):
-    """One Adam/AdamW step over every segment of `arena` (see `contract.py`): advances
+    """One Adam/AdamW step over every segment of `record` (see `contract.py`): advances
     `steps` where a grad is present (and found_inf is zero), then launches the kernel once.
     Nothing is read back to the host."""
-    derived = _derived_for(arena)
-    device = arena.params.device
-    _check("grads", grads, torch.int64, device, arena.n_segments)
+    derived = _derived_for(record)
+    device = record.params.device
+    _check("grads", grads, torch.int64, device, record.n_segments)
     _check("group_table", group_table, torch.float64, device)
     assert group_table.dim() == 2 and group_table.shape[1] == GROUP_COLUMNS, \
         f"group_table must be [n_groups, {GROUP_COLUMNS}], got {tuple(group_table.shape)}"
-    # The record has no max_exp_avg_sq (_check_arena); a group asking for amsgrad is refused
+    # The record has no max_exp_avg_sq (_check_record); a group asking for amsgrad is refused
     # by the optimizer, and here where that costs no device read (a table on the host).
-    assert not (arena.quantized and group_table.device.type == "cpu"
+    assert not (record.quantized and group_table.device.type == "cpu"
                 and group_table[:, AMSGRAD].any()), "8-bit moments do not offer amsgrad"
 
     advance = derived.advance
@@ -760,7 +733,7 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
         _check("found_inf", found_inf, torch.float32, device, 1)
         torch.eq(found_inf.reshape(()), 0, out=derived.no_inf)
         torch.logical_and(advance, derived.no_inf, out=advance)
-    arena.steps.add_(advance)
+    record.steps.add_(advance)
 
     if isinstance(inv_grad_scale, torch.Tensor):
         # float32 like GradScaler's own unscale; a float64 scale costs one tiny cast.
@@ -779,10 +752,10 @@ def adam_step(arena, *, grads, group_table, inv_grad_scale=None, found_inf=None,
     if derived.n_chunks == 0:
         return
     arguments, n_chunks, options = kernel_arguments(
-        arena, grads=grads, group_table=group_table, inv_grad_scale_ptr=inv_grad_scale_ptr,
+        record, grads=grads, group_table=group_table, inv_grad_scale_ptr=inv_grad_scale_ptr,
         inv_grad_scale=inv_grad_scale, found_inf_ptr=found_inf, clip_factor_ptr=clip_factor)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel_for(arena)[(n_chunks,)](**arguments, **options)
+        kernel_for(record)[(n_chunks,)](**arguments, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,7 +768,7 @@ _NORM_INF, _NORM_ONE, _NORM_TWO, _NORM_P = 0, 1, 2, 3
 
 
 @triton.jit
-def _chunk_power_sum(g, norm_type, NORM: tl.constexpr):
+def _power_sum(g, norm_type, NORM: tl.constexpr):
     g = g.to(tl.float64)
     a = tl.abs(g)
     if NORM == 2:
@@ -833,36 +806,36 @@ def _power_sum_kernel(param_ptr, chunk_table_ptr, segment_lengths_ptr, grad_addr
     grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptr + in_segment, 16), ACCESS)
     # Whole chunks unmasked (128-bit loads), the segment's last one masked: see _adam_kernel.
     if chunk_offset + BLOCK_SIZE <= length:
-        partial = _chunk_power_sum(tl.load(grad_ptrs), norm_type, NORM)
+        partial = _power_sum(tl.load(grad_ptrs), norm_type, NORM)
     else:
-        partial = _chunk_power_sum(tl.load(grad_ptrs, mask=in_segment < length, other=0.0),
+        partial = _power_sum(tl.load(grad_ptrs, mask=in_segment < length, other=0.0),
                                    norm_type, NORM)
     tl.store(partials_ptr + pid, partial)
 
 
-def power_sum_arguments(arena, *, grads, norm_type, partials):
+def power_sum_arguments(record, *, grads, norm_type, partials):
     """`_power_sum_kernel`'s arguments by name, and (grid size, compile options)."""
-    derived = _derived_for(arena)
+    derived = _derived_for(record)
     norm = {float("inf"): _NORM_INF, 1.0: _NORM_ONE, 2.0: _NORM_TWO}.get(norm_type, _NORM_P)
     arguments = dict(
-        param_ptr=arena.params, chunk_table_ptr=derived.chunk_table,
-        segment_lengths_ptr=arena.segment_lengths, grad_addresses_ptr=grads,
+        param_ptr=record.params, chunk_table_ptr=derived.chunk_table,
+        segment_lengths_ptr=record.segment_lengths, grad_addresses_ptr=grads,
         partials_ptr=partials, norm_type=float(norm_type), NORM=norm,
         BLOCK_SIZE=derived.block_size)
     return arguments, derived.n_chunks, derived.options
 
 
-def grad_power_sum(arena, *, grads, norm_type):
-    """sum(|g|^p) over every gradient of `arena` (max |g| for p = inf) as a 0-d float64 tensor
+def grad_power_sum(record, *, grads, norm_type):
+    """sum(|g|^p) over every gradient of `record` (max |g| for p = inf) as a 0-d float64 tensor
     on its device (see `contract.py`); nothing is read back to the host."""
-    derived = _derived_for(arena)
-    device = arena.params.device
-    _check("grads", grads, torch.int64, device, arena.n_segments)
+    derived = _derived_for(record)
+    device = record.params.device
+    _check("grads", grads, torch.int64, device, record.n_segments)
     partials = torch.empty(derived.n_chunks, dtype=torch.float64, device=device)
     if derived.n_chunks == 0:
         return torch.zeros((), dtype=torch.float64, device=device)
     arguments, n_chunks, options = power_sum_arguments(
-        arena, grads=grads, norm_type=norm_type, partials=partials)
+        record, grads=grads, norm_type=norm_type, partials=partials)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _power_sum_kernel[(n_chunks,)](**arguments, **options)
     # torch's max propagates NaN, as the norms it stands for do.

@@ -70,6 +70,13 @@ def make_params(shapes, dtype, seed=0):
             for shape in shapes]
 
 
+def twins(shapes, dtype=torch.float32, seed=0, copies=2):
+    """`copies` lists of leaf tensors of `shapes` with equal values (drawn in float64, then cast
+    to `dtype`): one list for each optimizer a test compares."""
+    initial = make_params(shapes, torch.float64, seed)
+    return [[p.to(dtype, copy=True).requires_grad_() for p in initial] for _ in range(copies)]
+
+
 def loss_of(params, step, skip):
     """A real autograd loss whose gradient changes every step; parameters with skip(step, i)
     are left out, so their .grad stays None after zero_grad()."""

@@ -3,7 +3,8 @@ seam (`FusedAdam._step` with a clock). Timed that way, a step must update exactl
 does, or the breakdown measures something else."""
 import torch
 
-from bench import breakdown, configs, providers, report, results
+from bench import configs, providers, results
+from bench.studies import breakdown
 from bench.__main__ import main
 
 CPU = torch.device("cpu")
@@ -20,7 +21,7 @@ def test_timed_phases_update_exactly_as_step():
         phased.forward_backward()
         seconds = breakdown.timed_phases(phased.optimizer, CPU)
         phased.zero_grad()
-        assert set(report.DROP_IN_CHECKS) <= set(seconds)
+        assert set(breakdown.DROP_IN_CHECKS) <= set(seconds)
         assert {"visit gradients", "kernel"} <= set(seconds)
         assert all(s > 0 for s in seconds.values())
     for a, b in zip(stepped.params, phased.params):
@@ -43,7 +44,7 @@ def test_breakdown_writes_its_report(tmp_path):
     medians = {(r["provider"], r["metric"]): r for r in rows if r["metric"].endswith("_median")}
     for provider in ("torch-fused", "roofline (no-math)", "FusedAdam"):
         assert (provider, "step_ms_median") in medians
-    for phase in (*report.DROP_IN_CHECKS, "visit gradients", "kernel"):
+    for phase in (*breakdown.DROP_IN_CHECKS, "visit gradients", "kernel"):
         assert ("FusedAdam", f"{breakdown.metric_of(phase)}_ms_median") in medians, phase
     assert all(r["samples"] == 2 and r["value"] > 0 for r in medians.values())
     assert (tmp_path / "breakdown.png").stat().st_size > 0

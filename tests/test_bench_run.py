@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import providers, report, results, system
+from bench import providers, report, report_step, results, system
 from bench.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_clip_step_is_timed_for_every_optimizer_and_reported(tmp_path):
         assert not CLIP_METRICS & metrics[provider]
     assert rows[0]["settings"]["clip_max_norm"] == 1.0
 
-    headline = report.headline_markdown(rows)
+    headline = report_step.headline_markdown(rows)
     assert ("| torch-fused clip+step | FusedAdam clip+step (speedup) |"
             in headline.splitlines()[0])
     row = next(line for line in headline.splitlines() if line.startswith("| small-800"))
@@ -184,7 +184,7 @@ def test_no_clip_times_the_step_only(tmp_path):
     rows = results.read(tmp_path / "results.json")
     assert not CLIP_METRICS & {r["metric"] for r in rows}
     assert rows[0]["settings"]["clip_max_norm"] is None
-    assert "clip+step" not in report.headline_markdown(rows)
+    assert "clip+step" not in report_step.headline_markdown(rows)
 
 
 @pytest.mark.parametrize("command", ["grad-layout", "train"])
@@ -243,7 +243,7 @@ def test_a_pair_whose_torch_fused_strays_is_marked_noisy():
         rows.append(results.row({}, where, provider, "torch_fused_step_ms_in_pair", anchor_ms,
                                 "ms"))
     table = results.Table(rows)
-    assert report.noisy(table, "c", "steady") is None
-    assert report.noisy(table, "c", "slow") == pytest.approx(1.6)
-    assert report.noisy(table, "c", "fast") == pytest.approx(0.6)
-    assert report.noisy(table, "c", "torch-fused") is None
+    assert report_step.noisy(table, "c", "steady") is None
+    assert report_step.noisy(table, "c", "slow") == pytest.approx(1.6)
+    assert report_step.noisy(table, "c", "fast") == pytest.approx(0.6)
+    assert report_step.noisy(table, "c", "torch-fused") is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_adam
-from fused_adam.kernels import reference
+from fused_adam.kernels import codecs
 from helpers import make_params, reloaded, run_steps
 
 SHAPES = [(300, 7), (5,), (3, 257)]
@@ -32,7 +32,7 @@ def _stored(value, like):
     """What a FusedAdam moment `like` (codes, or floats of its dtype) holds of torch's `value`."""
     if like.is_floating_point():
         return value.to(like.dtype)
-    return reference.quantize(value.float().reshape(-1), signed=like.dtype == torch.int8)[0]
+    return codecs.quantize(value.float().reshape(-1), signed=like.dtype == torch.int8)[0]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -101,10 +101,10 @@ def test_master_params_of_bf16_plus_8_is_the_16_significant_bit_master():
     masters = fused_adam.master_params(compact)
     for index, p in enumerate(params):
         exact = saved["state"][index]["master_param"]
-        high, remainder = reference.split_master(exact.reshape(-1), torch.int8)
-        expected = reference.join_master(high, remainder).view(p.shape)
+        high, remainder = codecs.split_master(exact.reshape(-1), torch.int8)
+        expected = codecs.join_master(high, remainder).view(p.shape)
         assert torch.equal(masters[p], expected)
-        assert torch.equal(masters[p].reshape(-1), reference.join_master(
+        assert torch.equal(masters[p].reshape(-1), codecs.join_master(
             p.detach().reshape(-1), compact.state[p]["master_remainder"].reshape(-1)))
         assert ((masters[p].double() - exact.double()).abs()
                 <= exact.double().abs() * 2.0 ** -15).all()

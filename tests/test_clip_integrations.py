@@ -26,8 +26,8 @@ from fused_adam import FusedAdam
 from helpers import TOLERANCES
 from test_integrations import (  # noqa: F401 (fixtures)
     FUSED, TORCH, TokenDataset, accelerate, assert_losses, assert_optimizer_states,
-    assert_tensors, build, detached_state_dict, fresh_accelerator, lightning, mlp_loss,
-    tiny_llama, tiny_mlp, transformers)
+    assert_tensors, build, detached_state_dict, fresh_accelerator, lightning, lightning_module,
+    tiny_llama, transformers)
 
 FP32 = TOLERANCES[torch.float32]
 EXACT = dict(rtol=0, atol=0)
@@ -296,28 +296,13 @@ def lightning_fit(lightning, spec, *, fused_clipping, precision="32-true",
     bases = ((fused_adam.integrations.FusedGradientClipping, lightning.LightningModule)
              if fused_clipping else (lightning.LightningModule,))
 
-    class TinyModule(*bases):
-        def __init__(self):
-            super().__init__()
-            self.net = tiny_mlp()
-            self.losses = []
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        torch.nn.utils.clip_grad_norm_(
+            [p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
 
-        def training_step(self, batch, batch_index):
-            loss = mlp_loss(self.net, self.global_step)
-            self.losses.append(loss.item())
-            return loss
-
-        def configure_optimizers(self):
-            return build(spec, self.parameters())
-
-        if manual_torch_clip:
-            def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
-                                            gradient_clip_algorithm=None):
-                torch.nn.utils.clip_grad_norm_(
-                    [p for group in optimizer.param_groups for p in group["params"]],
-                    gradient_clip_val)
-
-    module = TinyModule()
+    module = lightning_module(lightning, spec, bases=bases, methods=dict(
+        configure_gradient_clipping=configure_gradient_clipping) if manual_torch_clip else None)
     trainer = lightning.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=1, logger=False, precision=precision,
         plugins=plugins,

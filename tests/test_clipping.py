@@ -10,7 +10,7 @@ import torch
 
 import fused_adam
 from fused_adam import FusedAdam, FusedAdamW
-from fused_adam.kernels.contract import ArenaTensors
+from fused_adam.kernels.contract import ArenaRecord
 from helpers import TOLERANCES, assert_close, assert_same_trajectory, cpu_backends, loss_of
 
 BACKENDS = cpu_backends()
@@ -255,14 +255,14 @@ def _kernels(backend):
 
 
 def _bare_arena(lengths, dtype):
-    """An ArenaTensors of segments `lengths` (16-element aligned starts), no optimizer."""
+    """An ArenaRecord of segments `lengths` (16-element aligned starts), no optimizer."""
     starts, position = [], 0
     for n in lengths:
         starts.append(position)
         position += -(-n // 16) * 16
     zeros = lambda: torch.zeros(max(position, 16), dtype=dtype)  # noqa: E731
     int64 = dict(dtype=torch.int64)
-    return ArenaTensors(
+    return ArenaRecord(
         params=zeros(), exp_avg=zeros(), exp_avg_sq=zeros(),
         segment_starts=torch.tensor(starts, **int64),
         segment_lengths=torch.tensor(lengths, **int64),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fused_adam
-from fused_adam.kernels import reference
+from fused_adam.kernels import codecs
 from helpers import TOLERANCES, assert_close, cpu_backends, make_params, reloaded
 
 SHAPES = [(300, 7), (5,), (3, 257)]
@@ -29,7 +29,7 @@ def _master(opt, p):
     state = opt.state[p]
     if "master_param" in state:
         return state["master_param"]
-    return reference.join_master(p.detach().reshape(-1),
+    return codecs.join_master(p.detach().reshape(-1),
                                  state["master_remainder"].reshape(-1)).view(p.shape)
 
 

@@ -1,51 +1,33 @@
 """The Triton launcher with a compact master (bf16 params plus an int16 or int8
-`master_remainder`, see `kernels/contract.py`) on bare `ArenaTensors` records, against the
+`master_remainder`, see `kernels/contract.py`) on bare `ArenaRecord` records, against the
 reference backend on identical copies, with fp32, bf16 and 8-bit moments: both kernels
 (`_adam_kernel`, `_adam_q8_kernel`), whole and tail chunks, a zero-length segment, one without
 a gradient every other step, two groups (AdamW; Adam with maximize, and amsgrad where the
 moments are floats), a GradScaler scale and a clipping factor. Then the join and the split
 themselves (`_join_master`, `_split_master`) against the reference's on edge values.
 
-Runs the kernels through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 on a
-machine without a GPU); skipped where triton is not installed or the interpreter is off."""
+Skipped without Triton's interpreter (`kernel_helpers.require_triton_interpreter`)."""
 import pytest
 import torch
 
-from helpers import TOLERANCES, assert_close, cpu_backends, make_params
+from helpers import TOLERANCES, assert_close, make_params
 
-triton = pytest.importorskip("triton")
-if "triton" not in cpu_backends():
-    pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) for CPU tensors",
-                allow_module_level=True)
+from kernel_helpers import require_triton_interpreter
 
-import triton.language as tl  # noqa: E402  (after the skips: triton is optional)
+triton = require_triton_interpreter()
+import triton.language as tl  # noqa: E402  (after the skip: triton is optional)
 
 from fused_adam.kernels import contract  # noqa: E402
-from fused_adam.kernels.contract import QUANT_BLOCK, ArenaTensors  # noqa: E402
-from fused_adam.kernels import reference, triton_adam  # noqa: E402
+from fused_adam.kernels.contract import ArenaRecord  # noqa: E402
+from fused_adam.kernels import codecs, reference, triton_adam  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    ADAM, ADAMW, N_BLOCKS, NO_L2, SIZE, STARTS, ZERO_BETAS, addresses, group_table, in_segments,
+    quantize_segments, record_and_twin, scaled_on_odd_steps, step_grads,
+)
 
 # numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic (log2(0) of
 # a zero beta: a bias correction of exactly 1; NaN compared in the NaN test).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-# Five segments (starts on multiples of QUANT_BLOCK, as 8-bit moments need; the float-moment
-# kernel only needs 16): 0 has whole chunks of 2048 and of 4096 elements (fp32-moment and
-# bf16/8-bit-moment launch configs) and a tail chunk; 1 is empty; 3 has one element and no
-# gradient in odd steps; 4's tail chunk runs past the buffers' end.
-LENGTHS = [4400, 0, 300, 1, 513]
-STARTS = [0, 4608, 4864, 5376, 5632]
-SIZE = 6400
-SEGMENT_GROUPS = [0, 1, 1, 0, 1]
-N_BLOCKS = SIZE // QUANT_BLOCK
-
-ADAMW = {contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999, contract.EPS: 1e-8,
-         contract.WEIGHT_DECAY: 0.1, contract.DECOUPLED_WD: 1.0}
-ADAM = {contract.LR: 3e-3, contract.BETA1: 0.8, contract.BETA2: 0.99, contract.EPS: 1e-6,
-        contract.WEIGHT_DECAY: 0.05, contract.MAXIMIZE: 1.0}
-ZERO_BETAS = {contract.BETA1: 0.0, contract.BETA2: 0.0}
-# The reference's L2 term is one fused multiply-add in torch's CPU kernel where the contract
-# rounds twice (see test_quantized_kernels.py): the bit-for-bit runs decay decoupled only.
-NO_L2 = {contract.WEIGHT_DECAY: 0.0}
 
 REMAINDERS = {"bf16+16": torch.int16, "bf16+8": torch.int8}
 MOMENTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.int8}
@@ -56,31 +38,12 @@ IDS = [f"{master}-{moments}" for master, moments in CONFIGS]
 PAD_PARAM, PAD_REMAINDER = 7.0, 77
 
 
-def _group_table(*groups):
-    table = torch.zeros(len(groups), contract.GROUP_COLUMNS, dtype=torch.float64)
-    for row, group in zip(table, groups):
-        for column, value in group.items():
-            row[column] = value
-    return table
-
-
-def _in_segments():
-    elements = torch.zeros(SIZE, dtype=torch.bool)
-    for start, length in zip(STARTS, LENGTHS):
-        elements[start:start + length] = True
-    return elements
-
-
 def _quantized(values, codes_dtype, signed):
     """Codes and per-block absmax of `values`, quantized segment by segment (padding: codes 0,
     absmax 1)."""
     codes = torch.zeros(SIZE, dtype=codes_dtype)
     absmax = torch.ones(N_BLOCKS)
-    for start, length in zip(STARTS, LENGTHS):
-        if length:
-            q, s = reference.quantize(values[start:start + length], signed=signed)
-            codes[start:start + length] = q
-            absmax[start // QUANT_BLOCK:start // QUANT_BLOCK + s.numel()] = s
+    quantize_segments(values, codes, absmax, signed=signed)
     return codes, absmax
 
 
@@ -90,9 +53,9 @@ def _arenas(master, moments, seed=0, *, amsgrad=False, fp32_master=False):
     back into an fp32 `master_params`), random moments, sentinels in the padding."""
     values, m, v = make_params([(SIZE,)] * 3, torch.float32, seed=seed)
     m, v = m * 0.1, v.square() * 0.01
-    elements = _in_segments()
+    elements, _ = in_segments()
     remainder_dtype = REMAINDERS[master]
-    params, remainder = reference.split_master(values, remainder_dtype)
+    params, remainder = codecs.split_master(values, remainder_dtype)
     params = torch.where(elements, params, torch.tensor(PAD_PARAM, dtype=torch.bfloat16))
     remainder = torch.where(elements, remainder,
                             torch.tensor(PAD_REMAINDER, dtype=remainder_dtype))
@@ -106,41 +69,21 @@ def _arenas(master, moments, seed=0, *, amsgrad=False, fp32_master=False):
         moment_buffers = dict(exp_avg=m.to(dtype), exp_avg_sq=v.to(dtype),
                               max_exp_avg_sq=(v * 1.5).to(dtype) if amsgrad else None)
     if fp32_master:
-        masters = dict(master_params=reference.join_master(params, remainder).clone())
+        masters = dict(master_params=codecs.join_master(params, remainder).clone())
     else:
         masters = dict(master_remainder=remainder)
-    arena = ArenaTensors(
-        params=params, **masters, **moment_buffers, segment_starts=torch.tensor(STARTS),
-        segment_lengths=torch.tensor(LENGTHS), segment_groups=torch.tensor(SEGMENT_GROUPS),
-        steps=torch.zeros(len(LENGTHS)))
-    twin = ArenaTensors(**{name: None if value is None else value.clone()
-                           for name, value in vars(arena).items()})
-    return arena, twin
-
-
-def _addresses(grads):
-    # As the optimizer does: 0 is "no gradient", an empty gradient gets any nonzero address.
-    return torch.tensor([0 if g is None else (g.data_ptr() or 64) for g in grads])
+    return record_and_twin(params=params, **masters, **moment_buffers)
 
 
 def _grads(step):
-    grads = [g.to(torch.bfloat16) for g in make_params([(n,) for n in LENGTHS], torch.float64,
-                                                       seed=100 + step)]
-    if step % 2:
-        grads[3] = None
-    return grads
+    return step_grads(step, torch.bfloat16)
 
 
 def _step(arena, table, step, grads, backend):
-    """One step of `backend`'s launcher: odd steps with a GradScaler-like scale (gradients
-    times 1024, inv_grad_scale 2^-10) and a clipping factor."""
-    options = {}
-    if step % 2:
-        grads = [None if g is None else g * 1024 for g in grads]
-        options = dict(inv_grad_scale=2.0 ** -10,
-                       clip_factor=torch.tensor([0.75], dtype=torch.float64))
+    """One step of `backend`'s launcher, odd steps scaled and clipped (`scaled_on_odd_steps`)."""
+    grads, options = scaled_on_odd_steps(grads, step)
     # The Triton launcher reads the gradients by address: `grads` keeps them alive meanwhile.
-    handed = _addresses(grads) if backend is triton_adam else grads
+    handed = addresses(grads) if backend is triton_adam else grads
     backend.adam_step(arena, grads=handed, group_table=table, **options)
 
 
@@ -155,8 +98,8 @@ def _tables(moments, zero_betas):
     if MOMENTS[moments] != torch.int8:
         second[contract.AMSGRAD] = 1.0
     if zero_betas:
-        return _group_table({**ADAMW, **ZERO_BETAS}, {**second, **ZERO_BETAS, **NO_L2})
-    return _group_table(ADAMW, second)
+        return group_table({**ADAMW, **ZERO_BETAS}, {**second, **ZERO_BETAS, **NO_L2})
+    return group_table(ADAMW, second)
 
 
 def _assert_bitwise_equal(actual, expected, what, *, any_nan=False):
@@ -177,7 +120,7 @@ def _assert_bitwise_equal(actual, expected, what, *, any_nan=False):
 
 
 def _assert_padding_untouched(arena):
-    elements = _in_segments()
+    elements, _ = in_segments()
     assert (arena.params[~elements] == PAD_PARAM).all(), "params written in padding"
     assert (arena.master_remainder[~elements] == PAD_REMAINDER).all(), \
         "master_remainder written in padding"
@@ -221,9 +164,9 @@ def test_ordinary_betas_follow_the_reference(master, moments):
     for step in range(20):
         _step_both(arena, twin, table, step)
     assert torch.equal(arena.steps, twin.steps)
-    elements = _in_segments()
-    ours = reference.join_master(arena.params, arena.master_remainder)[elements]
-    theirs = reference.join_master(twin.params, twin.master_remainder)[elements]
+    elements, _ = in_segments()
+    ours = codecs.join_master(arena.params, arena.master_remainder)[elements]
+    theirs = codecs.join_master(twin.params, twin.master_remainder)[elements]
     within = torch.ones_like(ours, dtype=torch.bool)
     if master == "bf16+8":
         ulps_apart = (ours.view(torch.int32).long() - theirs.view(torch.int32).long()).abs()
@@ -248,7 +191,7 @@ def test_nan_gradient_gives_nan_param_and_zero_remainder(master, moments):
     _step_both(arena, twin, table, 2, grads=grads)
     poisoned = torch.zeros(SIZE, dtype=torch.bool)
     poisoned[[700, STARTS[2] + 299]] = True
-    elements = _in_segments()
+    elements, _ = in_segments()
     assert (arena.params.view(torch.int16)[poisoned] == 0x7FC0).all(), "param is not 0x7FC0"
     assert (arena.master_remainder[poisoned] == 0).all(), "a NaN master left a remainder"
     assert arena.params[elements & ~poisoned].isfinite().all(), "NaN beyond its element"
@@ -273,21 +216,21 @@ def test_bf16_plus_16_is_the_fp32_master(moments):
         grads = _grads(step)
         _step(compact, table, step, grads, triton_adam)
         _step(full, table, step, grads, triton_adam)
-    elements = _in_segments()
-    joined = reference.join_master(compact.params, compact.master_remainder)
+    elements, _ = in_segments()
+    joined = codecs.join_master(compact.params, compact.master_remainder)
     _assert_bitwise_equal(joined[elements], full.master_params[elements], "master")
     for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_absmax",
                  "exp_avg_sq_absmax", "steps"):
         if getattr(full, name) is not None:
             _assert_bitwise_equal(getattr(compact, name), getattr(full, name), name)
     _assert_bitwise_equal(compact.params[elements],
-                          reference.split_master(full.master_params, torch.int16)[0][elements],
+                          codecs.split_master(full.master_params, torch.int16)[0][elements],
                           "compact params")
     _assert_bitwise_equal(full.params[elements], full.master_params[elements].bfloat16(),
                           "fp32 master's params")
 
 
-def test_check_arena_refuses_malformed_compact_masters():
+def test_check_record_refuses_malformed_compact_masters():
     arena, _ = _arenas("bf16+16", "fp32")
     for change, message in [
             (dict(params=arena.params.half(), exp_avg=arena.exp_avg), "compact master"),
@@ -296,7 +239,7 @@ def test_check_arena_refuses_malformed_compact_masters():
             (dict(master_remainder=torch.zeros(SIZE - 16, dtype=torch.int16)),
              "master_remainder")]:
         with pytest.raises(AssertionError, match=message):
-            triton_adam._check_arena(ArenaTensors(**{**vars(arena), **change}))
+            triton_adam._check_record(ArenaRecord(**{**vars(arena), **change}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,10 +282,10 @@ def test_split_and_join_match_the_reference(master):
     remainder = torch.empty(x.numel(), dtype=remainder_dtype)
     joined = torch.empty(x.numel())
     _round_trip_kernel[(1,)](x, params, remainder, joined, N=x.numel())
-    expected_params, expected_remainder = reference.split_master(x, remainder_dtype)
+    expected_params, expected_remainder = codecs.split_master(x, remainder_dtype)
     _assert_bitwise_equal(params, expected_params, "params")
     _assert_bitwise_equal(remainder, expected_remainder, "remainder")
-    _assert_bitwise_equal(joined, reference.join_master(expected_params, expected_remainder),
+    _assert_bitwise_equal(joined, codecs.join_master(expected_params, expected_remainder),
                           "joined")
     if remainder_dtype == torch.int16:  # exact, NaN aside (stored as 0x7FC00000)
         nan = x.isnan()

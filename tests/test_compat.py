@@ -13,7 +13,7 @@ import torch
 from fused_adam import FusedAdam, FusedAdamW
 from helpers import (
     DTYPE_IDS, TOLERANCES, assert_close, assert_same_trajectory, assert_unchanged, cpu_backends,
-    loss_of, make_params, reloaded, run_steps, snapshot,
+    loss_of, make_params, reloaded, run_steps, snapshot, twins,
 )
 
 BACKENDS = cpu_backends()
@@ -34,11 +34,6 @@ NEVER = len(SHAPES) - 1
 
 def skip_some(step, index):
     return index == NEVER or (step + index) % 3 == 0
-
-
-def _twins(shapes, dtype=torch.float32, seed=0, copies=2):
-    initial = make_params(shapes, torch.float64, seed)
-    return [[p.to(dtype, copy=True).requires_grad_() for p in initial] for _ in range(copies)]
 
 
 def _run(optimizer, params, first, last, skip=skip_some):
@@ -71,7 +66,7 @@ def test_torch_checkpoint_loads_and_continues_like_torch(backend, variant):
     """torch trains 6 steps and saves; ours loads the saved file into a fresh optimizer over
     params with the same values and continues exactly as torch (which never stopped) does."""
     torch_class, our_class, options = VARIANTS[variant]
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     theirs = torch_class(torch_params, lr=LR, foreach=False, **options)
     _run(theirs, torch_params, 0, 6)
     saved = reloaded(theirs.state_dict())
@@ -95,7 +90,7 @@ def test_our_checkpoint_loads_into_torch_and_continues_like_ours(backend, varian
     """Ours trains 6 steps and saves; torch loads the file and continues as ours does. The file
     has torch's layout: the same state entries, keys, dtypes and group keys torch would write."""
     torch_class, our_class, options = VARIANTS[variant]
-    ours_params, torch_params, reference_params = _twins(SHAPES, copies=3)
+    ours_params, torch_params, reference_params = twins(SHAPES, copies=3)
     ours = our_class(ours_params, lr=LR, backend=backend, **options)
     _run(ours, ours_params, 0, 6)
     torch_own = torch_class(reference_params, lr=LR, foreach=False, **options)
@@ -127,7 +122,7 @@ def test_our_checkpoint_loads_into_torch_and_continues_like_ours(backend, varian
 def test_checkpoint_with_map_location_cpu(backend):
     """Our checkpoint through torch.load(map_location="cpu", weights_only=True) into a fresh
     FusedAdam (amsgrad state included) continues as torch, which never stopped, does."""
-    ours_params, torch_params, restored_params = _twins(SHAPES, copies=3)
+    ours_params, torch_params, restored_params = twins(SHAPES, copies=3)
     ours = FusedAdam(ours_params, lr=LR, amsgrad=True, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=True, foreach=False)
     _run(ours, ours_params, 0, 5)
@@ -145,7 +140,7 @@ def test_checkpoint_with_map_location_cpu(backend):
 def test_loading_its_own_state_dict_changes_nothing():
     """`opt.load_state_dict(opt.state_dict())` is the identity in torch (its state_dict holds
     the live tensors); it must not reset our state on the way through."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     ours = FusedAdam(ours_params, lr=LR, amsgrad=True)
     theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=True, foreach=False)
     _run(ours, ours_params, 0, 4)
@@ -161,11 +156,11 @@ def test_loading_its_own_state_dict_changes_nothing():
 
 def test_mismatched_state_dict_is_torchs_error_and_changes_nothing():
     """A checkpoint of another model (group sizes differ): torch's ValueError, state intact."""
-    params = _twins(SHAPES, copies=1)[0]
+    params = twins(SHAPES, copies=1)[0]
     optimizer = FusedAdam(params, lr=LR)
     _run(optimizer, params, 0, 3)
     before = snapshot(optimizer, params)
-    other = torch.optim.Adam(_twins([(5, 7), (33,)], copies=1)[0], foreach=False)
+    other = torch.optim.Adam(twins([(5, 7), (33,)], copies=1)[0], foreach=False)
     with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
         optimizer.load_state_dict(other.state_dict())
     assert_unchanged(before, snapshot(optimizer, params), "after the refused load")
@@ -352,7 +347,7 @@ def test_param_data_reassigned_keeps_being_updated(backend, when, layout):
     """`p.data = new` (same shape and dtype) after the optimizer exists: the optimizer keeps
     updating p from its new values, as torch does. With "transposed", the caller keeps the new
     tensor (`new` holds it): as after torch's in-place step, it holds the updated values too."""
-    ours_params, torch_params = _twins([(5, 7), (9,)])
+    ours_params, torch_params = twins([(5, 7), (9,)])
     ours = FusedAdam(ours_params, lr=LR, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
     first = 0 if when == "before-first-step" else 4
@@ -403,7 +398,7 @@ def test_user_assigned_grads(backend):
     DDP's buckets are), assigned once and rewritten in place every step; param 1's is a fresh
     tensor assigned every step; param 2's is kept by zero_grad(set_to_none=False) and backward
     adds into it (a zeroed grad is still a grad: torch steps it). None of these needs a copy."""
-    ours_params, torch_params = _twins([(6, 4), (5,), (3,)])
+    ours_params, torch_params = twins([(6, 4), (5,), (3,)])
     ours = FusedAdam(ours_params, lr=LR, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
     buckets = {}
@@ -586,7 +581,7 @@ NONFINITE_VARIANTS = {
 def test_nan_and_inf_grads_propagate_like_torch(backend, variant):
     """One grad with a NaN, one with +Inf, one with -Inf, one finite (step 2 of 5): every param
     and state tensor has its NaN/Inf where torch's has them, and the same finite values."""
-    ours_params, torch_params = _twins([(6,), (6,), (6,), (6,)])
+    ours_params, torch_params = twins([(6,), (6,), (6,), (6,)])
     options = NONFINITE_VARIANTS[variant]
     ours = FusedAdam(ours_params, lr=LR, backend=backend, **options)
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False, **options)
@@ -629,7 +624,7 @@ def test_grad_scaler_loop_matches_torch(backend, unscale_first):
     """torch.amp.GradScaler("cpu") around 12 steps, 3 of them with an Inf gradient: FusedAdam
     (which takes the scale and found_inf into its step) ends where torch.optim.Adam (whose grads
     the scaler unscales and whose Inf steps it skips) ends: params, states, steps, scale."""
-    ours_params, torch_params = _twins([(5, 7), (33,), (1,)])
+    ours_params, torch_params = twins([(5, 7), (33,), (1,)])
     ours = FusedAdam(ours_params, lr=LR, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
@@ -648,7 +643,7 @@ def test_grad_scaler_loop_matches_torch(backend, unscale_first):
 def test_skipped_step_changes_nothing(backend, how):
     """A step with an Inf gradient under GradScaler (or found_inf=1 passed directly) moves no
     param, no state and no step count."""
-    params = _twins([(5, 7), (33,)], copies=1)[0]
+    params = twins([(5, 7), (33,)], copies=1)[0]
     optimizer = FusedAdam(params, lr=LR, amsgrad=True, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     _scaler_loop(optimizer, params, scaler, steps=3, poisoned=set(), unscale_first=False)
@@ -666,7 +661,7 @@ def test_skipped_step_changes_nothing(backend, how):
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_grad_scale_argument_unscales_inside_the_step(backend):
     """step(grad_scale=s, found_inf=0) on grads scaled by s == torch on the unscaled grads."""
-    ours_params, torch_params = _twins([(5, 7), (33,)])
+    ours_params, torch_params = twins([(5, 7), (33,)])
     ours = FusedAdam(ours_params, lr=LR, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, foreach=False)
     scale = torch.tensor(2.0 ** 12)

@@ -140,7 +140,7 @@ def _zero(rank, bucket_view):
     assert 0 < len(arena) < len(list(ours_model.parameters())), "ZeRO did not partition"
     # With bucket views ZeRO moved every owned param into its bucket after FusedAdam packed
     # them; FusedAdam steps them in the arena and writes them back to the bucket ZeRO sends.
-    assert arena.homes() == (len(arena) if bucket_view else 0)
+    assert len(arena.former_memory) == (len(arena) if bucket_view else 0)
     label = f"ZeRO(parameters_as_bucket_view={bucket_view})"
     # States live with each rank's local optimizer; params are synced to every rank.
     _assert_same(ours.optim, theirs.optim, ours_model, their_model, rank, label)

@@ -321,7 +321,7 @@ def _check_dequantized(sharded_state, rank):
     """`dequantized_state_dict` of a sharded state: fp32 DTensors placed as the codes, each
     shard decoded with its own blocks."""
     from fused_adam import dequantized_state_dict
-    from fused_adam.kernels import reference
+    from fused_adam.kernels import codecs
 
     converted = dequantized_state_dict(sharded_state)
     for fqn, entry in sharded_state["state"].items():
@@ -333,7 +333,7 @@ def _check_dequantized(sharded_state, rank):
             assert isinstance(decoded, DTensor) and decoded.dtype == torch.float32, what
             assert (decoded.shape, decoded.placements) == (codes.shape, codes.placements), what
             local = codes.to_local().reshape(-1)
-            expected = reference.decode(local, absmax.to_local()[:-(-local.numel() // QUANT_BLOCK)],
+            expected = codecs.decode(local, absmax.to_local()[:-(-local.numel() // QUANT_BLOCK)],
                                         signed=key == "exp_avg")
             assert torch.equal(decoded.to_local().reshape(-1), expected), what
 

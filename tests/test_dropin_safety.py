@@ -22,7 +22,7 @@ import torch
 
 from fused_adam import FusedAdam
 from helpers import TOLERANCES, assert_close, assert_same_trajectory, assert_unchanged, \
-    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot
+    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot, twins
 
 # numba and torch everywhere; Triton (its interpreter is slow) only where the kernel itself
 # decides the outcome: reading a gradient, arithmetic at the edges, version counters, complex
@@ -43,11 +43,6 @@ def _backend_grid(*axes, triton=()):
     return params
 LR = 1e-2
 SHAPES = [(5, 7), (4,), (), (3,)]
-
-
-def _twins(shapes, dtype=torch.float32, seed=0):
-    initial = make_params(shapes, torch.float64, seed)
-    return [[p.to(dtype, copy=True).requires_grad_() for p in initial] for _ in range(2)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +121,7 @@ def test_param_that_cannot_be_stepped_in_place_is_refused(kind, where):
             torch.optim.Adam([probe], foreach=False).step()
     bad = UNSTEPPABLE[kind]()
     bad_layout = (bad.data_ptr(), bad.stride(), bad.detach().clone())
-    ours_params, torch_params = _twins([(5, 7), (4,)])
+    ours_params, torch_params = twins([(5, 7), (4,)])
     good_pointers = [p.data_ptr() for p in ours_params]
     if where == "construction":
         with pytest.raises(RuntimeError):
@@ -201,7 +196,7 @@ def test_huge_and_infinite_grads_like_torch(backend, case, variant):
     around it: every param and state tensor after every step is torch's, NaN-aware."""
     dtype, value = EDGE_GRADS[case]
     amsgrad = variant == "amsgrad"
-    ours_params, torch_params = _twins([(4,), (3,)], dtype)
+    ours_params, torch_params = twins([(4,), (3,)], dtype)
     ours = FusedAdam(ours_params, lr=LR, amsgrad=amsgrad, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=amsgrad, foreach=False)
     for step in range(6):
@@ -253,7 +248,7 @@ def test_copied_optimizer_steps_its_own_params_like_torch(backend, how):
     """A copy of a trained optimizer (alone, or with its model) steps the copy's params for 20
     steps exactly as torch's optimizer copied the same way does; the original is not moved by
     the copy's steps, and goes on like torch's original."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     ours_model = torch.nn.ParameterList(ours_params)
     torch_model = torch.nn.ParameterList(torch_params)
     ours = FusedAdam([dict(params=ours_params[:2]),
@@ -295,7 +290,7 @@ def test_forked_child_steps_like_torch(backend):
     """The parent steps (its kernels and thread pools warm), a fork()ed child steps 20 more and
     sends back its params and states: torch's numbers, no hang, exit code 0; the parent is not
     affected and steps on like torch."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     ours = FusedAdam(ours_params, lr=LR, amsgrad=True, backend=backend)
     theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=True, foreach=False)
     run_both(ours, theirs, ours_params, torch_params, 0, 3)
@@ -354,7 +349,7 @@ def test_forked_child_steps_a_threaded_arena():
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: the pass is never split")
     shapes = [(600, 300), (5, 7)]  # 180 K elements: past cpu_threads' split threshold
-    ours_params, torch_params = _twins(shapes)
+    ours_params, torch_params = twins(shapes)
     ours = FusedAdam(ours_params, lr=LR, amsgrad=True, backend="numba")
     theirs = torch.optim.Adam(torch_params, lr=LR, amsgrad=True, foreach=False)
     generator = torch.Generator().manual_seed(5)

@@ -16,7 +16,7 @@ import torch
 
 from fused_adam import FusedAdam, FusedAdamW
 from helpers import TOLERANCES, assert_close, assert_same_trajectory, assert_unchanged, \
-    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot
+    cpu_backends, loss_of, make_params, never, reloaded, run_both, run_steps, snapshot, twins
 
 # The optimizer layer is tested with numba and torch; the Triton interpreter (slow) only where
 # its buffers could differ: the storages.
@@ -27,15 +27,26 @@ LR = 1e-2
 SHAPES = [(5, 7), (4,), (), (3,)]
 
 
-def _twins(shapes, dtype=torch.float32, seed=0):
-    initial = make_params(shapes, torch.float64, seed)
-    return [[p.to(dtype, copy=True).requires_grad_() for p in initial] for _ in range(2)]
-
-
 def _groups(params):
     """Two groups that differ in every hyperparameter."""
     return [dict(params=params[:2], weight_decay=0.05),
             dict(params=params[2:], lr=3e-2, betas=(0.8, 0.99), eps=1e-6, amsgrad=True)]
+
+
+def _twin_optimizers(backend):
+    """(FusedAdam, torch's Adam, their params): twin params in the two `_groups`."""
+    ours_params, torch_params = twins(SHAPES)
+    return (FusedAdam(_groups(ours_params), lr=LR, backend=backend),
+            torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False),
+            ours_params, torch_params)
+
+
+def _assert_same_then_after(ours, theirs, ours_params, torch_params, label, first, last):
+    """Params and states agree now (`label` says when), and again after steps first..last-1."""
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
+                           label=label)
+    run_both(ours, theirs, ours_params, torch_params, first, last)
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
 
 def _groups_view(optimizer):
@@ -94,7 +105,7 @@ def test_every_param_and_state_tensor_has_a_storage_of_its_own(backend, variant)
     shared with nothing else; the step still updates the param in place (an alias taken after
     construction sees it), and (fp32) the numbers are torch's."""
     dtype, options = STORAGE_VARIANTS[variant]
-    ours_params, torch_params = _twins(SHAPES, dtype)
+    ours_params, torch_params = twins(SHAPES, dtype)
     ours = FusedAdam(ours_params, lr=LR, backend=backend, **options)
     _assert_storages_of_their_own(ours, ours_params)
     aliases = [p.detach() for p in ours_params]
@@ -196,17 +207,13 @@ STATE_RESETS = {"state-clear": _clear, "del-state-of-one": _delete_one,
 def test_dropping_state_restarts_adam_like_torch(backend, reset):
     """Dropped state is re-initialised at the next step, as torch does: step 1 again, fresh
     moments (amsgrad's too), then 20 more steps like torch."""
-    ours_params, torch_params = _twins(SHAPES)
-    ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
-    theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
+    ours, theirs, ours_params, torch_params = _twin_optimizers(backend)
     run_both(ours, theirs, ours_params, torch_params, 0, 6)
     STATE_RESETS[reset](ours, ours_params)
     STATE_RESETS[reset](theirs, torch_params)
     run_both(ours, theirs, ours_params, torch_params, 6, 7)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
-                           label="first step after the reset: ")
-    run_both(ours, theirs, ours_params, torch_params, 7, 27)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+    _assert_same_then_after(ours, theirs, ours_params, torch_params,
+                            "first step after the reset: ", 7, 27)
 
 
 def _replacement(key, like):
@@ -221,19 +228,15 @@ def _replacement(key, like):
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_assigning_a_state_tensor_changes_adam_like_torch(backend, key):
     """`opt.state[p][key] = new_tensor` is what the next step uses, as in torch."""
-    ours_params, torch_params = _twins(SHAPES)
-    ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
-    theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
+    ours, theirs, ours_params, torch_params = _twin_optimizers(backend)
     run_both(ours, theirs, ours_params, torch_params, 0, 6)
     index = 3  # in the amsgrad group
     new = _replacement(key, torch_params[index])
     ours.state[ours_params[index]][key] = new.clone()
     theirs.state[torch_params[index]][key] = new.clone()
     run_both(ours, theirs, ours_params, torch_params, 6, 7)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
-                           label="first step after the assignment: ")
-    run_both(ours, theirs, ours_params, torch_params, 7, 27)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+    _assert_same_then_after(ours, theirs, ours_params, torch_params,
+                            "first step after the assignment: ", 7, 27)
 
 
 @pytest.mark.parametrize("edit", ["append", "remove"])
@@ -242,7 +245,7 @@ def test_editing_a_groups_param_list_like_torch(backend, edit):
     """A param appended to `param_groups[i]["params"]` mid-run is stepped from then on (its own
     step 1); one removed stops moving, and keeps its state entry as it was, as in torch. Every
     param gets a gradient every step."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     shapes_used = slice(0, 3) if edit == "append" else slice(0, 4)
     ours = FusedAdam(_groups(ours_params[shapes_used]), lr=LR, backend=backend)
     theirs = torch.optim.Adam(_groups(torch_params[shapes_used]), lr=LR, foreach=False)
@@ -301,9 +304,7 @@ def test_amsgrad_switched_on_mid_run_is_torchs_key_error(backend):
     """torch raises KeyError('max_exp_avg_sq') at the next step (before touching anything, when
     it is the first group) for params that already have state; so must we, changing nothing.
     Switched back off, the run goes on like torch's."""
-    ours_params, torch_params = _twins(SHAPES)
-    ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
-    theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
+    ours, theirs, ours_params, torch_params = _twin_optimizers(backend)
     run_both(ours, theirs, ours_params, torch_params, 0, 5)
     for optimizer, params in ((ours, ours_params), (theirs, torch_params)):
         optimizer.param_groups[0]["amsgrad"] = True
@@ -326,9 +327,7 @@ def test_amsgrad_switched_on_mid_run_is_torchs_key_error(backend):
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_amsgrad_switched_off_mid_run_like_torch(backend):
     """Plain Adam from then on; torch keeps the stale max_exp_avg_sq in the state."""
-    ours_params, torch_params = _twins(SHAPES)
-    ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
-    theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
+    ours, theirs, ours_params, torch_params = _twin_optimizers(backend)
     run_both(ours, theirs, ours_params, torch_params, 0, 6)
     for optimizer in (ours, theirs):
         optimizer.param_groups[1]["amsgrad"] = False
@@ -358,9 +357,7 @@ def _zero_exp_avg(optimizer):
 def test_load_state_dict_hooks_like_torch(backend, hook):
     """A pre-hook's returned state_dict is what gets loaded; a post-hook's writes into
     opt.state (in place, and a replaced tensor) are what the next step uses."""
-    ours_params, torch_params = _twins(SHAPES)
-    ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
-    theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
+    ours, theirs, ours_params, torch_params = _twin_optimizers(backend)
     run_both(ours, theirs, ours_params, torch_params, 0, 5)
     saved = reloaded(theirs.state_dict())
     for optimizer in (ours, theirs):
@@ -372,10 +369,8 @@ def test_load_state_dict_hooks_like_torch(backend, hook):
         optimizer.load_state_dict(reloaded(saved))
     expected = theirs.state[torch_params[0]]["exp_avg"]
     assert not torch.equal(expected, saved["state"][0]["exp_avg"])  # the hook did something
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32,
-                           label="after the load: ")
-    run_both(ours, theirs, ours_params, torch_params, 5, 25)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+    _assert_same_then_after(ours, theirs, ours_params, torch_params,
+                            "after the load: ", 5, 25)
 
 
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
@@ -384,9 +379,7 @@ def test_checkpoint_with_a_wrong_state_shape_is_refused_and_changes_nothing(back
     """Same group sizes, one state tensor of the wrong shape (torch loads it and fails, or
     broadcasts, at a later step): ValueError naming the param (index 1 of its group), and
     state, params and param_groups as they were; the run goes on like torch's."""
-    ours_params, torch_params = _twins(SHAPES)
-    ours = FusedAdam(_groups(ours_params), lr=LR, backend=backend)
-    theirs = torch.optim.Adam(_groups(torch_params), lr=LR, foreach=False)
+    ours, theirs, ours_params, torch_params = _twin_optimizers(backend)
     run_both(ours, theirs, ours_params, torch_params, 0, 5)
     bad = reloaded(theirs.state_dict())
     bad["param_groups"][0]["lr"] = 0.5
@@ -408,7 +401,7 @@ def test_checkpoint_with_a_wrong_state_shape_is_refused_and_changes_nothing(back
 def test_adamw_loading_an_adam_checkpoint_stays_decoupled_like_torch(backend):
     """torch.optim.AdamW re-sets decoupled_weight_decay=True on load (its __setstate__), so an
     Adam checkpoint with weight decay continues as AdamW; FusedAdamW must do the same."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     source_params = copy.deepcopy(torch_params)
     source = torch.optim.Adam(source_params, lr=LR, weight_decay=0.1, foreach=False)
     run_steps(source, source_params, 0, 5)
@@ -478,7 +471,7 @@ def test_state_entries_that_are_not_param_dicts_pass_through_like_torch(backend,
     """torch's suite's state_dict / load_state_dict hook tests: a pre-hook's `state["test"] = 1`
     and a post-hook's bools stay in `state`, go through state_dict() and load_state_dict() as
     torch's do, and the optimizer steps on as torch's."""
-    ours_params, torch_params = _twins(SHAPES)
+    ours_params, torch_params = twins(SHAPES)
     ours = (FusedAdamW if adamw else FusedAdam)(_groups(ours_params), lr=LR, backend=backend)
     theirs = (torch.optim.AdamW if adamw else torch.optim.Adam)(_groups(torch_params), lr=LR,
                                                                  foreach=False)

@@ -409,8 +409,10 @@ def test_save_pretrained_from_pretrained_round_trips_every_tensor(transformers, 
 LIGHTNING_STEPS, LIGHTNING_SAVE_STEPS = 8, 4
 
 
-def lightning_module(lightning, spec):
-    class TinyModule(lightning.LightningModule):
+def lightning_module(lightning, spec, *, bases=None, methods=None):
+    """A LightningModule training `tiny_mlp` with the optimizer of `spec`: its classes are
+    `bases` (default: LightningModule alone), `methods` ({name: function}) added to it."""
+    class TinyModule(*(bases or (lightning.LightningModule,))):
         """The batch is drawn from the global step, not from the dataloader: resumed from the
         checkpoint written at the end of epoch 0, Lightning 2.6 runs one more step in epoch 0
         (batch_idx 4, the dataloader restarted) before epoch 1, so a plain dataloader's batches
@@ -429,6 +431,8 @@ def lightning_module(lightning, spec):
         def configure_optimizers(self):
             return build(spec, self.parameters())
 
+    for name, method in (methods or {}).items():
+        setattr(TinyModule, name, method)
     return TinyModule()
 
 

@@ -1,4 +1,4 @@
-"""Every backend's launcher on bare tensors: an `ArenaTensors` record, a group table and
+"""Every backend's launcher on bare tensors: an `ArenaRecord` record, a group table and
 gradients, no optimizer and no Arena. Against the float64 oracle over 20 steps, with several
 segments, two groups and a segment without a gradient; then 64-bit offsets in every kernel."""
 import mmap
@@ -10,19 +10,12 @@ import torch
 
 from fused_adam import dispatch
 from fused_adam.kernels import contract, reference
-from fused_adam.kernels.contract import ArenaTensors
+from fused_adam.kernels.contract import ArenaRecord
 from helpers import TOLERANCES, assert_close, cpu_backends, make_params
+from kernel_helpers import group_table
 
 BACKENDS = cpu_backends()
 BACKEND_IDS = [f"cpu-{backend}" for backend in BACKENDS]
-
-
-def _group_table(*groups):
-    table = torch.zeros(len(groups), contract.GROUP_COLUMNS, dtype=torch.float64)
-    for row, group in zip(table, groups):
-        for column, value in group.items():
-            row[column] = value
-    return table
 
 
 GROUPS = [
@@ -46,13 +39,13 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
     """Three segments (4097, 1 and 300 elements, starts aligned to 16) in two groups; the
     second segment has no gradient in odd steps. 20 steps of the launcher against
     `reference.adam_update` in float64 on each segment: params, moments, max and steps."""
-    kernel_module = dispatch.kernel_module(backend)
+    kernel_module = dispatch.load_backend(backend)
     lengths = [4097, 1, 300]
     starts = [0, 4112, 4128]
     groups = [0, 1, 1]
     size = 4432
     initial = make_params([(size,)], torch.float64, seed=3)[0]
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=initial.to(dtype), exp_avg=torch.zeros(size, dtype=dtype),
         exp_avg_sq=torch.zeros(size, dtype=dtype), max_exp_avg_sq=torch.zeros(size, dtype=dtype),
         segment_starts=torch.tensor(starts), segment_lengths=torch.tensor(lengths),
@@ -61,7 +54,7 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
                    v=torch.zeros(n, dtype=torch.float64),
                    v_max=torch.zeros(n, dtype=torch.float64), step=0)
               for s, n in zip(starts, lengths)]
-    table = _group_table(*GROUPS)
+    table = group_table(*GROUPS)
     for step in range(20):
         grads = [g.to(dtype) for g in make_params([(n,) for n in lengths], torch.float64,
                                                   seed=100 + step)]
@@ -98,14 +91,14 @@ def test_launcher_on_bare_tensors_matches_the_float64_oracle(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 def test_found_inf_skips_everything(backend):
-    kernel_module = dispatch.kernel_module(backend)
-    arena = ArenaTensors(
+    kernel_module = dispatch.load_backend(backend)
+    arena = ArenaRecord(
         params=torch.ones(16), exp_avg=torch.zeros(16), exp_avg_sq=torch.zeros(16),
         segment_starts=torch.tensor([0]), segment_lengths=torch.tensor([16]),
         segment_groups=torch.tensor([0]), steps=torch.zeros(1))
     grad = torch.ones(16)
     kernel_module.adam_step(arena, grads=_grads_for(kernel_module, [grad]),
-                            group_table=_group_table(GROUPS[0]), found_inf=torch.ones(1))
+                            group_table=group_table(GROUPS[0]), found_inf=torch.ones(1))
     assert torch.equal(arena.params, torch.ones(16)) and not arena.exp_avg.any()
     assert arena.steps.tolist() == [0.0]
 
@@ -117,18 +110,18 @@ def _big_numba_case(seed):
     starts = np.cumsum([0] + [-(-n // 16) * 16 for n in lengths])
     size = int(starts[-1])
     generator = torch.Generator().manual_seed(seed)
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=torch.randn(size, generator=generator), exp_avg=torch.zeros(size),
         exp_avg_sq=torch.zeros(size), max_exp_avg_sq=torch.zeros(size),
         segment_starts=torch.tensor(starts[:-1]), segment_lengths=torch.tensor(lengths),
         segment_groups=torch.tensor([0, 1, 0, 1, 0]), steps=torch.zeros(5))
     grads = [torch.randn(n, generator=generator) for n in lengths]
     grads[3] = None
-    return arena, grads, _group_table(*GROUPS)
+    return arena, grads, group_table(*GROUPS)
 
 
 def _clone(arena):
-    return ArenaTensors(**{name: None if value is None else value.clone()
+    return ArenaRecord(**{name: None if value is None else value.clone()
                            for name, value in vars(arena).items()})
 
 
@@ -144,9 +137,9 @@ def test_numba_pass_split_across_threads_is_the_one_pass():
     derived = numba_adam._Derived(one_pass)
     for _ in range(3):
         numba_adam.adam_step(arena, grads=addresses, group_table=table)
-        numba_adam._adam_chunks(*derived.arguments, addresses.numpy(), table.numpy(),
-                                inv_grad_scale=1.0, clip_factor=1.0, advance=True, first=0,
-                                last=derived.n_chunks)
+        numba_adam._step_on_this_thread(*derived.arguments, addresses.numpy(), table.numpy(),
+                                        inv_grad_scale=1.0, clip_factor=1.0, advance=True,
+                                        first=0, last=derived.n_chunks)
     for name in ("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "steps"):
         assert torch.equal(getattr(arena, name), getattr(one_pass, name)), name
 
@@ -244,7 +237,7 @@ def _far_case(n, dtype, seed):
     expected = [x.double() for x in (p, m, v, v_max)]
     reference.adam_update(*expected[:1], g.double(), *expected[1:], step=5, lr=1e-2, beta1=0.9,
                           beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True)
-    table = _group_table({contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999,
+    table = group_table({contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999,
                           contract.EPS: 1e-8, contract.WEIGHT_DECAY: 0.1, contract.AMSGRAD: 1.0})
     return (p, m, v, v_max, g), expected, table
 
@@ -266,11 +259,11 @@ def test_segment_past_2_to_the_32_elements(backend):
     element 2^32 + 2^31 + 16 of (virtual) buffers."""
     dtype, n = torch.float32, 37
     (p, m, v, v_max, g), expected, table = _far_case(n, dtype, seed=11)
-    kernel_module = dispatch.kernel_module(backend)
+    kernel_module = dispatch.load_backend(backend)
     buffers = [_virtual(_FAR + 64, dtype) for _ in range(4)]
     for buffer, value in zip(buffers, (p, m, v, v_max)):
         buffer[_FAR:_FAR + n] = value
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=buffers[0], exp_avg=buffers[1], exp_avg_sq=buffers[2], max_exp_avg_sq=buffers[3],
         segment_starts=torch.tensor([_FAR]), segment_lengths=torch.tensor([n]),
         segment_groups=torch.tensor([0]), steps=torch.tensor([4.0]))
@@ -283,7 +276,7 @@ def test_segment_past_2_to_the_32_elements(backend):
 
 @needs_virtual_memory
 def test_numba_kernel_offsets_within_a_segment_past_2_to_the_31():
-    """numba's `_adam_chunks` on one chunk whose offset *inside* its segment is past 2^31 (a
+    """numba's `_step_on_this_thread` on one chunk whose offset *inside* its segment is past 2^31 (a
     parameter of more than 2^31 elements), in a segment that itself starts past 2^31: the grad
     is read at address + offset * itemsize and the update written at start + offset, both
     beyond 32 bits. The chunk table is made by hand so that only this chunk runs."""
@@ -301,7 +294,7 @@ def test_numba_kernel_offsets_within_a_segment_past_2_to_the_31():
     grad[offset:offset + n] = g
     int64 = dict(dtype=np.int64)
     steps = np.array([5.0], dtype=np.float32)  # the launcher advances steps before the chunks
-    numba_adam._adam_chunks(
+    numba_adam._step_on_this_thread(
         params=buffers[0].numpy(), master_params=None, exp_avg=buffers[1].numpy(),
         exp_avg_sq=buffers[2].numpy(), max_exp_avg_sq=buffers[3].numpy(),
         exp_avg_absmax=None, exp_avg_sq_absmax=None,
@@ -326,7 +319,7 @@ def test_triton_kernel_offsets_within_a_segment_past_2_to_the_31():
     dtype, n = torch.float32, 37
     (p, m, v, v_max, g), expected, table = _far_case(n, dtype, seed=13)
     start = 2 ** 31 + 2 ** 30 + 16
-    small = ArenaTensors(params=torch.zeros(16), exp_avg=torch.zeros(16),
+    small = ArenaRecord(params=torch.zeros(16), exp_avg=torch.zeros(16),
                          exp_avg_sq=torch.zeros(16), segment_starts=torch.tensor([0]),
                          segment_lengths=torch.tensor([16]), segment_groups=torch.tensor([0]),
                          steps=torch.zeros(1))

@@ -8,7 +8,7 @@ import torch
 
 from fused_adam import FusedAdam, FusedAdamW, dispatch
 from fused_adam.clock import NO_CLOCK
-from fused_adam.flat import Arena
+from fused_adam.arena import Arena
 from fused_adam.grads import GradientReader
 from helpers import (
     DTYPE_IDS, assert_same_trajectory, cpu_backends, loss_of, make_params, train,
@@ -153,7 +153,7 @@ def test_user_assigned_strided_grad_is_copied_and_right(backend):
         theirs.step()
     # The strided gradient is always copied; the misaligned one only for a kernel that needs
     # 16-byte aligned gradients (Triton's 128-bit loads).
-    needs_alignment = dispatch.kernel_module(backend).GRAD_ADDRESS_ALIGNMENT > 4
+    needs_alignment = dispatch.load_backend(backend).GRAD_ADDRESS_ALIGNMENT > 4
     assert ours.grad_copies == 25 + (25 if needs_alignment else 0)
     assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
 
@@ -162,7 +162,7 @@ def test_user_assigned_strided_grad_is_copied_and_right(backend):
 def test_reader_holds_the_gradient_copies_it_hands_out(backend):
     """A copied gradient has no owner but the step, so the reader must hand it out with the
     addresses, alive until the kernel has read it. Gradients read in place are autograd's."""
-    kernels = dispatch.kernel_module(backend)
+    kernels = dispatch.load_backend(backend)
     strided, plain = torch.zeros(6, 4, requires_grad=True), torch.zeros(5, requires_grad=True)
     arena = Arena("cpu", torch.float32, [(strided, 0, 0), (plain, 0, 1)])
     reader = GradientReader(arena, form=kernels.GRADS, alignment=kernels.GRAD_ADDRESS_ALIGNMENT)

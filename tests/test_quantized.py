@@ -5,7 +5,7 @@ import torch
 
 import fused_adam
 from fused_adam.kernels.contract import QUANT_BLOCK, SIGNED_LEVELS, UNSIGNED_LEVELS
-from fused_adam.kernels import reference
+from fused_adam.kernels import codecs
 from helpers import (
     DTYPE_IDS, TOLERANCES, assert_close, cpu_backends, make_params, reloaded, run_steps,
 )
@@ -28,8 +28,8 @@ def test_signed_map_error_is_half_a_level_in_the_square_root():
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(10 * QUANT_BLOCK + 37, generator=generator) * torch.logspace(
         -6, 2, 10 * QUANT_BLOCK + 37)
-    codes, absmax = reference.quantize(values, signed=True)
-    decoded = reference.decode(codes, absmax, signed=True)
+    codes, absmax = codecs.quantize(values, signed=True)
+    decoded = codecs.decode(codes, absmax, signed=True)
     rows, back = _blocks(values), _blocks(decoded)
     scale = rows.abs().amax(dim=1, keepdim=True)
     root_error = ((rows.abs() / scale).sqrt() - (back.abs() / scale).sqrt()).abs()
@@ -46,9 +46,9 @@ def test_unsigned_map_error_is_half_a_level_in_the_fourth_root():
     step divides by, is within 1/255 of its block's in the square-root domain."""
     generator = torch.Generator().manual_seed(1)
     values = torch.rand(7 * QUANT_BLOCK + 5, generator=generator) ** 8 * 1e-3
-    codes, absmax = reference.quantize(values, signed=False)
+    codes, absmax = codecs.quantize(values, signed=False)
     assert codes.dtype == torch.uint8
-    decoded = reference.decode(codes, absmax, signed=False)
+    decoded = codecs.decode(codes, absmax, signed=False)
     rows, back = _blocks(values), _blocks(decoded)
     scale = rows.amax(dim=1, keepdim=True)
     error = ((rows / scale) ** 0.25 - (back / scale) ** 0.25).abs()
@@ -64,8 +64,8 @@ def test_zero_and_nan_blocks():
     values[QUANT_BLOCK + 3] = float("nan")
     values[2 * QUANT_BLOCK:] = 1.0
     for signed in (True, False):
-        codes, absmax = reference.quantize(values, signed=signed)
-        decoded = reference.decode(codes, absmax, signed=signed)
+        codes, absmax = codecs.quantize(values, signed=signed)
+        decoded = codecs.decode(codes, absmax, signed=signed)
         assert torch.equal(decoded[:QUANT_BLOCK], torch.zeros(QUANT_BLOCK))
         assert decoded[QUANT_BLOCK:2 * QUANT_BLOCK].isnan().all()
         assert torch.equal(decoded[2 * QUANT_BLOCK:], torch.ones(QUANT_BLOCK))
@@ -262,7 +262,7 @@ def test_torch_checkpoint_is_quantized_on_load(backend):
     ours.load_state_dict(reloaded(torch_opt.state_dict()))
     for p in params:
         for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-            codes, absmax = reference.quantize(torch_opt.state[p][key].reshape(-1), signed=signed)
+            codes, absmax = codecs.quantize(torch_opt.state[p][key].reshape(-1), signed=signed)
             assert torch.equal(ours.state[p][key].reshape(-1), codes)
             assert torch.equal(ours.state[p][key + "_absmax"], absmax)
         assert float(ours.state[p]["step"]) == 5
@@ -286,7 +286,7 @@ def test_dequantized_checkpoint_resumes_in_torch(backend):
         state = opt.state[p]
         assert set(torch_opt.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
         for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-            decoded = reference.decode(state[key].reshape(-1), state[key + "_absmax"],
+            decoded = codecs.decode(state[key].reshape(-1), state[key + "_absmax"],
                                        signed=signed)
             assert torch_opt.state[q][key].dtype == torch.float32
             assert torch.equal(torch_opt.state[q][key].reshape(-1), decoded)

@@ -1,58 +1,34 @@
-"""The Triton launcher with 8-bit moments (`_adam_q8_kernel`) on bare `ArenaTensors` records,
+"""The Triton launcher with 8-bit moments (`_adam_q8_kernel`) on bare `ArenaRecord` records,
 against the reference backend's quantized step on identical copies: segments starting on
 multiples of QUANT_BLOCK with lengths that are not, whole and tail chunks, a zero-length
 segment, one without a gradient every other step, two groups (AdamW; Adam with maximize), a
 GradScaler scale and a clipping factor. Then the block map itself (`_encode`, `_decode`,
 `_rint`) against the reference's `encode` and `decode` on edge values.
 
-Runs the kernels through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 on a
-machine without a GPU); skipped where triton is not installed or the interpreter is off."""
+Skipped without Triton's interpreter (`kernel_helpers.require_triton_interpreter`)."""
 import math
 
 import pytest
 import torch
 
-from helpers import TOLERANCES, assert_close, cpu_backends, make_params
+from helpers import TOLERANCES, assert_close, make_params
 
-triton = pytest.importorskip("triton")
-if "triton" not in cpu_backends():
-    pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) for CPU tensors",
-                allow_module_level=True)
+from kernel_helpers import require_triton_interpreter
 
-import triton.language as tl  # noqa: E402  (after the skips: triton is optional)
+triton = require_triton_interpreter()
+import triton.language as tl  # noqa: E402  (after the skip: triton is optional)
 
 from fused_adam.kernels import contract  # noqa: E402
-from fused_adam.kernels.contract import QUANT_BLOCK, ArenaTensors  # noqa: E402
-from fused_adam.kernels import reference, triton_adam  # noqa: E402
+from fused_adam.kernels.contract import QUANT_BLOCK, ArenaRecord  # noqa: E402
+from fused_adam.kernels import codecs, reference, triton_adam  # noqa: E402
+from kernel_helpers import (  # noqa: E402
+    ADAM, ADAMW, LENGTHS, N_BLOCKS, NO_L2, SIZE, STARTS, ZERO_BETAS, addresses, group_table,
+    in_segments, quantize_segments, record_and_twin, scaled_on_odd_steps, step_grads,
+)
 
 # numpy's floating-point warnings from the interpreter on purposeful IEEE arithmetic: log2(0) of
 # a zero beta (a bias correction of exactly 1), 1 / subnormal = inf, inf * 0 = NaN.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-# Five segments, starts on multiples of QUANT_BLOCK, reserved space rounded up to whole blocks:
-# 0: 4400 elements, blocks 0-17 (the last holds 48): whole chunks of 2048 and of 4096 elements
-#    (fp32 and bf16/fp16 launch configs) and a tail chunk;
-# 1: empty, at 4608 (its gradient is empty): block 18 is padding between segments 0 and 2;
-# 2: 300 elements, blocks 19-20; its tail chunk's rows past block 20 would be segment 3's;
-# 3: one element (block 21), without a gradient in odd steps;
-# 4: 513 elements, blocks 22-24 (the last holds 1): its tail chunk's rows run past the end
-#    of the absmax buffers (25 blocks).
-LENGTHS = [4400, 0, 300, 1, 513]
-STARTS = [0, 4608, 4864, 5376, 5632]
-SIZE = 6400
-SEGMENT_GROUPS = [0, 1, 1, 0, 1]
-N_BLOCKS = SIZE // QUANT_BLOCK
-
-ADAMW = {contract.LR: 1e-2, contract.BETA1: 0.9, contract.BETA2: 0.999, contract.EPS: 1e-8,
-         contract.WEIGHT_DECAY: 0.1, contract.DECOUPLED_WD: 1.0}
-ADAM = {contract.LR: 3e-3, contract.BETA1: 0.8, contract.BETA2: 0.99, contract.EPS: 1e-6,
-        contract.WEIGHT_DECAY: 0.05, contract.MAXIMIZE: 1.0}
-ZERO_BETAS = {contract.BETA1: 0.0, contract.BETA2: 0.0}
-# Reference's L2 term, grad.add(param, alpha=wd), is one fused multiply-add in torch's
-# vectorized CPU kernel (as are its lerp and addcmul): one rounding where the contract (and
-# the kernel, compiled without FMA contraction) rounds twice. With zero betas the moments are
-# otherwise exact, so the bit-for-bit runs use decoupled weight decay only.
-NO_L2 = {contract.WEIGHT_DECAY: 0.0}
 
 # Values the padding holds before the steps and must hold after them.
 PAD_PARAM, PAD_EXP_AVG, PAD_EXP_AVG_SQ, PAD_ABSMAX = 7.0, 55, 200, 123.0
@@ -61,78 +37,35 @@ CONFIGS = {"fp32": (torch.float32, False), "bf16-master": (torch.bfloat16, True)
            "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False)}
 
 
-def _group_table(*groups):
-    table = torch.zeros(len(groups), contract.GROUP_COLUMNS, dtype=torch.float64)
-    for row, group in zip(table, groups):
-        for column, value in group.items():
-            row[column] = value
-    return table
-
-
-def _in_segments():
-    """(element mask, block mask) of what the segments cover."""
-    elements = torch.zeros(SIZE, dtype=torch.bool)
-    blocks = torch.zeros(N_BLOCKS, dtype=torch.bool)
-    for start, length in zip(STARTS, LENGTHS):
-        elements[start:start + length] = True
-        blocks[start // QUANT_BLOCK:-(-(start + length) // QUANT_BLOCK)] = True
-    return elements, blocks
-
-
 def _arenas(dtype, master, seed=0):
     """Two identical records (for the Triton launcher and the reference): random params and
     moments already quantized segment by segment, sentinels in all padding."""
     params, m, v = make_params([(SIZE,)] * 3, torch.float32, seed=seed)
     m, v = m * 0.1, v.square() * 0.01
-    elements, blocks = _in_segments()
+    elements, blocks = in_segments()
     exp_avg = torch.full((SIZE,), PAD_EXP_AVG, dtype=torch.int8)
     exp_avg_sq = torch.full((SIZE,), PAD_EXP_AVG_SQ, dtype=torch.uint8)
     absmax = [torch.full((N_BLOCKS,), PAD_ABSMAX) for _ in range(2)]
-    for start, length in zip(STARTS, LENGTHS):
-        if length == 0:
-            continue
-        end, first = start + length, start // QUANT_BLOCK
-        for codes, scales, values, signed in ((exp_avg, absmax[0], m, True),
-                                              (exp_avg_sq, absmax[1], v, False)):
-            q, s = reference.quantize(values[start:end], signed=signed)
-            codes[start:end] = q
-            scales[first:first + s.numel()] = s
+    quantize_segments(m, exp_avg, absmax[0], signed=True)
+    quantize_segments(v, exp_avg_sq, absmax[1], signed=False)
     params = torch.where(elements, params, PAD_PARAM)
-    arena = ArenaTensors(
+    return record_and_twin(
         params=params.to(dtype), master_params=params.clone() if master else None,
         exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, exp_avg_absmax=absmax[0],
-        exp_avg_sq_absmax=absmax[1], segment_starts=torch.tensor(STARTS),
-        segment_lengths=torch.tensor(LENGTHS), segment_groups=torch.tensor(SEGMENT_GROUPS),
-        steps=torch.zeros(len(LENGTHS)))
-    twin = ArenaTensors(**{name: None if value is None else value.clone()
-                           for name, value in vars(arena).items()})
-    return arena, twin
-
-
-def _addresses(grads):
-    # As the optimizer does: 0 is "no gradient", an empty gradient gets any nonzero address.
-    return torch.tensor([0 if g is None else (g.data_ptr() or 64) for g in grads])
+        exp_avg_sq_absmax=absmax[1])
 
 
 def _step_both(arena, twin, table, step, dtype, grads=None):
-    """One step of each launcher from the same gradients: odd steps with a GradScaler-like
-    scale (gradients times 1024, inv_grad_scale 2^-10) and a clipping factor."""
-    if grads is None:
-        grads = [g.to(dtype) for g in make_params([(n,) for n in LENGTHS], torch.float64,
-                                                  seed=100 + step)]
-        if step % 2:
-            grads[3] = None
-    options = {}
-    if step % 2:
-        grads = [None if g is None else g * 1024 for g in grads]
-        options = dict(inv_grad_scale=2.0 ** -10,
-                       clip_factor=torch.tensor([0.75], dtype=torch.float64))
-    triton_adam.adam_step(arena, grads=_addresses(grads), group_table=table, **options)
+    """One step of each launcher from the same gradients (`step_grads` unless given), odd
+    steps scaled and clipped (`scaled_on_odd_steps`)."""
+    grads, options = scaled_on_odd_steps(step_grads(step, dtype) if grads is None else grads,
+                                         step)
+    triton_adam.adam_step(arena, grads=addresses(grads), group_table=table, **options)
     reference.adam_step(twin, grads=grads, group_table=table, **options)
 
 
 def _assert_padding_untouched(arena, dtype):
-    elements, blocks = _in_segments()
+    elements, blocks = in_segments()
     assert (arena.exp_avg[~elements] == PAD_EXP_AVG).all(), "exp_avg codes written in padding"
     assert (arena.exp_avg_sq[~elements] == PAD_EXP_AVG_SQ).all(), \
         "exp_avg_sq codes written in padding"
@@ -167,7 +100,7 @@ def test_zero_betas_match_the_reference_bit_for_bit(config):
     the master copy, the params and the steps equal the reference's bit for bit, 20 steps."""
     dtype, master = CONFIGS[config]
     arena, twin = _arenas(dtype, master)
-    table = _group_table({**ADAMW, **ZERO_BETAS}, {**ADAM, **ZERO_BETAS, **NO_L2})
+    table = group_table({**ADAMW, **ZERO_BETAS}, {**ADAM, **ZERO_BETAS, **NO_L2})
     for step in range(20):
         _step_both(arena, twin, table, step, dtype)
     assert arena.steps.tolist() == [20, 20, 20, 10, 20]
@@ -189,11 +122,11 @@ def test_ordinary_betas_follow_the_reference(config):
     2 of the 5214 elements."""
     dtype, master = CONFIGS[config]
     arena, twin = _arenas(dtype, master, seed=1)
-    table = _group_table(ADAMW, ADAM)
+    table = group_table(ADAMW, ADAM)
     for step in range(20):
         _step_both(arena, twin, table, step, dtype)
     assert torch.equal(arena.steps, twin.steps)
-    elements, blocks = _in_segments()
+    elements, blocks = in_segments()
     stepped = arena.master_params if master else arena.params
     expected = twin.master_params if master else twin.params
     if stepped.dtype == torch.float32:
@@ -218,7 +151,7 @@ def test_nan_gradient_poisons_only_its_block():
     of the block 0; the next step decodes the block as NaN, so all its params go NaN, while
     every other block stays finite. As the reference, bit for bit (zero betas)."""
     arena, twin = _arenas(torch.float32, False, seed=2)
-    table = _group_table({**ADAMW, **ZERO_BETAS}, {**ADAM, **ZERO_BETAS, **NO_L2})
+    table = group_table({**ADAMW, **ZERO_BETAS}, {**ADAM, **ZERO_BETAS, **NO_L2})
     _step_both(arena, twin, table, 0, torch.float32)
     grads = make_params([(n,) for n in LENGTHS], torch.float64, seed=7)
     grads = [g.float() for g in grads]
@@ -227,7 +160,7 @@ def test_nan_gradient_poisons_only_its_block():
     _step_both(arena, twin, table, 2, torch.float32, grads=grads)
     poisoned = torch.zeros(N_BLOCKS, dtype=torch.bool)
     poisoned[[2, 20]] = True
-    _, blocks = _in_segments()
+    _, blocks = in_segments()
     for name in ("exp_avg_absmax", "exp_avg_sq_absmax"):
         scales = getattr(arena, name)
         assert scales[poisoned].isnan().all(), f"{name}: a NaN gradient left its block finite"
@@ -242,7 +175,7 @@ def test_nan_gradient_poisons_only_its_block():
 
     _step_both(arena, twin, table, 4, torch.float32)
     in_poisoned = poisoned.repeat_interleave(QUANT_BLOCK)
-    elements, _ = _in_segments()
+    elements, _ = in_segments()
     assert params[in_poisoned & elements].isnan().all(), "a NaN block decoded as numbers"
     assert params[~in_poisoned & elements].isfinite().all()
     for name in BUFFERS:
@@ -256,7 +189,7 @@ def test_found_inf_skips_everything():
     before = {name: getattr(arena, name).clone() for name in BUFFERS
               if getattr(arena, name) is not None}
     grads = [torch.ones(n) for n in LENGTHS]
-    triton_adam.adam_step(arena, grads=_addresses(grads), group_table=_group_table(ADAMW, ADAM),
+    triton_adam.adam_step(arena, grads=addresses(grads), group_table=group_table(ADAMW, ADAM),
                           found_inf=torch.ones(1))
     for name, value in before.items():
         assert torch.equal(getattr(arena, name), value), name
@@ -264,13 +197,13 @@ def test_found_inf_skips_everything():
 
 def test_no_amsgrad_with_8_bit_moments():
     arena, _ = _arenas(torch.float32, False)
-    grads = _addresses([torch.ones(n) for n in LENGTHS])
+    grads = addresses([torch.ones(n) for n in LENGTHS])
     with pytest.raises(AssertionError, match="amsgrad"):
         triton_adam.adam_step(arena, grads=grads,
-                              group_table=_group_table(ADAMW, {**ADAM, contract.AMSGRAD: 1.0}))
-    with_max = ArenaTensors(**{**vars(arena), "max_exp_avg_sq": torch.zeros(SIZE)})
+                              group_table=group_table(ADAMW, {**ADAM, contract.AMSGRAD: 1.0}))
+    with_max = ArenaRecord(**{**vars(arena), "max_exp_avg_sq": torch.zeros(SIZE)})
     with pytest.raises(AssertionError, match="amsgrad"):
-        triton_adam.adam_step(with_max, grads=grads, group_table=_group_table(ADAMW, ADAM))
+        triton_adam.adam_step(with_max, grads=grads, group_table=group_table(ADAMW, ADAM))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +281,7 @@ def _edge_blocks(signed, seed):
 
 @pytest.mark.parametrize("signed", [True, False], ids=["exp_avg", "exp_avg_sq"])
 def test_encode_matches_the_reference(signed):
-    """Absmax and codes bit for bit `reference.quantize`'s (whose square roots are correctly
+    """Absmax and codes bit for bit `codecs.quantize`'s (whose square roots are correctly
     rounded, as the kernel's sqrt_rn: `_edge_blocks` puts values within an ulp of the code
     boundaries, where a square root one ulp off moves a code)."""
     values, length = _edge_blocks(signed, seed=5)
@@ -358,7 +291,7 @@ def test_encode_matches_the_reference(signed):
     absmax = torch.empty(BLOCKS)
     _encode_kernel[(1,)](values, codes, absmax, length, SIGNED=signed, SPLIT=SPLIT,
                          BLOCKS=BLOCKS, WIDTH=WIDTH)
-    expected_codes, expected_absmax = reference.quantize(values[:length], signed=signed)
+    expected_codes, expected_absmax = codecs.quantize(values[:length], signed=signed)
     _assert_bitwise_equal(absmax, expected_absmax, "absmax")
     _assert_bitwise_equal(codes[:length], expected_codes, "codes")
     assert (codes[length:] == 99).all(), "codes stored past the length"
@@ -381,7 +314,7 @@ def test_decode_matches_the_reference(signed):
     out = torch.empty(codes.numel())
     _decode_kernel[(1,)](codes, absmax, out, SIGNED=signed, SPLIT=SPLIT, BLOCKS=BLOCKS,
                          WIDTH=WIDTH)
-    _assert_bitwise_equal(out, reference.decode(codes, absmax, signed=signed), "decoded")
+    _assert_bitwise_equal(out, codecs.decode(codes, absmax, signed=signed), "decoded")
 
 
 def test_rint_rounds_to_nearest_even():

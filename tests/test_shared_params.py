@@ -30,6 +30,28 @@ def _assert_layout_kept(params, layout, what):
         assert torch.equal(p.detach(), values), f"{what}: param {index} changed"
 
 
+def _assert_refused_group_left_nothing(ours, theirs, ours_params, torch_params, before, what):
+    """After a refused `add_param_group` (`before`, a snapshot taken before it): one group, the
+    state as it was, and steps 3 .. 9 as torch's optimizer takes them without the group."""
+    assert len(ours.param_groups) == 1
+    assert_unchanged(before, snapshot(ours, ours_params), what)
+    run_both(ours, theirs, ours_params, torch_params, 3, 10)
+    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+
+
+def _assert_appended_param_refused_at_the_step(appended_of, match):
+    """`appended_of(params)` appended to the param group after two steps: the next step raises
+    a ValueError matching `match` and changes nothing."""
+    ours_params = _params()
+    ours = FusedAdam(ours_params, lr=LR)
+    run_steps(ours, ours_params, 0, 2)
+    before = snapshot(ours, ours_params)
+    ours.param_groups[0]["params"].append(appended_of(ours_params))
+    with pytest.raises(ValueError, match=match):
+        ours.step()
+    assert_unchanged(before, snapshot(ours, ours_params), "after the refused step")
+
+
 # ------------------------------------------------------------------------------------------------
 # Two Parameters over the same memory
 
@@ -117,21 +139,13 @@ def test_parameter_sharing_memory_is_refused_by_add_param_group(made):
     with pytest.raises(ValueError, match="parameter 1 of param group 0 and parameter 0 of "
                                          "param group 1 share memory"):
         ours.add_param_group(dict(params=[alias], lr=1e-3))
-    assert len(ours.param_groups) == 1
-    assert_unchanged(before, snapshot(ours, ours_params), "after the refused group")
-    run_both(ours, theirs, ours_params, torch_params, 3, 10)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+    _assert_refused_group_left_nothing(ours, theirs, ours_params, torch_params, before,
+                                       "after the refused group")
 
 
 def test_parameter_sharing_memory_appended_to_a_group_is_refused_at_the_step():
-    ours_params = _params()
-    ours = FusedAdam(ours_params, lr=LR)
-    run_steps(ours, ours_params, 0, 2)
-    before = snapshot(ours, ours_params)
-    ours.param_groups[0]["params"].append(torch.nn.Parameter(ours_params[0].data))
-    with pytest.raises(ValueError, match="share memory"):
-        ours.step()
-    assert_unchanged(before, snapshot(ours, ours_params), "after the refused step")
+    _assert_appended_param_refused_at_the_step(
+        lambda params: torch.nn.Parameter(params[0].data), "share memory")
 
 
 def test_parameter_tied_by_data_after_construction_is_refused_at_the_step():
@@ -230,18 +244,9 @@ def test_parameter_listed_twice_is_refused_by_add_param_group():
     with pytest.raises(ValueError, match="some parameters appear in more than one parameter "
                                          "group"):
         ours.add_param_group(dict(params=[ours_params[0]]))
-    assert len(ours.param_groups) == 1
-    assert_unchanged(before, snapshot(ours, ours_params), "after the refused groups")
-    run_both(ours, theirs, ours_params, torch_params, 3, 10)
-    assert_same_trajectory(ours, theirs, ours_params, torch_params, dtype=torch.float32)
+    _assert_refused_group_left_nothing(ours, theirs, ours_params, torch_params, before,
+                                       "after the refused groups")
 
 
 def test_parameter_appended_twice_to_a_group_is_refused_at_the_step():
-    ours_params = _params()
-    ours = FusedAdam(ours_params, lr=LR)
-    run_steps(ours, ours_params, 0, 2)
-    before = snapshot(ours, ours_params)
-    ours.param_groups[0]["params"].append(ours_params[0])
-    with pytest.raises(ValueError, match="listed again"):
-        ours.step()
-    assert_unchanged(before, snapshot(ours, ours_params), "after the refused step")
+    _assert_appended_param_refused_at_the_step(lambda params: params[0], "listed again")

@@ -1,9 +1,9 @@
 """The compressed modes' memory, measured: after construction and a step a fresh process's
 resident memory grows by the states' bytes per parameter (the params move into the arena and
-the model's own storage is freed), as `python -m bench.state_bytes` reports for the README."""
+the model's own storage is freed), as `python -m bench.studies.state_bytes` reports for the README."""
 import pytest
 
-from bench.state_bytes import state_bytes_per_param
+from bench.studies.state_bytes import state_bytes_per_param
 
 # mode: its states' bytes per parameter, by construction (codes, absmax per 256, remainder).
 EXPECTED = {

@@ -58,7 +58,7 @@ def _launchable():
     each `master_weights` (False, True, "bf16+16", "bf16+8") it does not refuse, resolved by
     the Arena itself, so that a change there shows up here."""
     import torch
-    from fused_adam.flat import Arena
+    from fused_adam.arena import Arena
 
     names = {getattr(torch, torch_name): name for name, torch_name in TORCH_DTYPES.items()}
     combos = []
@@ -120,7 +120,7 @@ def _kernel_arguments(triton_adam, spec):
     the one source of the kernel and its signature, and the launch options."""
     import torch
     from fused_adam.kernels.contract import (
-        EXP_AVG_CODES, EXP_AVG_SQ_CODES, GROUP_COLUMNS, QUANT_BLOCK, ArenaTensors,
+        EXP_AVG_CODES, EXP_AVG_SQ_CODES, GROUP_COLUMNS, QUANT_BLOCK, ArenaRecord,
     )
 
     _, name, state, master, has_max = spec
@@ -128,7 +128,7 @@ def _kernel_arguments(triton_adam, spec):
     zeros = lambda dtype: torch.zeros(QUANT_BLOCK, dtype=dtype)  # noqa: E731
     one = torch.tensor([16], dtype=torch.int64)
     quantized = state == "int8"
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=zeros(param_dtype),
         exp_avg=zeros(EXP_AVG_CODES if quantized else state_dtype),
         exp_avg_sq=zeros(EXP_AVG_SQ_CODES if quantized else state_dtype),
@@ -161,12 +161,12 @@ def _power_spec_id(spec):
 def _power_sum_arguments(triton_adam, spec):
     """`_power_sum_kernel`'s arguments from the launcher's own `power_sum_arguments`."""
     import torch
-    from fused_adam.kernels.contract import ArenaTensors
+    from fused_adam.kernels.contract import ArenaRecord
 
     _, name, norm = spec
     dtype = getattr(torch, TORCH_DTYPES[name])
     zeros = lambda dtype: torch.zeros(64, dtype=dtype)  # noqa: E731
-    arena = ArenaTensors(
+    arena = ArenaRecord(
         params=zeros(dtype), exp_avg=zeros(dtype), exp_avg_sq=zeros(dtype),
         segment_starts=torch.zeros(1, dtype=torch.int64),
         segment_lengths=torch.tensor([16], dtype=torch.int64),

@@ -1,7 +1,7 @@
 """What each mode of FusedAdam costs per parameter: the bytes one step moves (read and written)
 and the memory it keeps (params and states), the latter measured, not computed.
 
-    python -m bench.state_bytes [--numel N]
+    python -m bench.studies.state_bytes [--numel N]
 
 Each mode is measured in a fresh process, as the no-second-copy test measures the fp32 arena:
 the resident memory before the optimizer exists (the model's params only) and after its
@@ -82,7 +82,8 @@ def state_bytes_per_param(mode, numel=16 * 2 ** 20):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.state_bytes", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.studies.state_bytes",
+                                     description=__doc__)
     parser.add_argument("--numel", type=int, default=16 * 2 ** 20)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)

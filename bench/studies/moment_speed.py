@@ -2,7 +2,7 @@
 at (fp32-moment step time over the bf16-moment step's, at least 1.3 on GPT-2-small's shapes, and
 over the 8-bit-moment step's) and how close each step is to its bytes' floor.
 
-    python -m bench.moment_speed [--configs gpt2-small large-16M] [--rounds 15]
+    python -m bench.studies.moment_speed [--configs gpt2-small large-16M] [--rounds 15]
                                  [--kernel-from REV] [--threads N] [--kernel-only]
 
 Subjects, each round in a rotating order, medians over rounds (ratios from the rounds two
@@ -104,7 +104,7 @@ def _divider_step(n):
 
 def _kernel_module_at(revision):
     """kernels/numba_adam.py as it was at `revision`, imported as a module of its own."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     source = subprocess.run(["git", "show", f"{revision}:kernels/numba_adam.py"], cwd=root,
                             check=True, capture_output=True, text=True).stdout
     sha = subprocess.run(["git", "rev-parse", "--short", revision], cwd=root, check=True,
@@ -130,7 +130,7 @@ def _kernel_module_at(revision):
 
 def _optimizer_step(shapes, state_dtype, kernels=None, kernel_only=False):
     """A step() of FusedAdam over fresh fp32 params of `shapes`, gradients set once; with
-    `kernel_only`, the numba kernel's one-thread pass over the arena alone (`_adam_chunks`,
+    `kernel_only`, the numba kernel's one-thread pass over the arena alone (`_step_on_this_thread`,
     steps not advanced), without the optimizer's per-step Python work."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02)
@@ -140,22 +140,24 @@ def _optimizer_step(shapes, state_dtype, kernels=None, kernel_only=False):
     options = {} if state_dtype is None else dict(state_dtype=state_dtype)
     optimizer = FusedAdam(params, lr=1e-4, weight_decay=0.0, **options)
     optimizer.step()  # builds the arenas (and compiles)
-    launchers = optimizer._arenas._launchers
-    (key, (name, current)), = launchers.items()
+    backends = optimizer._arenas._backends
+    (key, (name, current)), = backends.items()
     kernels = kernels or current
     calls = []
-    launchers[key] = (name, _Recording(kernels, calls))
+    backends[key] = (name, _Recording(kernels, calls))
     optimizer.step()  # compiles `kernels`' specialization, and records its arguments
-    launchers[key] = (name, kernels)
+    backends[key] = (name, kernels)
     if not kernel_only:
         return lambda: optimizer.step()
-    arena, inputs = calls[-1]
-    derived = kernels._derived_for(arena)
+    record, inputs = calls[-1]
+    derived = kernels._derived_for(record)
     arguments = (*derived.arguments, inputs["grads"].numpy(), inputs["group_table"].numpy(),
                  1.0, 1.0, False, 0, derived.n_chunks)
-    kernels._adam_chunks(*arguments)
+    # The one-thread pass (`_adam_chunks` in revisions before #22 named it by what it does).
+    one_thread_pass = getattr(kernels, "_step_on_this_thread", None) or kernels._adam_chunks
+    one_thread_pass(*arguments)
     # The kernel reads the gradients by address: the closure keeps them (and the arena) alive.
-    return lambda: kernels._adam_chunks(*arguments) or optimizer
+    return lambda: one_thread_pass(*arguments) or optimizer
 
 
 class _Recording:
@@ -167,9 +169,9 @@ class _Recording:
     def __getattr__(self, name):
         return getattr(self._kernels, name)
 
-    def adam_step(self, arena, **inputs):
-        self._calls.append((arena, inputs))
-        return self._kernels.adam_step(arena, **inputs)
+    def adam_step(self, record, **inputs):
+        self._calls.append((record, inputs))
+        return self._kernels.adam_step(record, **inputs)
 
 
 def _no_math_step(n, state_dtype):
@@ -229,7 +231,8 @@ def ratio(times, slow, fast):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.moment_speed", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.studies.moment_speed",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["gpt2-small", "large-16M"],
                         choices=sorted(CONFIGS))

@@ -6,9 +6,9 @@ view writes its whole storage. So a parameter or state tensor handed out over an
 a storage that covers exactly itself, while its memory stays the arena's (one pass, no copy):
 
 - CPU: the buffer is a numpy allocation (numpy asks Linux for transparent huge pages on large
-  arrays and torch's allocator does not; with 4 KiB pages the TLB misses of an Adam pass cost
-  15-25% of its bandwidth on the development machine), and a tensor made from a numpy slice has a
-  storage of exactly that slice, which keeps the allocation alive.
+  arrays and torch's allocator does not; with 4 KiB pages the TLB misses of an Adam pass cost a
+  share of its bandwidth: bench/RESULTS.md, "Huge pages"), and a tensor made from a numpy slice
+  has a storage of exactly that slice, which keeps the allocation alive.
 - CUDA: a non-owning tensor over a pointer, made through `__cuda_array_interface__` by an object
   that keeps the buffer alive.
 - Any other device (meta, mps, xpu, ...): plain views, which share the buffer's storage.

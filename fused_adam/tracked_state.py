@@ -7,7 +7,7 @@ Users and libraries edit an optimizer's state directly: `state.clear()` to resta
 step, so such edits take effect; FusedAdam's moments live in its arenas, so it must notice them.
 Comparing every entry every step would cost a pass over all parameters; instead these containers
 record which parameters were edited, and the step imports just those (see
-`FusedAdam._follow_state`).
+`state_entries.follow_edits`).
 """
 from collections import defaultdict
 

@@ -2,7 +2,7 @@
 cache), in float64 like the clip's norm, on one thread and on numba's threads, reading each
 part as one, four or eight streams at once. The clip's floor comes from it (see RESULTS.md).
 
-    python -m bench.read_streams
+    python -m bench.studies.read_streams
 """
 import time
 
