@@ -14,6 +14,15 @@ TOLERANCES = {
     torch.float32: dict(rtol=2e-5, atol=2e-6),
     torch.float64: dict(rtol=1e-10, atol=1e-12),
 }
+# The options torch's Adam has, one per variant, for the tests that run every variant against
+# torch; "adamw" means FusedAdamW against torch.optim.AdamW, the rest FusedAdam against Adam.
+ADAM_VARIANTS = {
+    "adam": dict(),
+    "l2": dict(weight_decay=0.1),
+    "adamw": dict(weight_decay=0.1),
+    "amsgrad": dict(amsgrad=True),
+    "maximize": dict(maximize=True),
+}
 DTYPE_IDS = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
              torch.float16: "fp16"}
 

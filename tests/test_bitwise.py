@@ -20,17 +20,11 @@ import pytest
 import torch
 
 import fused_adam
-from helpers import DTYPE_IDS, cpu_backends, loss_of, make_params
+from helpers import ADAM_VARIANTS, DTYPE_IDS, cpu_backends, loss_of, make_params
 
 STEPS = 20
-VARIANTS = {
-    "adam": dict(),
-    "l2": dict(weight_decay=0.1),
-    "adamw": dict(weight_decay=0.1),
-    "amsgrad": dict(amsgrad=True),
-    "maximize": dict(maximize=True),
-    "adamw-amsgrad-maximize": dict(weight_decay=0.1, amsgrad=True, maximize=True),
-}
+VARIANTS = {**ADAM_VARIANTS,
+            "adamw-amsgrad-maximize": dict(weight_decay=0.1, amsgrad=True, maximize=True)}
 # 1000: a vector tail (1000 = 62 * 16 + 8) in torch's kernels and in ours; 0 elements last.
 SHAPES = [(1,), (4097,), (33, 65), (1000,), (0,)]
 # Group 0 takes the variant's options; group 1 other hyperparameters, and lerp's other branch.

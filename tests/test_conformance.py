@@ -6,19 +6,13 @@ import torch
 
 import fused_adam
 from helpers import (
-    DTYPE_IDS, TOLERANCES, assert_close, assert_same_trajectory, cpu_backends, loss_of,
-    make_params, oracle_step, reloaded,
+    ADAM_VARIANTS, DTYPE_IDS, TOLERANCES, assert_close, assert_same_trajectory, cpu_backends,
+    loss_of, make_params, oracle_step, reloaded,
 )
 
 STEPS = 25
 LR = 1e-2
-VARIANTS = {
-    "adam": dict(),
-    "l2": dict(weight_decay=0.1),
-    "adamw": dict(weight_decay=0.1),
-    "amsgrad": dict(amsgrad=True),
-    "maximize": dict(maximize=True),
-}
+VARIANTS = ADAM_VARIANTS
 SHAPES = {
     # Not powers of two, one element, several dims; the empty parameter last, as torch's tests do.
     "awkward": [(1,), (4097,), (33, 65), (7, 3, 5), (0,)],
